@@ -1,0 +1,21 @@
+"""Knowledge distillation and self-distillation inside plain `model.fit`."""
+
+from keras_selfdistill import datasets
+from keras_selfdistill import metrics
+from keras_selfdistill import ops
+from keras_selfdistill import schedules
+from keras_selfdistill import teachers
+from keras_selfdistill import terms
+from keras_selfdistill.distiller import Distiller
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Distiller",
+    "datasets",
+    "metrics",
+    "ops",
+    "schedules",
+    "teachers",
+    "terms",
+]

@@ -1,0 +1,298 @@
+import inspect
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_selfdistill.teachers.teacher import select_input
+from keras_selfdistill.terms.term import Term
+
+
+class _EpochCounter(keras.callbacks.Callback):
+    """Writes the epoch index Keras passes to callbacks into a variable."""
+
+    def __init__(self, variable):
+        super().__init__()
+        self.variable = variable
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.variable.assign(epoch)
+
+
+def _unscale_for_distribution(value):
+    # Keras divides each replica's loss by the replica count; the metric
+    # reports the per-example value, as Keras's own loss tracker does.
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        if replicas > 1:
+            value = value * float(replicas)
+    return value
+
+
+def _first_leaf(structure):
+    return next(
+        leaf for leaf in keras.tree.flatten(structure) if leaf is not None
+    )
+
+
+def _check_label_range(y, num_classes):
+    if keras.backend.backend() != "tensorflow":
+        return y
+    import tensorflow as tf
+
+    message = (
+        f"Labels must be class indices in [0, {num_classes}) for a student "
+        f"with {num_classes} outputs. Check the label encoding, or give the "
+        "student as many outputs as there are classes."
+    )
+    labels = tf.cast(y, "int64")
+    with tf.control_dependencies(
+        [
+            tf.debugging.assert_non_negative(labels, message=message),
+            tf.debugging.assert_less(
+                labels, tf.constant(num_classes, "int64"), message=message
+            ),
+        ]
+    ):
+        return tf.identity(y)
+
+
+def _check_not_empty(x, y):
+    if x is None:
+        return
+    try:
+        import tensorflow as tf
+    except ImportError:
+        tf = None
+    if tf is not None and isinstance(x, tf.data.Dataset):
+        if int(x.cardinality()) == 0:
+            raise ValueError(
+                "The training dataset is empty (cardinality 0), so `fit` "
+                "would run no step. Check filters, `take`/`skip` and the "
+                "batch size with `drop_remainder=True`. "
+                f"Received: x={x}"
+            )
+        return
+    leaves = [x] if not isinstance(x, (dict, list, tuple)) else x
+    if isinstance(leaves, dict):
+        leaves = list(leaves.values())
+    for leaf in leaves:
+        if isinstance(leaf, np.ndarray) and leaf.shape[:1] == (0,):
+            raise ValueError(
+                "The training inputs hold no samples, so `fit` would run no "
+                f"step. Received: x with shape {leaf.shape}"
+            )
+
+
+@keras.saving.register_keras_serializable(package="keras_selfdistill")
+class Distiller(keras.Model):
+    """Trains a student with distillation terms inside plain `model.fit`.
+
+    The distiller is a `keras.Model` wrapping the student. Its objective,
+    in `compute_loss`, is the compiled supervised loss plus the student's
+    regularization losses plus `Σ weight · term`; a term with `xi` set
+    scales the supervised loss by `1 − ξ` instead. `train_step` is Keras's
+    own followed by the teachers' updates, so loss scaling, mixed precision,
+    distribution strategies and every callback work unchanged.
+
+    - Each term's unweighted loss is a metric `<term name>_loss` (progress
+      bar, History, TensorBoard, `EarlyStopping(monitor=...)`), averaged
+      over the epoch like Keras's `loss`.
+    - `evaluate` and `predict` run the student alone: no teacher runs at
+      validation, and validation metrics measure the student.
+    - `fit` without labels trains from the teachers alone (compile without
+      a `loss` then).
+    - `sample_weight` and `class_weight` weight every term as they weight
+      the compiled loss.
+    - `distiller.student` is the plain Keras student to save and ship.
+
+    Args:
+        student: The `keras.Model` to train. Its outputs are the
+            distiller's outputs.
+        terms: List of `keras_selfdistill.terms.Term`s. Defaults to `()`
+            (plain supervised training).
+        input_key: Key of the student's input when the batch inputs are a
+            dict that also holds a teacher's privileged input. Defaults to
+            `None` (the student reads the whole inputs).
+        name: Name of the model. Defaults to `"distiller"`.
+
+    Example:
+
+    ```python
+    distiller = keras_selfdistill.Distiller(
+        student,
+        terms=[keras_selfdistill.terms.Distillation(
+            teacher=big_model, temperature=4.0, weight=0.9)],
+    )
+    distiller.compile(
+        optimizer="adam",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    distiller.fit(x_train, y_train, epochs=10,
+                  callbacks=[keras.callbacks.EarlyStopping(
+                      monitor="distillation_loss", patience=3)])
+    distiller.student.save("student.keras")
+    ```
+    """
+
+    def __init__(self, student, terms=(), input_key=None, name=None, **kwargs):
+        super().__init__(name=name or "distiller", **kwargs)
+        if not isinstance(student, keras.Model):
+            raise TypeError(
+                "The student must be a `keras.Model`. "
+                f"Received: student={student!r}"
+            )
+        if isinstance(terms, Term) or not isinstance(terms, (list, tuple)):
+            raise TypeError(
+                "`terms` must be a list of `keras_selfdistill.terms.Term`s. "
+                f"Received: terms={terms!r}"
+            )
+        for term in terms:
+            if not isinstance(term, Term):
+                raise TypeError(
+                    "Every entry of `terms` must be a "
+                    "`keras_selfdistill.terms.Term`, e.g. "
+                    "`keras_selfdistill.terms.Distillation(teacher)`. "
+                    f"Received: {term!r} of type {type(term).__name__}"
+                )
+        mixing = [t.name for t in terms if t.xi is not None]
+        if len(mixing) > 1:
+            raise ValueError(
+                "At most one term may set `xi`: it rescales the supervised "
+                "loss by (1 - xi), which is ambiguous for several terms. Use "
+                f"`weight` on the others. Received: xi set on {mixing}"
+            )
+        for term in terms:
+            term.attach(student)
+        self.student = student
+        self.terms = list(terms)
+        self.input_key = input_key
+        self.epoch = keras.Variable(
+            0, dtype="int64", trainable=False, name="epoch"
+        )
+        names, self._term_metric_names = set(), []
+        for term in terms:
+            metric_name, suffix = f"{term.name}_loss", 1
+            while metric_name in names:
+                metric_name, suffix = f"{term.name}_{suffix}_loss", suffix + 1
+            names.add(metric_name)
+            self._term_metric_names.append(metric_name)
+        self.term_trackers = [
+            keras.metrics.Mean(name=n) for n in self._term_metric_names
+        ]
+        self.built = True
+
+    def call(self, inputs, training=None):
+        if isinstance(inputs, dict):
+            inputs = select_input(inputs, self.input_key, "The student")
+        return self.student(inputs, training=training)
+
+    def compute_loss(
+        self, x=None, y=None, y_pred=None, sample_weight=None, training=True
+    ):
+        if y is not None and self._compile_loss is not None:
+            if _is_sparse(y, y_pred):
+                y = _check_label_range(y, y_pred.shape[-1])
+            supervised = self._compile_loss(y, y_pred, sample_weight)
+        elif self._compile_loss is not None:
+            raise ValueError(
+                "The distiller was compiled with a loss but the data has no "
+                "labels. For label-free distillation (teacher targets only) "
+                "compile without `loss`; otherwise pass labels to `fit`."
+            )
+        else:
+            supervised = None
+        regularization = [ops.sum(loss) for loss in self.student.losses]
+        terms = self.terms if training else []
+        if supervised is None and not terms and not regularization:
+            if not training:
+                return ops.zeros(())
+            raise ValueError(
+                "Nothing to minimise: no compiled `loss` (or no labels) and "
+                "no distillation terms. Compile with a `loss` or add terms."
+            )
+        step = self.optimizer.iterations if self.optimizer else 0
+        batch_size = ops.shape(_first_leaf(x))[0]
+        label_scale = None
+        total = ops.add_n(regularization) if regularization else 0.0
+        for term, tracker in zip(terms, self.term_trackers):
+            value = term.compute_loss(
+                x, y, y_pred, sample_weight, step, self.epoch
+            )
+            tracker.update_state(
+                _unscale_for_distribution(value), sample_weight=batch_size
+            )
+            weight = term.hyperparameter("weight", step, self.epoch)
+            if term.xi is not None:
+                xi = term.hyperparameter("xi", step, self.epoch)
+                weight, label_scale = weight * xi, 1.0 - xi
+            total = total + weight * value
+        if supervised is not None:
+            scaled = (
+                supervised
+                if label_scale is None
+                else (label_scale * supervised)
+            )
+            total = total + scaled
+        return ops.convert_to_tensor(total, "float32")
+
+    def train_step(self, *args, **kwargs):
+        logs = super().train_step(*args, **kwargs)
+        for term in self.terms:
+            for teacher in term.teachers:
+                teacher.update(args[-1] if args else kwargs.get("data"))
+        return logs
+
+    def test_step(self, *args, **kwargs):
+        logs = super().test_step(*args, **kwargs)
+        hidden = set(self._term_metric_names)
+        return {k: v for k, v in logs.items() if k not in hidden}
+
+    def fit(self, *args, **kwargs):
+        bound = inspect.signature(keras.Model.fit).bind(self, *args, **kwargs)
+        arguments = bound.arguments
+        _check_not_empty(arguments.get("x"), arguments.get("y"))
+        callbacks = arguments.get("callbacks") or []
+        if not isinstance(callbacks, (list, tuple)):
+            callbacks = [callbacks]
+        arguments["callbacks"] = list(callbacks) + [_EpochCounter(self.epoch)]
+        arguments.pop("self")
+        extra = arguments.pop("kwargs", {})
+        return super().fit(**arguments, **extra)
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "student": keras.saving.serialize_keras_object(self.student),
+            "terms": [
+                keras.saving.serialize_keras_object(t) for t in self.terms
+            ],
+            "input_key": self.input_key,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["student"] = keras.saving.deserialize_keras_object(
+            config["student"]
+        )
+        config["terms"] = [
+            keras.saving.deserialize_keras_object(t) for t in config["terms"]
+        ]
+        return cls(**config)
+
+
+def _is_sparse(y, y_pred):
+    if not hasattr(y, "shape") or not hasattr(y_pred, "shape"):
+        return False
+    y_rank, pred_rank = len(y.shape), len(y_pred.shape)
+    if y_rank == pred_rank - 1:
+        return True
+    return (
+        y_rank == pred_rank
+        and y.shape[-1] == 1
+        and y_pred.shape[-1] not in (None, 1)
+    )

@@ -1,0 +1,110 @@
+"""Metrics for distilled models."""
+
+import keras
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="keras_selfdistill")
+class ExpectedCalibrationError(keras.metrics.Metric):
+    """Expected calibration error (ECE) with equal-width confidence bins.
+
+    Samples are binned by confidence (the top class probability) into
+    `num_bins` intervals `((i − 1)/B, i/B]`; ECE is the sample-weighted mean
+    over bins of `|accuracy − mean confidence|`. Distillation and label
+    smoothing change calibration as much as accuracy, so report both.
+    Labels may be class indices or one-hot.
+
+    Reference:
+    - [Guo et al., 2017](https://arxiv.org/abs/1706.04599)
+
+    Args:
+        num_bins: Number of confidence bins. Defaults to `15`.
+        from_logits: Whether predictions are logits rather than
+            probabilities. Defaults to `False`.
+        name: Defaults to `"expected_calibration_error"`.
+        dtype: Defaults to `None`.
+
+    Example:
+
+    ```python
+    model.compile(
+        optimizer="adam",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy",
+                 keras_selfdistill.metrics.ExpectedCalibrationError(
+                     from_logits=True)],
+    )
+    ```
+    """
+
+    def __init__(
+        self,
+        num_bins=15,
+        from_logits=False,
+        name="expected_calibration_error",
+        dtype=None,
+    ):
+        super().__init__(name=name, dtype=dtype)
+        if (
+            isinstance(num_bins, bool)
+            or not isinstance(num_bins, int)
+            or (num_bins < 1)
+        ):
+            raise ValueError(
+                "`num_bins` must be a positive int. "
+                f"Received: num_bins={num_bins!r}"
+            )
+        self.num_bins = num_bins
+        self.from_logits = from_logits
+        self.counts = self.add_variable((num_bins,), "zeros", name="counts")
+        self.confidences = self.add_variable(
+            (num_bins,), "zeros", name="confidences"
+        )
+        self.hits = self.add_variable((num_bins,), "zeros", name="hits")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        y_pred = ops.cast(y_pred, "float32")
+        probs = ops.softmax(y_pred, axis=-1) if self.from_logits else y_pred
+        confidence = ops.max(probs, axis=-1)
+        predicted = ops.argmax(probs, axis=-1)
+        y_true = ops.convert_to_tensor(y_true)
+        if len(y_true.shape) == len(probs.shape) and y_true.shape[-1] != 1:
+            labels = ops.argmax(y_true, axis=-1)
+        else:
+            labels = ops.reshape(y_true, ops.shape(predicted))
+        hit = ops.cast(
+            ops.equal(ops.cast(labels, "int32"), ops.cast(predicted, "int32")),
+            "float32",
+        )
+        bins = ops.clip(
+            ops.cast(ops.ceil(confidence * self.num_bins), "int32") - 1,
+            0,
+            self.num_bins - 1,
+        )
+        weights = ops.ones_like(confidence)
+        if sample_weight is not None:
+            weights = ops.reshape(
+                ops.cast(sample_weight, "float32"), ops.shape(confidence)
+            )
+        one_hot = ops.one_hot(bins, self.num_bins) * weights[:, None]
+        self.counts.assign_add(ops.sum(one_hot, axis=0))
+        self.confidences.assign_add(
+            ops.sum(one_hot * confidence[:, None], axis=0)
+        )
+        self.hits.assign_add(ops.sum(one_hot * hit[:, None], axis=0))
+
+    def result(self):
+        gaps = ops.sum(ops.abs(self.hits - self.confidences))
+        return ops.divide_no_nan(gaps, ops.sum(self.counts))
+
+    def reset_state(self):
+        for variable in (self.counts, self.confidences, self.hits):
+            variable.assign(ops.zeros_like(variable))
+
+    def get_config(self):
+        return {
+            "num_bins": self.num_bins,
+            "from_logits": self.from_logits,
+            "name": self.name,
+            "dtype": self.dtype,
+        }

@@ -1,0 +1,195 @@
+"""Schedules for term weights, temperatures and the label weight ξ.
+
+A schedule maps the training progress (optimizer step and epoch) to a
+scalar. Terms evaluate it inside the compiled train step, so a ramp-up
+advances every step without retracing. The step is the optimizer's
+`iterations` and the epoch the distiller's epoch counter, both variables:
+a run resumed with `keras.callbacks.BackupAndRestore` continues the ramp
+where it stopped.
+"""
+
+import abc
+import math
+
+import keras
+from keras import ops
+
+
+class Schedule(abc.ABC):
+    """Base class: a scalar function of `(step, epoch)`.
+
+    Subclass it and implement `__call__(step, epoch)` returning a scalar
+    tensor, `value_range()` returning the smallest and largest value it can
+    take (used to validate, say, that a temperature stays positive), and
+    `get_config()`.
+
+    Example:
+
+    ```python
+    @keras.saving.register_keras_serializable()
+    class Halving(keras_selfdistill.schedules.Schedule):
+        def __init__(self, every_epochs):
+            self.every_epochs = every_epochs
+
+        def __call__(self, step, epoch):
+            exponent = keras.ops.floor_divide(epoch, self.every_epochs)
+            return keras.ops.power(0.5, keras.ops.cast(exponent, "float32"))
+
+        def value_range(self):
+            return 0.0, 1.0
+
+        def get_config(self):
+            return {"every_epochs": self.every_epochs}
+    ```
+    """
+
+    @abc.abstractmethod
+    def __call__(self, step, epoch):
+        """Returns the scalar value at this optimizer step and epoch."""
+
+    @abc.abstractmethod
+    def value_range(self):
+        """Returns `(lowest, highest)` value the schedule can take."""
+
+    @abc.abstractmethod
+    def get_config(self):
+        """Returns the constructor arguments."""
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+class _RampUp(Schedule):
+    def __init__(
+        self, ramp_up_steps=None, ramp_up_epochs=None, start=0.0, end=1.0
+    ):
+        name = type(self).__name__
+        if (ramp_up_steps is None) == (ramp_up_epochs is None):
+            raise ValueError(
+                f"{name} needs exactly one of `ramp_up_steps` (ramp over "
+                "optimizer steps) and `ramp_up_epochs` (ramp over epochs). "
+                f"Received: ramp_up_steps={ramp_up_steps}, "
+                f"ramp_up_epochs={ramp_up_epochs}"
+            )
+        for arg, value in (
+            ("ramp_up_steps", ramp_up_steps),
+            ("ramp_up_epochs", ramp_up_epochs),
+        ):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int)
+            ):
+                raise TypeError(
+                    f"{name}: `{arg}` must be a positive int. "
+                    f"Received: {arg}={value!r}"
+                )
+            if value is not None and value <= 0:
+                raise ValueError(
+                    f"{name}: `{arg}` must be a positive int. "
+                    f"Received: {arg}={value}"
+                )
+        for arg, value in (("start", start), ("end", end)):
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(
+                    f"{name}: `{arg}` must be a finite number. "
+                    f"Received: {arg}={value!r}"
+                )
+        self.ramp_up_steps = ramp_up_steps
+        self.ramp_up_epochs = ramp_up_epochs
+        self.start = float(start)
+        self.end = float(end)
+
+    @abc.abstractmethod
+    def _shape(self, progress):
+        """Maps progress in [0, 1] to the fraction of the way to `end`."""
+
+    def __call__(self, step, epoch):
+        if self.ramp_up_steps is not None:
+            counter, length = step, self.ramp_up_steps
+        else:
+            counter, length = epoch, self.ramp_up_epochs
+        progress = ops.clip(ops.cast(counter, "float32") / length, 0.0, 1.0)
+        return self.start + (self.end - self.start) * self._shape(progress)
+
+    def value_range(self):
+        return min(self.start, self.end), max(self.start, self.end)
+
+    def get_config(self):
+        return {
+            "ramp_up_steps": self.ramp_up_steps,
+            "ramp_up_epochs": self.ramp_up_epochs,
+            "start": self.start,
+            "end": self.end,
+        }
+
+
+@keras.saving.register_keras_serializable(package="keras_selfdistill")
+class LinearRampUp(_RampUp):
+    """Goes linearly from `start` to `end`, then stays at `end`.
+
+    Counted in optimizer steps (`ramp_up_steps`) or in epochs
+    (`ramp_up_epochs`); with epochs the value is constant within an epoch,
+    which is what PS-KD's `α_t = α_T · t / T` needs.
+
+    Reference:
+    - [Kim et al., 2021](https://arxiv.org/abs/2006.12000) (PS-KD)
+
+    Args:
+        ramp_up_steps: Number of optimizer steps to reach `end`.
+        ramp_up_epochs: Number of epochs to reach `end`. Give exactly one of
+            the two.
+        start: Value at step or epoch 0. Defaults to `0.0`.
+        end: Value after the ramp. Defaults to `1.0`.
+
+    Example:
+
+    ```python
+    alpha = keras_selfdistill.schedules.LinearRampUp(
+        ramp_up_epochs=300, end=0.8)
+    ```
+    """
+
+    def _shape(self, progress):
+        return progress
+
+
+@keras.saving.register_keras_serializable(package="keras_selfdistill")
+class SigmoidRampUp(_RampUp):
+    """The `exp(−5 (1 − p)²)` ramp-up of temporal ensembling and mean teacher.
+
+    Starts flat, so a consistency or self-distillation weight stays near
+    `start` while the student's own predictions are still poor.
+
+    Reference:
+    - [Laine & Aila, 2017](https://arxiv.org/abs/1610.02242)
+    - [Tarvainen & Valpola, 2017](https://arxiv.org/abs/1703.01780)
+
+    Args:
+        ramp_up_steps: Number of optimizer steps to reach `end`.
+        ramp_up_epochs: Number of epochs to reach `end`. Give exactly one of
+            the two.
+        start: Value at step or epoch 0 (exactly; the curve itself starts
+            at `exp(−5)`). Defaults to `0.0`.
+        end: Value after the ramp. Defaults to `1.0`.
+
+    Example:
+
+    ```python
+    weight = keras_selfdistill.schedules.SigmoidRampUp(ramp_up_steps=2000)
+    ```
+    """
+
+    def _shape(self, progress):
+        curve = ops.exp(-5.0 * ops.square(1.0 - progress))
+        return ops.where(progress > 0.0, curve, 0.0)
+
+
+def _deserialize(identifier):
+    if isinstance(identifier, Schedule):
+        return identifier
+    if isinstance(identifier, dict):
+        return keras.saving.deserialize_keras_object(identifier)
+    raise TypeError(
+        "Expected a `keras_selfdistill.schedules.Schedule` or its config. "
+        f"Received: identifier={identifier!r}"
+    )

@@ -1,0 +1,7 @@
+"""Where soft targets come from: layers that own their state."""
+
+from keras_selfdistill.teachers.ensemble import Ensemble
+from keras_selfdistill.teachers.frozen_model import FrozenModel
+from keras_selfdistill.teachers.teacher import Teacher
+
+__all__ = ["Ensemble", "FrozenModel", "Teacher"]

@@ -1,0 +1,139 @@
+import math
+
+import keras
+from keras import ops
+
+from keras_selfdistill.teachers.frozen_model import as_teacher
+from keras_selfdistill.teachers.teacher import Teacher
+
+
+@keras.saving.register_keras_serializable(package="keras_selfdistill")
+class Ensemble(Teacher):
+    """Averages the soft targets of several teachers.
+
+    The target is the weighted mixture of the teachers' tempered softmax
+    distributions (not of their logits), as in multi-teacher distillation.
+    With `drop_rate > 0`, each teacher is left out of a step's mixture with
+    that probability and the remaining weights renormalised (UNIC's teacher
+    dropping); at least one teacher always stays. Every teacher still runs
+    forward each step; dropping changes the target, not the cost.
+
+    Reference:
+    - [Sariyildiz et al., 2024](https://arxiv.org/abs/2408.17062) (UNIC)
+
+    Args:
+        teachers: List of teachers: `keras.Model`s (used frozen) or
+            `keras_selfdistill.teachers.Teacher`s.
+        weights: Optional list of non-negative mixture weights, one per
+            teacher, stored as `teacher_weights` (`weights` is the layer's
+            variables). Defaults to `None` (equal weights).
+        drop_rate: Probability in `[0, 1)` of dropping each teacher at each
+            step. Defaults to `0.0`.
+        seed: Seed of the dropping draws. Defaults to `None`.
+        name: Name of the layer. Defaults to `"ensemble"`.
+
+    Example:
+
+    ```python
+    teacher = keras_selfdistill.teachers.Ensemble(
+        [resnet, vit], weights=[0.7, 0.3], drop_rate=0.5)
+    ```
+    """
+
+    def __init__(
+        self, teachers, weights=None, drop_rate=0.0, seed=None, name=None
+    ):
+        super().__init__(name=name)
+        if not isinstance(teachers, (list, tuple)) or not teachers:
+            raise ValueError(
+                "Ensemble needs a non-empty list of teachers. "
+                f"Received: teachers={teachers!r}"
+            )
+        members = [as_teacher(t, "Ensemble") for t in teachers]
+        if weights is None:
+            weights = [1.0] * len(members)
+        weights = list(weights)
+        if (
+            len(weights) != len(members)
+            or any(
+                not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0
+                for w in weights
+            )
+            or sum(weights) <= 0
+        ):
+            raise ValueError(
+                "Ensemble `weights` must be one finite, non-negative number "
+                f"per teacher ({len(members)}), with a positive sum. "
+                f"Received: weights={weights!r}"
+            )
+        if not isinstance(drop_rate, (int, float)) or not (
+            0.0 <= drop_rate < 1.0
+        ):
+            raise ValueError(
+                "Ensemble `drop_rate` must be in [0, 1): the probability of "
+                f"dropping each teacher per step. Received: "
+                f"drop_rate={drop_rate!r}"
+            )
+        self.teachers = members
+        self.teacher_weights = [float(w) for w in weights]
+        self.drop_rate = float(drop_rate)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def attach(self, student):
+        for teacher in self.teachers:
+            teacher.attach(student)
+
+    def targets(self, x, temperature):
+        temperature = ops.cast(temperature, "float32")
+        log_probs = ops.stack(
+            [
+                ops.log_softmax(
+                    ops.cast(t.targets(x, temperature), "float32")
+                    / temperature,
+                    axis=-1,
+                )
+                for t in self.teachers
+            ]
+        )
+        weights = ops.convert_to_tensor(self.teacher_weights, "float32")
+        if self.drop_rate > 0.0:
+            draws = keras.random.uniform(
+                (len(self.teachers),), seed=self.seed_generator
+            )
+            keep = ops.logical_or(
+                draws >= self.drop_rate, draws == ops.max(draws)
+            )
+            weights = ops.where(keep, weights, 0.0)
+        weights = weights / ops.sum(weights)
+        log_weights = ops.log(weights)
+        log_weights = ops.reshape(
+            log_weights, (-1,) + (1,) * (len(log_probs.shape) - 1)
+        )
+        mixture = ops.logsumexp(log_probs + log_weights, axis=0)
+        return ops.stop_gradient(temperature * mixture)
+
+    def update(self, data):
+        for teacher in self.teachers:
+            teacher.update(data)
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("input_key", None)
+        config.update(
+            teachers=[
+                keras.saving.serialize_keras_object(t) for t in self.teachers
+            ],
+            weights=self.teacher_weights,
+            drop_rate=self.drop_rate,
+            seed=self.seed,
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["teachers"] = [
+            keras.saving.deserialize_keras_object(t) for t in config["teachers"]
+        ]
+        return cls(**config)

@@ -1,0 +1,118 @@
+import keras
+from keras import ops
+
+from keras_selfdistill.teachers.teacher import Teacher
+from keras_selfdistill.teachers.teacher import num_classes
+from keras_selfdistill.teachers.teacher import select_input
+
+
+@keras.saving.register_keras_serializable(package="keras_selfdistill")
+class FrozenModel(Teacher):
+    """A pre-trained Keras model used as a fixed teacher.
+
+    The model is set to `trainable = False` and always called with
+    `training=False`, so its weights and its BatchNorm moving statistics
+    are bit-identical before and after `fit`; its outputs carry no
+    gradient. A bare `keras.Model` given as a teacher is wrapped in this
+    class.
+
+    Reference:
+    - [Hinton et al., 2015](https://arxiv.org/abs/1503.02531)
+
+    Args:
+        model: A built `keras.Model` returning logits with the student's
+            number of classes.
+        input_key: Key of the teacher's own input when the batch inputs are
+            a dict (privileged information, as in prompt distillation).
+            Defaults to `None` (same inputs as the student).
+        name: Name of the layer. Defaults to `"frozen_model"`.
+
+    Example:
+
+    ```python
+    teacher = keras_selfdistill.teachers.FrozenModel(big_model)
+    term = keras_selfdistill.terms.Distillation(teacher, temperature=4.0)
+    ```
+    """
+
+    def __init__(self, model, input_key=None, name=None, **kwargs):
+        super().__init__(input_key=input_key, name=name, **kwargs)
+        if not isinstance(model, keras.Model):
+            raise TypeError(
+                "A FrozenModel teacher must be a `keras.Model` returning "
+                "logits. Wrap a bare layer or function in a Functional "
+                f"model first. Received: model={model!r}"
+            )
+        model.trainable = False
+        self.model = model
+
+    def attach(self, student):
+        if self.model is student:
+            raise ValueError(
+                "The teacher is the student model itself, so it would learn "
+                "with the student and teach nothing. For self-distillation "
+                "use a teacher that follows the student (e.g. "
+                "`keras_selfdistill.teachers.EMA`), or pass a separately "
+                f"trained copy. Received: teacher={self.model.name!r}"
+            )
+        student_ids = {id(v) for v in student.trainable_variables}
+        shared = [v.path for v in self.model.variables if id(v) in student_ids]
+        if shared:
+            raise ValueError(
+                "The teacher shares variables with the student, so the "
+                "student's updates would move the teacher. Give the teacher "
+                "its own weights (e.g. `keras.models.clone_model` and "
+                f"`set_weights`). Received: shared variables {shared[:3]}"
+            )
+        teacher_classes = num_classes(self.model)
+        student_classes = num_classes(student)
+        if None not in (teacher_classes, student_classes) and (
+            teacher_classes != student_classes
+        ):
+            raise ValueError(
+                f"The teacher '{self.model.name}' predicts {teacher_classes} "
+                f"classes but the student '{student.name}' predicts "
+                f"{student_classes}. Distillation compares distributions "
+                "over the same classes: give both models the same output "
+                "width. Received: teacher output shape "
+                f"{self.model.output_shape}, student output shape "
+                f"{student.output_shape}"
+            )
+
+    def targets(self, x, temperature):
+        inputs = select_input(x, self.input_key, f"Teacher '{self.name}'")
+        logits = self.model(inputs, training=False)
+        if not hasattr(logits, "shape"):
+            raise ValueError(
+                f"Teacher '{self.model.name}' must return a single logits "
+                f"tensor. Received: outputs of type {type(logits).__name__}"
+            )
+        return ops.stop_gradient(logits)
+
+    def get_config(self):
+        config = super().get_config()
+        model = keras.saving.serialize_keras_object(self.model)
+        # The teacher's own training setup is not part of the distiller:
+        # reloading it would rebuild an optimizer with no variables to load.
+        model.pop("compile_config", None)
+        config["model"] = model
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["model"] = keras.saving.deserialize_keras_object(config["model"])
+        return cls(**config)
+
+
+def as_teacher(teacher, owner):
+    """Returns `teacher` as a `Teacher`, wrapping a bare `keras.Model`."""
+    if isinstance(teacher, Teacher):
+        return teacher
+    if isinstance(teacher, keras.Model):
+        return FrozenModel(teacher)
+    raise TypeError(
+        f"{owner} expects a teacher: a `keras.Model` (used frozen) or a "
+        "`keras_selfdistill.teachers.Teacher`. "
+        f"Received: teacher={teacher!r} of type {type(teacher).__name__}"
+    )

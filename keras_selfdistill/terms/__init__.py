@@ -1,0 +1,6 @@
+"""How to compare the student with a target: pieces of the objective."""
+
+from keras_selfdistill.terms.distillation import Distillation
+from keras_selfdistill.terms.term import Term
+
+__all__ = ["Distillation", "Term"]

@@ -1,0 +1,177 @@
+import keras
+
+from keras_selfdistill import ops as ksd_ops
+from keras_selfdistill.teachers.frozen_model import as_teacher
+from keras_selfdistill.terms.term import Term
+
+_LOSSES = ("kl", "reverse_kl", "jsd", "mse")
+
+
+@keras.saving.register_keras_serializable(package="keras_selfdistill")
+class Distillation(Term):
+    """Matches the student's outputs to a teacher's soft targets.
+
+    Use it for classic knowledge distillation from a frozen pre-trained
+    model, several teachers (`keras_selfdistill.teachers.Ensemble`), a
+    teacher that reads privileged inputs, and, with a self-teacher, for
+    self-distillation. The loss choices:
+
+    - `"kl"`: `T² · KL(softmax(t/T) ‖ softmax(s/T))` (Hinton), summed over
+      classes and averaged over the batch.
+    - `"reverse_kl"`: `T² · KL(softmax(s/T) ‖ softmax(t/T))` (MiniLLM).
+    - `"jsd"`: generalized Jensen-Shannon divergence with `beta` (GKD),
+      times `T²`; `beta=0` is forward and `beta=1` reverse KL.
+    - `"mse"`: mean squared error between logits (temperature-free).
+
+    The objective of a distiller with this term is `supervised + weight ·
+    distillation`; with `xi` set it is `(1 − ξ) · supervised + ξ · weight ·
+    distillation`, the ground-truth weighting of the self-distillation
+    papers (Borup & Andersen; Das & Sanghavi, where `ξ > 1` helps under
+    label noise). Maths is in float32, also under `mixed_float16`.
+
+    Reference:
+    - [Hinton et al., 2015](https://arxiv.org/abs/1503.02531)
+    - [Agarwal et al., 2024](https://arxiv.org/abs/2306.13649) (GKD)
+    - [Das & Sanghavi, 2023](https://arxiv.org/abs/2301.13304)
+
+    Args:
+        teacher: A `keras.Model` (used frozen) or a
+            `keras_selfdistill.teachers.Teacher`.
+        loss: One of `"kl"`, `"reverse_kl"`, `"jsd"`, `"mse"`. Defaults to
+            `"kl"`.
+        temperature: Positive number or schedule softening both
+            distributions. Must stay `1.0` for `"mse"`. Defaults to `1.0`.
+        weight: Non-negative number or schedule. Defaults to `1.0`.
+        xi: Optional label weight ξ (number or schedule); see above.
+            Defaults to `None`.
+        beta: Interpolation of `"jsd"` in `[0, 1]`. Defaults to `None`
+            (`0.5` for `"jsd"`; not allowed with other losses).
+        name: Name of the term; its metric is `<name>_loss`. Defaults to
+            `"distillation"`.
+
+    Example:
+
+    ```python
+    distiller = keras_selfdistill.Distiller(
+        student,
+        terms=[keras_selfdistill.terms.Distillation(
+            teacher=big_model, temperature=4.0, weight=0.9)],
+    )
+    distiller.compile(
+        optimizer="adam",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    distiller.fit(train_ds, validation_data=val_ds, epochs=10)
+    distiller.student.save("student.keras")
+    ```
+    """
+
+    def __init__(
+        self,
+        teacher,
+        loss="kl",
+        temperature=1.0,
+        weight=1.0,
+        xi=None,
+        beta=None,
+        name=None,
+        **kwargs,
+    ):
+        super().__init__(weight=weight, xi=xi, name=name, **kwargs)
+        if loss not in _LOSSES:
+            raise ValueError(
+                f"Unknown distillation loss. Expected one of {_LOSSES}. "
+                f"Received: loss={loss!r}"
+            )
+        if loss == "jsd":
+            beta = 0.5 if beta is None else beta
+            if not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
+                raise ValueError(
+                    "`beta` of the 'jsd' loss must be a number in [0, 1] "
+                    "(0 is forward KL, 1 reverse KL). "
+                    f"Received: beta={beta!r}"
+                )
+            beta = float(beta)
+        elif beta is not None:
+            raise ValueError(
+                "`beta` only applies to loss='jsd'; it would be ignored "
+                f"with loss={loss!r}. Received: beta={beta!r}"
+            )
+        if loss == "mse" and temperature != 1.0:
+            raise ValueError(
+                "loss='mse' compares raw logits, so a temperature has no "
+                "effect on it (dividing by T and multiplying by T² cancel). "
+                "Use loss='kl' for tempered targets, or leave "
+                f"temperature=1.0. Received: temperature={temperature!r}"
+            )
+        self.teacher = as_teacher(teacher, "Distillation")
+        self.loss = loss
+        self.beta = beta
+        self._add_hyperparameter(
+            "temperature", temperature, minimum=0.0, strict=True
+        )
+
+    @property
+    def temperature(self):
+        return self._get_hyperparameter("temperature")
+
+    @temperature.setter
+    def temperature(self, value):
+        self._set_hyperparameter("temperature", value)
+
+    @property
+    def teachers(self):
+        return [self.teacher]
+
+    def attach(self, student):
+        self.teacher.attach(student)
+
+    def compute_loss(self, x, y, y_pred, sample_weight, step, epoch):
+        temperature = self.hyperparameter("temperature", step, epoch)
+        teacher_logits = self.teacher.targets(x, temperature)
+        for role, logits in (("student", y_pred), ("teacher", teacher_logits)):
+            if not hasattr(logits, "shape"):
+                raise ValueError(
+                    f"Distillation term '{self.name}' needs the {role} to "
+                    "return one logits tensor. Received: outputs of type "
+                    f"{type(logits).__name__}"
+                )
+        if tuple(teacher_logits.shape)[1:] != tuple(y_pred.shape)[1:]:
+            raise ValueError(
+                f"Distillation term '{self.name}': teacher and student "
+                "outputs must have the same shape (same number of classes). "
+                f"Received: teacher shape {tuple(teacher_logits.shape)}, "
+                f"student shape {tuple(y_pred.shape)}"
+            )
+        if self.loss == "kl":
+            values = ksd_ops.kl_divergence(teacher_logits, y_pred, temperature)
+        elif self.loss == "reverse_kl":
+            values = ksd_ops.reverse_kl_divergence(
+                teacher_logits, y_pred, temperature
+            )
+        elif self.loss == "jsd":
+            values = ksd_ops.generalized_jsd(
+                teacher_logits, y_pred, self.beta, temperature
+            )
+        else:
+            values = ksd_ops.logits_mse(teacher_logits, y_pred)
+        return self._reduce(values, sample_weight)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            teacher=keras.saving.serialize_keras_object(self.teacher),
+            loss=self.loss,
+            temperature=self._serialize_hyperparameter("temperature"),
+            beta=self.beta,
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["teacher"] = keras.saving.deserialize_keras_object(
+            config["teacher"]
+        )
+        return super().from_config.__func__(cls, config)

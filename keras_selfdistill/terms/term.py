@@ -1,0 +1,205 @@
+import abc
+import math
+import re
+
+import keras
+from keras import ops
+
+from keras_selfdistill import schedules
+
+
+class _PerSampleLoss(keras.losses.Loss):
+    """Applies Keras's own reduction to values that are already per-sample."""
+
+    def call(self, y_true, y_pred):
+        return y_pred
+
+
+def _snake_case(name):
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()
+
+
+@keras.saving.register_keras_serializable(package="keras_selfdistill")
+class Term(keras.layers.Layer, metaclass=abc.ABCMeta):
+    """Base class for a piece of the distillation objective.
+
+    A term compares the student's outputs with some target and returns a
+    scalar loss reduced exactly as the compiled Keras loss is: weighted by
+    `sample_weight`, summed, divided by the batch size and, under
+    `tf.distribute`, by the number of replicas. The `Distiller` adds
+    `weight · loss` to the supervised loss and reports the unweighted loss
+    as the metric `<name>_loss`.
+
+    Hyperparameters (`weight`, `xi`, a subclass's `temperature`) are a
+    number or a `keras_selfdistill.schedules.Schedule`. A number is stored
+    in a non-trainable variable, so a callback may change it between steps
+    (`term.weight = 0.5`) and checkpoints carry it.
+
+    Subclasses implement `compute_loss(x, y, y_pred, sample_weight, step,
+    epoch)` and use `self._reduce(per_sample, sample_weight)`.
+
+    Args:
+        weight: Number (at least 0) or schedule multiplying the term.
+            Defaults to `1.0`.
+        xi: Optional label weight ξ of the self-distillation papers. When
+            set, the objective becomes `(1 − ξ) · supervised + ξ · weight ·
+            term`: `ξ = 0` is plain supervised training, `ξ = 1` pure
+            distillation, and `ξ > 1` gives the labels a negative weight,
+            which Das & Sanghavi show helps under heavy label noise. At most
+            one term of a distiller may set it. Defaults to `None` (the term
+            is simply added).
+        name: Name of the term and prefix of its metric. Defaults to the
+            class name in snake case.
+    """
+
+    def __init__(self, weight=1.0, xi=None, name=None, **kwargs):
+        kwargs.pop("dtype", None)
+        super().__init__(
+            name=name or _snake_case(type(self).__name__),
+            dtype="float32",
+            **kwargs,
+        )
+        self._hyperparameters = {}
+        self._hyperparameter_bounds = {}
+        self._reducer = _PerSampleLoss(name=self.name, dtype="float32")
+        self._add_hyperparameter("weight", weight, minimum=0.0)
+        if xi is not None:
+            self._add_hyperparameter("xi", xi)
+        self.built = True
+
+    def _add_hyperparameter(self, name, value, minimum=None, strict=False):
+        self._hyperparameter_bounds[name] = (minimum, strict)
+        if isinstance(value, schedules.Schedule):
+            low, _ = value.value_range()
+            self._check_number(name, low, "a schedule whose lowest value")
+            self._hyperparameters[name] = value
+            return
+        self._check_number(name, value, "")
+        self._hyperparameters[name] = self.add_weight(
+            shape=(),
+            initializer=keras.initializers.Constant(float(value)),
+            trainable=False,
+            name=name,
+        )
+
+    def _check_number(self, name, value, what):
+        minimum, strict = self._hyperparameter_bounds[name]
+        label = f"`{name}` of {type(self).__name__} {what}".rstrip()
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(
+                f"{label} must be a number or a "
+                "`keras_selfdistill.schedules.Schedule`. "
+                f"Received: {name}={value!r}"
+            )
+        if not math.isfinite(value):
+            raise ValueError(
+                f"{label} must be finite. Received: {name}={value}"
+            )
+        if minimum is not None and (
+            value < minimum or (strict and value == minimum)
+        ):
+            relation = ">" if strict else ">="
+            raise ValueError(
+                f"{label} must be {relation} {minimum}. "
+                f"Received: {name}={value}"
+            )
+
+    def _get_hyperparameter(self, name):
+        value = self._hyperparameters.get(name)
+        if isinstance(value, keras.Variable):
+            return float(ops.convert_to_numpy(value))
+        return value
+
+    def _set_hyperparameter(self, name, value):
+        current = self._hyperparameters.get(name)
+        if not isinstance(current, keras.Variable):
+            raise TypeError(
+                f"`{name}` of term '{self.name}' was created as "
+                f"{type(current).__name__}; only hyperparameters created "
+                "from a number can be reassigned (with a number) during "
+                "training. Pass a schedule at construction instead. "
+                f"Received: {name}={value!r}"
+            )
+        if isinstance(value, schedules.Schedule):
+            raise TypeError(
+                f"`{name}` of term '{self.name}' holds a number; a schedule "
+                "cannot replace it after the train step was traced. Pass the "
+                f"schedule at construction. Received: {name}={value!r}"
+            )
+        self._check_number(name, value, "")
+        current.assign(float(value))
+
+    def hyperparameter(self, name, step, epoch):
+        """Returns hyperparameter `name` as a float32 scalar tensor."""
+        value = self._hyperparameters[name]
+        if isinstance(value, schedules.Schedule):
+            value = ops.convert_to_tensor(value(step, epoch), "float32")
+            if len(value.shape) != 0:
+                raise ValueError(
+                    f"The schedule for `{name}` of term '{self.name}' must "
+                    f"return a scalar. Received: shape={value.shape}"
+                )
+            return value
+        return ops.convert_to_tensor(value, "float32")
+
+    @property
+    def weight(self):
+        return self._get_hyperparameter("weight")
+
+    @weight.setter
+    def weight(self, value):
+        self._set_hyperparameter("weight", value)
+
+    @property
+    def xi(self):
+        return self._get_hyperparameter("xi")
+
+    @xi.setter
+    def xi(self, value):
+        self._set_hyperparameter("xi", value)
+
+    @property
+    def teachers(self):
+        """The teachers this term reads, updated after each step."""
+        return []
+
+    def attach(self, student):
+        """Checks the term against the student; called by the `Distiller`."""
+
+    @abc.abstractmethod
+    def compute_loss(self, x, y, y_pred, sample_weight, step, epoch):
+        """Returns the term's scalar loss for one batch.
+
+        Args:
+            x: The batch's inputs, as given to `fit`.
+            y: The labels, or `None` for label-free distillation.
+            y_pred: The student's outputs from the training forward pass.
+            sample_weight: Per-sample weights or `None`.
+            step: The optimizer's step counter.
+            epoch: The current epoch.
+        """
+
+    def _reduce(self, per_sample, sample_weight):
+        return self._reducer(per_sample, per_sample, sample_weight)
+
+    def _serialize_hyperparameter(self, name):
+        value = self._hyperparameters.get(name)
+        if isinstance(value, schedules.Schedule):
+            return keras.saving.serialize_keras_object(value)
+        return self._get_hyperparameter(name)
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("dtype", None)
+        config.pop("trainable", None)
+        config["weight"] = self._serialize_hyperparameter("weight")
+        config["xi"] = self._serialize_hyperparameter("xi")
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        for name in ("weight", "xi", "temperature"):
+            if isinstance(config.get(name), dict):
+                config[name] = schedules._deserialize(config[name])
+        return cls(**config)
