@@ -4,8 +4,24 @@ import keras
 import numpy as np
 from keras import ops
 
+# Keras's monitor callbacks infer `mode="auto"` only for metrics grouped in a
+# MetricsList; grouping the term metrics there lets
+# `EarlyStopping(monitor="distillation_loss")` work without `mode="min"`.
+from keras.src.trainers.compile_utils import MetricsList
+
 from keras_selfdistill.teachers.teacher import select_input
 from keras_selfdistill.terms.term import Term
+
+
+class _LossMean(keras.metrics.Mean):
+    def __init__(self, name):
+        super().__init__(name=name)
+        self._direction = "down"
+
+
+class _TermMetrics(MetricsList):
+    def result(self):
+        return self.get_result()
 
 
 class _EpochCounter(keras.callbacks.Callback):
@@ -158,7 +174,7 @@ class Distiller(keras.Model):
                     "`keras_selfdistill.terms.Distillation(teacher)`. "
                     f"Received: {term!r} of type {type(term).__name__}"
                 )
-        mixing = [t.name for t in terms if t.xi is not None]
+        mixing = [t.name for t in terms if t.mixes_labels]
         if len(mixing) > 1:
             raise ValueError(
                 "At most one term may set `xi`: it rescales the supervised "
@@ -180,9 +196,10 @@ class Distiller(keras.Model):
                 metric_name, suffix = f"{term.name}_{suffix}_loss", suffix + 1
             names.add(metric_name)
             self._term_metric_names.append(metric_name)
-        self.term_trackers = [
-            keras.metrics.Mean(name=n) for n in self._term_metric_names
-        ]
+        self.term_metrics = _TermMetrics(
+            [_LossMean(n) for n in self._term_metric_names],
+            name="term_metrics",
+        )
         self.built = True
 
     def call(self, inputs, training=None):
@@ -217,8 +234,8 @@ class Distiller(keras.Model):
         step = self.optimizer.iterations if self.optimizer else 0
         batch_size = ops.shape(_first_leaf(x))[0]
         label_scale = None
-        total = ops.add_n(regularization) if regularization else 0.0
-        for term, tracker in zip(terms, self.term_trackers):
+        total = sum(regularization, 0.0)
+        for term, tracker in zip(terms, self.term_metrics.metrics):
             value = term.compute_loss(
                 x, y, y_pred, sample_weight, step, self.epoch
             )
@@ -226,7 +243,7 @@ class Distiller(keras.Model):
                 _unscale_for_distribution(value), sample_weight=batch_size
             )
             weight = term.hyperparameter("weight", step, self.epoch)
-            if term.xi is not None:
+            if term.mixes_labels:
                 xi = term.hyperparameter("xi", step, self.epoch)
                 weight, label_scale = weight * xi, 1.0 - xi
             total = total + weight * value

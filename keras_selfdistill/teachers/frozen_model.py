@@ -55,7 +55,7 @@ class FrozenModel(Teacher):
                 "`keras_selfdistill.teachers.EMA`), or pass a separately "
                 f"trained copy. Received: teacher={self.model.name!r}"
             )
-        student_ids = {id(v) for v in student.trainable_variables}
+        student_ids = {id(v) for v in student.variables}
         shared = [v.path for v in self.model.variables if id(v) in student_ids]
         if shared:
             raise ValueError(

@@ -151,6 +151,11 @@ class Term(keras.layers.Layer, metaclass=abc.ABCMeta):
         self._set_hyperparameter("weight", value)
 
     @property
+    def mixes_labels(self):
+        """Whether `xi` is set, so the term rescales the supervised loss."""
+        return "xi" in self._hyperparameters
+
+    @property
     def xi(self):
         return self._get_hyperparameter("xi")
 

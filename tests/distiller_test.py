@@ -1,0 +1,352 @@
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl.testing import parameterized
+
+import keras_selfdistill as ksd
+from tests import tiny
+
+
+def _fit_without_learning(distiller, x, y=None, **kwargs):
+    # SGD with learning rate 0 keeps every weight fixed, so each batch's loss
+    # can be recomputed in numpy from the initial models.
+    distiller.compile(
+        optimizer=keras.optimizers.SGD(0.0),
+        loss=tiny.sparse_ce() if y is not None else None,
+    )
+    return distiller.fit(x, y, shuffle=False, verbose=0, **kwargs)
+
+
+class DistillerTest(parameterized.TestCase):
+    def setUp(self):
+        self.x, self.y = tiny.data(n=10)
+        self.teacher = tiny.mlp(hidden=16, name="teacher", seed=1)
+        self.student = tiny.mlp(name="student", seed=2)
+
+    def _kd(self, temperature=2.0):
+        return tiny.kd(
+            self.teacher.predict(self.x, verbose=0),
+            self.student.predict(self.x, verbose=0),
+            temperature,
+        )
+
+    def _ce(self):
+        probs = tiny.softmax(np.float64(self.student.predict(self.x, verbose=0)))
+        return -np.log(probs[np.arange(len(self.y)), self.y])
+
+    def test_config(self):
+        distiller = ksd.Distiller(
+            self.student,
+            [ksd.terms.Distillation(self.teacher, temperature=3.0)],
+            input_key=None,
+            name="kd",
+        )
+        restored = ksd.Distiller.from_config(distiller.get_config())
+        self.assertEqual(restored.name, "kd")
+        self.assertEqual(len(restored.terms), 1)
+        self.assertEqual(restored.terms[0].temperature, 3.0)
+
+    def test_epoch_metric_is_mean_over_samples_not_last_batch(self):
+        distiller = ksd.Distiller(
+            self.student, [ksd.terms.Distillation(self.teacher, temperature=2.0)]
+        )
+        history = _fit_without_learning(distiller, self.x, self.y, batch_size=4)
+        # Batches of 4, 4 and 2: the epoch value is the per-sample mean.
+        kd = self._kd()
+        self.assertAlmostEqual(
+            history.history["distillation_loss"][0], kd.mean(), places=5
+        )
+        self.assertNotAlmostEqual(kd[8:].mean(), kd.mean(), places=3)
+        self.assertAlmostEqual(
+            history.history["loss"][0], self._ce().mean() + kd.mean(), places=5
+        )
+
+    def test_sample_and_class_weights_weight_terms(self):
+        distiller = ksd.Distiller(
+            self.student, [ksd.terms.Distillation(self.teacher, temperature=2.0)]
+        )
+        class_weight = {0: 0.0, 1: 1.0, 2: 3.0}
+        history = _fit_without_learning(
+            distiller, self.x, self.y, batch_size=10, class_weight=class_weight
+        )
+        weights = np.array([class_weight[c] for c in self.y])
+        self.assertAlmostEqual(
+            history.history["distillation_loss"][0],
+            np.sum(weights * self._kd()) / 10,
+            places=5,
+        )
+        history = _fit_without_learning(
+            distiller, self.x, self.y, batch_size=10, sample_weight=weights
+        )
+        self.assertAlmostEqual(
+            history.history["distillation_loss"][0],
+            np.sum(weights * self._kd()) / 10,
+            places=5,
+        )
+
+    def test_xi_zero_reproduces_plain_training(self):
+        plain = tiny.mlp(name="plain", seed=2)
+        plain.compile(optimizer=keras.optimizers.SGD(0.1), loss=tiny.sparse_ce())
+        plain.fit(self.x, self.y, batch_size=4, epochs=3, shuffle=False,
+                  verbose=0)
+        distiller = ksd.Distiller(
+            self.student,
+            [ksd.terms.Distillation(self.teacher, temperature=4.0, xi=0.0)],
+        )
+        distiller.compile(
+            optimizer=keras.optimizers.SGD(0.1), loss=tiny.sparse_ce()
+        )
+        distiller.fit(self.x, self.y, batch_size=4, epochs=3, shuffle=False,
+                      verbose=0)
+        for a, b in zip(plain.get_weights(), self.student.get_weights()):
+            np.testing.assert_allclose(a, b, atol=1e-6)
+
+    def test_xi_mixes_labels_and_teacher(self):
+        distiller = ksd.Distiller(
+            self.student,
+            [ksd.terms.Distillation(self.teacher, temperature=2.0, xi=1.5)],
+        )
+        history = _fit_without_learning(distiller, self.x, self.y, batch_size=10)
+        # (1 − ξ) · CE + ξ · KD with ξ = 1.5: the labels get weight −0.5.
+        expected = -0.5 * self._ce().mean() + 1.5 * self._kd().mean()
+        self.assertAlmostEqual(history.history["loss"][0], expected, places=5)
+
+    def test_epoch_schedule_and_callback_change_weight(self):
+        term = ksd.terms.Distillation(
+            self.teacher,
+            temperature=2.0,
+            weight=ksd.schedules.LinearRampUp(ramp_up_epochs=2),
+        )
+        history = _fit_without_learning(
+            ksd.Distiller(self.student, [term]), self.x, self.y, epochs=3
+        )
+        ce, kd = self._ce().mean(), self._kd().mean()
+        np.testing.assert_allclose(
+            history.history["loss"], [ce, ce + 0.5 * kd, ce + kd], rtol=1e-5
+        )
+        constant = ksd.terms.Distillation(self.teacher, temperature=2.0)
+        switch_off = keras.callbacks.LambdaCallback(
+            on_epoch_begin=lambda epoch, logs: setattr(
+                constant, "weight", 0.0 if epoch == 1 else 1.0
+            )
+        )
+        history = _fit_without_learning(
+            ksd.Distiller(self.student, [constant]), self.x, self.y, epochs=2,
+            callbacks=[switch_off],
+        )
+        np.testing.assert_allclose(
+            history.history["loss"], [ce + kd, ce], rtol=1e-5
+        )
+
+    def test_label_free_distillation(self):
+        distiller = ksd.Distiller(
+            self.student, [ksd.terms.Distillation(self.teacher, temperature=2.0)]
+        )
+        distiller.compile(optimizer=keras.optimizers.Adam(0.05))
+        history = distiller.fit(self.x, epochs=20, verbose=0)
+        losses = history.history["distillation_loss"]
+        self.assertLess(losses[-1], 0.5 * losses[0])
+        np.testing.assert_allclose(history.history["loss"], losses, rtol=1e-5)
+
+    def test_compiled_loss_without_labels_is_an_error(self):
+        distiller = ksd.Distiller(
+            self.student, [ksd.terms.Distillation(self.teacher)]
+        )
+        distiller.compile(optimizer="sgd", loss=tiny.sparse_ce())
+        with self.assertRaisesRegex(ValueError, "compile without `loss`"):
+            distiller.fit(self.x, epochs=1, verbose=0)
+
+    def test_teacher_does_not_run_at_evaluation(self):
+        calls = keras.Variable(0.0, trainable=False)
+
+        class CountingTeacher(keras.Model):
+            def __init__(self, model):
+                super().__init__()
+                self.model = model
+
+            def call(self, x, training=False):
+                calls.assign_add(1.0)
+                return self.model(x, training=training)
+
+        counting = CountingTeacher(self.teacher)
+        distiller = ksd.Distiller(
+            self.student, [ksd.terms.Distillation(counting)]
+        )
+        distiller.compile(
+            optimizer="sgd", loss=tiny.sparse_ce(), metrics=["accuracy"]
+        )
+        history = distiller.fit(
+            self.x, self.y, batch_size=5, validation_data=(self.x, self.y),
+            verbose=0,
+        )
+        self.assertEqual(float(calls), 2.0)
+        self.assertNotIn("val_distillation_loss", history.history)
+        logs = distiller.evaluate(self.x, self.y, return_dict=True, verbose=0)
+        distiller.predict(self.x, verbose=0)
+        self.assertEqual(float(calls), 2.0)
+        self.assertEqual(set(logs), {"loss", "accuracy"})
+
+    def test_metrics_reach_callbacks_and_early_stopping(self):
+        distiller = ksd.Distiller(
+            self.student, [ksd.terms.Distillation(self.teacher, name="kd")]
+        )
+        distiller.compile(optimizer="sgd", loss=tiny.sparse_ce())
+        stop = keras.callbacks.EarlyStopping(monitor="kd_loss", patience=0,
+                                             min_delta=1e9)
+        history = distiller.fit(self.x, self.y, epochs=5, verbose=0,
+                                callbacks=[stop])
+        self.assertEqual(len(history.history["kd_loss"]), 2)
+
+    def test_duplicate_term_names_get_distinct_metrics(self):
+        distiller = ksd.Distiller(
+            self.student,
+            [ksd.terms.Distillation(self.teacher),
+             ksd.terms.Distillation(tiny.mlp(seed=5))],
+        )
+        history = _fit_without_learning(distiller, self.x, self.y)
+        self.assertIn("distillation_loss", history.history)
+        self.assertIn("distillation_1_loss", history.history)
+
+    def test_privileged_teacher_input(self):
+        x_teacher = np.concatenate([self.x, self.y[:, None] * 1.0], axis=1)
+        teacher = tiny.mlp(features=5, name="privileged", seed=3)
+        distiller = ksd.Distiller(
+            self.student,
+            [ksd.terms.Distillation(
+                ksd.teachers.FrozenModel(teacher, input_key="teacher"),
+                temperature=2.0)],
+            input_key="student",
+        )
+        history = _fit_without_learning(
+            distiller, {"student": self.x, "teacher": x_teacher}, self.y,
+            batch_size=10,
+        )
+        expected = tiny.kd(
+            teacher.predict(x_teacher, verbose=0),
+            self.student.predict(self.x, verbose=0),
+            2.0,
+        ).mean()
+        self.assertAlmostEqual(
+            history.history["distillation_loss"][0], expected, places=5
+        )
+        np.testing.assert_allclose(
+            distiller.predict(self.x, verbose=0),
+            self.student.predict(self.x, verbose=0),
+        )
+        with self.assertRaisesRegex(ValueError, "have keys \\['student'\\]"):
+            distiller.fit({"student": self.x}, self.y, verbose=0)
+
+    def test_regularization_counts_student_not_teacher(self):
+        teacher = keras.Sequential([
+            keras.Input((4,)),
+            keras.layers.Dense(3, kernel_regularizer=keras.regularizers.L2(10.0)),
+        ])
+        student = keras.Sequential([
+            keras.Input((4,)),
+            keras.layers.Dense(3, kernel_regularizer=keras.regularizers.L2(0.1)),
+        ])
+        distiller = ksd.Distiller(student, [ksd.terms.Distillation(teacher)])
+        history = _fit_without_learning(distiller, self.x, self.y, batch_size=10)
+        logits = student.predict(self.x, verbose=0)
+        probs = tiny.softmax(np.float64(logits))
+        ce = -np.log(probs[np.arange(10), self.y]).mean()
+        kd = tiny.kd(teacher.predict(self.x, verbose=0), logits, 1.0).mean()
+        l2 = 0.1 * np.sum(np.square(student.layers[0].kernel.numpy()))
+        self.assertAlmostEqual(history.history["loss"][0], ce + kd + l2,
+                               places=4)
+
+    def test_save_and_load_without_custom_objects(self):
+        distiller = ksd.Distiller(
+            self.student,
+            [ksd.terms.Distillation(
+                self.teacher, temperature=ksd.schedules.SigmoidRampUp(
+                    ramp_up_steps=4, start=1.0, end=3.0))],
+        )
+        distiller.compile(optimizer="adam", loss=tiny.sparse_ce(),
+                          metrics=["accuracy"])
+        distiller.fit(self.x, self.y, epochs=2, verbose=0)
+        path = os.path.join(self.create_tempdir().full_path, "d.keras")
+        distiller.save(path)
+        restored = keras.saving.load_model(path)
+        self.assertIsInstance(restored, ksd.Distiller)
+        self.assertIsInstance(restored.terms[0].temperature,
+                              ksd.schedules.SigmoidRampUp)
+        np.testing.assert_allclose(
+            restored.predict(self.x, verbose=0),
+            distiller.predict(self.x, verbose=0),
+        )
+        self.assertEqual(int(restored.epoch), 1)
+        restored.fit(self.x, self.y, epochs=1, verbose=0)
+
+    def test_student_loads_without_the_library(self):
+        distiller = ksd.Distiller(
+            self.student, [ksd.terms.Distillation(self.teacher)]
+        )
+        distiller.compile(optimizer="adam", loss=tiny.sparse_ce())
+        distiller.fit(self.x, self.y, epochs=1, verbose=0)
+        folder = self.create_tempdir().full_path
+        path = os.path.join(folder, "student.keras")
+        distiller.student.save(path)
+        np.save(os.path.join(folder, "x.npy"), self.x)
+        expected = distiller.student.predict(self.x, verbose=0)
+        script = (
+            "import sys; sys.modules['keras_selfdistill'] = None\n"
+            "import numpy as np, keras\n"
+            f"m = keras.saving.load_model({path!r}, safe_mode=True)\n"
+            f"x = np.load({os.path.join(folder, 'x.npy')!r})\n"
+            "np.save(sys.argv[1], m.predict(x, verbose=0))\n"
+        )
+        out = os.path.join(folder, "out.npy")
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+        subprocess.run([sys.executable, "-c", script, out], check=True,
+                       env=env, cwd=folder)
+        np.testing.assert_allclose(np.load(out), expected, rtol=1e-6)
+
+    def test_rejects_bad_construction(self):
+        with self.assertRaisesRegex(TypeError, "student must be"):
+            ksd.Distiller(lambda x: x)
+        with self.assertRaisesRegex(TypeError, "must be a list"):
+            ksd.Distiller(self.student, ksd.terms.Distillation(self.teacher))
+        with self.assertRaisesRegex(TypeError, "Every entry"):
+            ksd.Distiller(self.student, [self.teacher])
+        with self.assertRaisesRegex(ValueError, "teacher is the student"):
+            ksd.Distiller(self.student,
+                          [ksd.terms.Distillation(self.student)])
+        with self.assertRaisesRegex(ValueError, "At most one term"):
+            ksd.Distiller(self.student, [
+                ksd.terms.Distillation(self.teacher, xi=0.5),
+                ksd.terms.Distillation(tiny.mlp(seed=4), xi=0.5),
+            ])
+
+    def test_rejects_class_count_mismatch(self):
+        wide = tiny.mlp(classes=5, seed=3)
+        with self.assertRaisesRegex(ValueError, "predicts 5 classes"):
+            ksd.Distiller(self.student, [ksd.terms.Distillation(wide)])
+
+    def test_rejects_empty_dataset(self):
+        distiller = ksd.Distiller(self.student)
+        distiller.compile(optimizer="sgd", loss=tiny.sparse_ce())
+        empty = tf.data.Dataset.from_tensor_slices((self.x, self.y)).take(0)
+        with self.assertRaisesRegex(ValueError, "empty"):
+            distiller.fit(empty.batch(2), verbose=0)
+        with self.assertRaisesRegex(ValueError, "no samples"):
+            distiller.fit(self.x[:0], self.y[:0], verbose=0)
+
+    def test_rejects_labels_out_of_range(self):
+        distiller = ksd.Distiller(self.student)
+        distiller.compile(optimizer="sgd", loss=tiny.sparse_ce())
+        labels = self.y.copy()
+        labels[3] = 7
+        with self.assertRaisesRegex(tf.errors.InvalidArgumentError,
+                                    r"class indices in \[0, 3\)"):
+            distiller.fit(self.x, labels, verbose=0)
+
+    def test_no_loss_at_all_is_an_error(self):
+        distiller = ksd.Distiller(self.student)
+        distiller.compile(optimizer="sgd")
+        with self.assertRaisesRegex(ValueError, "Nothing to minimise"):
+            distiller.fit(self.x, self.y, verbose=0)

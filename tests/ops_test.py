@@ -1,0 +1,122 @@
+import numpy as np
+from absl.testing import parameterized
+from keras import ops
+
+from keras_selfdistill import ops as ksd_ops
+
+
+def _softmax(z):
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _kl(p, q):
+    return np.sum(p * (np.log(p) - np.log(q)), axis=-1)
+
+
+class KLDivergenceTest(parameterized.TestCase):
+    def setUp(self):
+        rng = np.random.default_rng(0)
+        self.teacher = rng.normal(size=(6, 5)).astype("float32") * 3
+        self.student = rng.normal(size=(6, 5)).astype("float32") * 3
+
+    @parameterized.named_parameters(("t1", 1.0), ("t2", 2.0), ("t4", 4.0))
+    def test_matches_numpy(self, temperature):
+        # T² · Σ_c p_t (log p_t − log p_s), p = softmax(z / T), in float64.
+        p = _softmax(self.teacher.astype("float64") / temperature)
+        q = _softmax(self.student.astype("float64") / temperature)
+        expected = temperature**2 * _kl(p, q)
+        got = ksd_ops.kl_divergence(self.teacher, self.student, temperature)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+    def test_zero_for_equal_logits(self):
+        got = ksd_ops.kl_divergence(self.teacher, self.teacher, 3.0)
+        np.testing.assert_allclose(got, np.zeros(6), atol=1e-6)
+
+    def test_invariant_to_row_shift(self):
+        shift = np.arange(6, dtype="float32")[:, None] * 7.0
+        base = ksd_ops.kl_divergence(self.teacher, self.student, 2.0)
+        np.testing.assert_allclose(
+            ksd_ops.kl_divergence(self.teacher + shift, self.student, 2.0),
+            base,
+            rtol=1e-4,
+        )
+        np.testing.assert_allclose(
+            ksd_ops.kl_divergence(self.teacher, self.student - shift, 2.0),
+            base,
+            rtol=1e-4,
+        )
+
+    def test_float16_inputs_give_finite_float32(self):
+        big = self.teacher / np.abs(self.teacher).max() * 1e4
+        big = big.astype("float16")
+        got = ksd_ops.kl_divergence(big, self.student.astype("float16"), 4.0)
+        self.assertEqual(ops.convert_to_numpy(got).dtype, np.float32)
+        self.assertTrue(np.all(np.isfinite(ops.convert_to_numpy(got))))
+
+
+class ReverseKLDivergenceTest(parameterized.TestCase):
+    def test_matches_numpy(self):
+        rng = np.random.default_rng(1)
+        t, s = rng.normal(size=(2, 4, 7)).astype("float32")
+        # T² · Σ_c p_s (log p_s − log p_t) with T = 2.
+        expected = 4.0 * _kl(_softmax(s / 2.0), _softmax(t / 2.0))
+        got = ksd_ops.reverse_kl_divergence(t, s, 2.0)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+class GeneralizedJSDTest(parameterized.TestCase):
+    def setUp(self):
+        rng = np.random.default_rng(2)
+        self.t, self.s = rng.normal(size=(2, 5, 4)).astype("float32") * 2
+
+    def test_matches_numpy(self):
+        # M = β P + (1 − β) Q;  β KL(P‖M) + (1 − β) KL(Q‖M), times T².
+        beta, temperature = 0.3, 2.0
+        p = _softmax(self.t / temperature)
+        q = _softmax(self.s / temperature)
+        m = beta * p + (1 - beta) * q
+        expected = temperature**2 * (
+            beta * _kl(p, m) + (1 - beta) * _kl(q, m)
+        )
+        got = ksd_ops.generalized_jsd(self.t, self.s, beta, temperature)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+    def test_end_points_are_forward_and_reverse_kl(self):
+        np.testing.assert_allclose(
+            ksd_ops.generalized_jsd(self.t, self.s, 0.0),
+            ksd_ops.kl_divergence(self.t, self.s),
+        )
+        np.testing.assert_allclose(
+            ksd_ops.generalized_jsd(self.t, self.s, 1.0),
+            ksd_ops.reverse_kl_divergence(self.t, self.s),
+        )
+
+    def test_scaled_limits_approach_kl(self):
+        # JSD(β)/β → KL(P‖Q) as β → 0 and JSD(β)/(1−β) → KL(Q‖P) as β → 1.
+        eps = 1e-4
+        np.testing.assert_allclose(
+            ksd_ops.generalized_jsd(self.t, self.s, eps) / eps,
+            ksd_ops.kl_divergence(self.t, self.s),
+            rtol=5e-3,
+        )
+        np.testing.assert_allclose(
+            ksd_ops.generalized_jsd(self.t, self.s, 1 - eps) / eps,
+            ksd_ops.reverse_kl_divergence(self.t, self.s),
+            rtol=5e-3,
+        )
+
+    def test_rejects_beta_outside_unit_interval(self):
+        with self.assertRaisesRegex(ValueError, r"beta=1.5"):
+            ksd_ops.generalized_jsd(self.t, self.s, 1.5)
+
+
+class LogitsMSETest(parameterized.TestCase):
+    def test_matches_numpy(self):
+        t = np.array([[1.0, 2.0, 3.0]], "float32")
+        s = np.array([[0.0, 2.0, 5.0]], "float32")
+        # ((1 − 0)² + 0² + (3 − 5)²) / 3 = 5 / 3.
+        np.testing.assert_allclose(
+            ksd_ops.logits_mse(t, s), [5.0 / 3.0], rtol=1e-6
+        )

@@ -1,0 +1,63 @@
+import math
+
+import keras
+import numpy as np
+from absl.testing import parameterized
+
+from keras_selfdistill import schedules
+
+
+class LinearRampUpTest(parameterized.TestCase):
+    def test_config(self):
+        schedule = schedules.LinearRampUp(ramp_up_epochs=3, start=0.1, end=0.8)
+        restored = keras.saving.deserialize_keras_object(
+            keras.saving.serialize_keras_object(schedule)
+        )
+        self.assertIsInstance(restored, schedules.LinearRampUp)
+        self.assertEqual(restored.get_config(), schedule.get_config())
+
+    def test_step_values(self):
+        schedule = schedules.LinearRampUp(ramp_up_steps=4, start=1.0, end=3.0)
+        # 1 + 2 · min(step / 4, 1).
+        values = [float(schedule(s, 0)) for s in (0, 1, 2, 4, 10)]
+        np.testing.assert_allclose(values, [1.0, 1.5, 2.0, 3.0, 3.0])
+
+    def test_epoch_values_ignore_steps(self):
+        schedule = schedules.LinearRampUp(ramp_up_epochs=2, end=0.8)
+        values = [float(schedule(1000, e)) for e in (0, 1, 2, 5)]
+        np.testing.assert_allclose(values, [0.0, 0.4, 0.8, 0.8])
+
+    def test_needs_exactly_one_length(self):
+        with self.assertRaisesRegex(ValueError, "exactly one"):
+            schedules.LinearRampUp()
+        with self.assertRaisesRegex(ValueError, "exactly one"):
+            schedules.LinearRampUp(ramp_up_steps=2, ramp_up_epochs=2)
+
+    def test_rejects_bad_lengths(self):
+        with self.assertRaisesRegex(ValueError, "ramp_up_steps=0"):
+            schedules.LinearRampUp(ramp_up_steps=0)
+        with self.assertRaisesRegex(TypeError, "ramp_up_epochs=1.5"):
+            schedules.LinearRampUp(ramp_up_epochs=1.5)
+        with self.assertRaisesRegex(ValueError, "end=nan"):
+            schedules.LinearRampUp(ramp_up_steps=1, end=float("nan"))
+
+
+class SigmoidRampUpTest(parameterized.TestCase):
+    def test_config(self):
+        schedule = schedules.SigmoidRampUp(ramp_up_steps=10)
+        restored = schedules.SigmoidRampUp.from_config(schedule.get_config())
+        self.assertEqual(restored.get_config(), schedule.get_config())
+
+    def test_values(self):
+        schedule = schedules.SigmoidRampUp(ramp_up_steps=10, end=2.0)
+        # 2 · exp(−5 (1 − p)²) with p = step / 10; exactly 0 at step 0.
+        steps = [0, 3, 5, 10, 20]
+        expected = [0.0] + [
+            2.0 * math.exp(-5 * (1 - min(s / 10, 1)) ** 2) for s in steps[1:]
+        ]
+        values = [float(schedule(s, 0)) for s in steps]
+        np.testing.assert_allclose(values, expected, rtol=1e-6)
+
+    def test_value_range(self):
+        schedule = schedules.SigmoidRampUp(ramp_up_epochs=3, start=4, end=1)
+        self.assertEqual(schedule.value_range(), (1.0, 4.0))

@@ -1,0 +1,78 @@
+import keras
+import numpy as np
+from absl.testing import parameterized
+
+import keras_selfdistill as ksd
+from tests import tiny
+
+
+class EnsembleTest(parameterized.TestCase):
+    def setUp(self):
+        self.x, _ = tiny.data(n=6)
+        self.models = [tiny.mlp(name=f"t{i}", seed=i) for i in range(3)]
+        self.logits = [m.predict(self.x, verbose=0) for m in self.models]
+
+    def test_config(self):
+        ensemble = ksd.teachers.Ensemble(
+            self.models, weights=[1, 2, 3], drop_rate=0.5, seed=4
+        )
+        restored = keras.saving.deserialize_keras_object(
+            keras.saving.serialize_keras_object(ensemble)
+        )
+        self.assertIsInstance(restored, ksd.teachers.Ensemble)
+        self.assertEqual(restored.teacher_weights, [1.0, 2.0, 3.0])
+        self.assertEqual(restored.drop_rate, 0.5)
+        self.assertEqual(len(restored.teachers), 3)
+
+    def test_mixes_tempered_probabilities(self):
+        ensemble = ksd.teachers.Ensemble(self.models, weights=[1, 1, 2])
+        targets = keras.ops.convert_to_numpy(ensemble.targets(self.x, 2.0))
+        # softmax(targets / T) = Σ_i w_i softmax(z_i / T) / Σ_i w_i.
+        expected = sum(
+            w * tiny.softmax(z / 2.0) for w, z in zip([1, 1, 2], self.logits)
+        ) / 4.0
+        np.testing.assert_allclose(
+            tiny.softmax(targets / 2.0), expected, rtol=1e-5, atol=1e-7
+        )
+
+    def test_dropping_keeps_at_least_one_teacher(self):
+        ensemble = ksd.teachers.Ensemble(self.models, drop_rate=0.99, seed=1)
+        singles = [tiny.softmax(z) for z in self.logits]
+        seen = set()
+        for _ in range(12):
+            probs = tiny.softmax(
+                keras.ops.convert_to_numpy(ensemble.targets(self.x, 1.0))
+            )
+            matches = [
+                i for i, p in enumerate(singles)
+                if np.allclose(p, probs, atol=1e-5)
+            ]
+            self.assertLen(matches, 1)
+            seen.add(matches[0])
+        self.assertGreater(len(seen), 1)
+
+    def test_accepts_teachers_and_rejects_bad_arguments(self):
+        ensemble = ksd.teachers.Ensemble(
+            [ksd.teachers.FrozenModel(self.models[0]), self.models[1]]
+        )
+        self.assertIsInstance(ensemble.teachers[1], ksd.teachers.FrozenModel)
+        with self.assertRaisesRegex(ValueError, "non-empty list"):
+            ksd.teachers.Ensemble([])
+        with self.assertRaisesRegex(ValueError, "weights=\\[1, -1\\]"):
+            ksd.teachers.Ensemble(self.models[:2], weights=[1, -1])
+        with self.assertRaisesRegex(ValueError, "drop_rate=1.0"):
+            ksd.teachers.Ensemble(self.models, drop_rate=1.0)
+        with self.assertRaisesRegex(TypeError, "Received: teacher="):
+            ksd.teachers.Ensemble(["resnet"])
+
+    def test_trains_inside_distiller(self):
+        x, y = tiny.data(n=16)
+        distiller = ksd.Distiller(
+            tiny.mlp(name="student", seed=9),
+            [ksd.terms.Distillation(
+                ksd.teachers.Ensemble(self.models, drop_rate=0.3, seed=0),
+                temperature=2.0)],
+        )
+        distiller.compile(optimizer="adam", loss=tiny.sparse_ce())
+        history = distiller.fit(x, y, epochs=2, verbose=0)
+        self.assertTrue(np.isfinite(history.history["distillation_loss"]).all())

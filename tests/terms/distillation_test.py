@@ -1,0 +1,147 @@
+import keras
+import numpy as np
+from absl.testing import parameterized
+
+from keras_selfdistill import ops as ksd_ops
+from keras_selfdistill import schedules
+from keras_selfdistill import teachers
+from keras_selfdistill import terms
+from tests import tiny
+
+
+class DistillationTest(parameterized.TestCase):
+    def setUp(self):
+        self.x, _ = tiny.data(n=5)
+        self.teacher = tiny.mlp(name="teacher", seed=1)
+        self.teacher_logits = keras.ops.convert_to_numpy(self.teacher(self.x))
+        rng = np.random.default_rng(7)
+        self.student_logits = rng.normal(size=(5, 3)).astype("float32")
+
+    def test_config(self):
+        term = terms.Distillation(
+            self.teacher,
+            loss="jsd",
+            temperature=schedules.LinearRampUp(ramp_up_steps=5, start=1, end=4),
+            weight=0.5,
+            xi=0.3,
+            beta=0.2,
+            name="kd",
+        )
+        restored = keras.saving.deserialize_keras_object(
+            keras.saving.serialize_keras_object(term)
+        )
+        self.assertIsInstance(restored, terms.Distillation)
+        self.assertIsInstance(restored.teacher, teachers.FrozenModel)
+        self.assertIsInstance(restored.temperature, schedules.LinearRampUp)
+        self.assertEqual(restored.name, "kd")
+        self.assertEqual(restored.loss, "jsd")
+        self.assertAlmostEqual(restored.weight, 0.5)
+        self.assertAlmostEqual(restored.xi, 0.3, places=6)
+        self.assertEqual(restored.beta, 0.2)
+
+    @parameterized.named_parameters(("t1", 1.0), ("t2", 2.0), ("t4", 4.0))
+    def test_loss_matches_numpy(self, temperature):
+        term = terms.Distillation(self.teacher, temperature=temperature)
+        got = term.compute_loss(
+            self.x, None, self.student_logits, None, step=0, epoch=0
+        )
+        expected = tiny.kd(
+            self.teacher_logits, self.student_logits, temperature
+        ).mean()
+        self.assertAlmostEqual(float(got), expected, places=5)
+
+    def test_zero_sample_weight_removes_sample(self):
+        term = terms.Distillation(self.teacher, temperature=2.0)
+        weights = np.array([1.0, 2.0, 0.0, 1.0, 1.0], "float32")
+        per_sample = tiny.kd(self.teacher_logits, self.student_logits, 2.0)
+        # Keras's "sum_over_batch_size": Σ w_i l_i / batch size.
+        expected = np.sum(weights * per_sample) / 5
+        got = term.compute_loss(self.x, None, self.student_logits, weights, 0, 0)
+        self.assertAlmostEqual(float(got), expected, places=5)
+        perturbed = self.student_logits.copy()
+        perturbed[2] += np.array([9.0, -9.0, 3.0], "float32")
+        again = term.compute_loss(self.x, None, perturbed, weights, 0, 0)
+        self.assertAlmostEqual(float(again), float(got), places=6)
+
+    def test_zero_when_student_equals_teacher(self):
+        term = terms.Distillation(self.teacher, temperature=4.0)
+        got = term.compute_loss(self.x, None, self.teacher_logits, None, 0, 0)
+        self.assertAlmostEqual(float(got), 0.0, places=6)
+
+    @parameterized.named_parameters(
+        ("reverse_kl", "reverse_kl", None),
+        ("jsd", "jsd", 0.25),
+        ("mse", "mse", None),
+    )
+    def test_other_losses_use_their_formula(self, loss, beta):
+        temperature = 1.0 if loss == "mse" else 2.0
+        term = terms.Distillation(
+            self.teacher, loss=loss, temperature=temperature, beta=beta
+        )
+        got = term.compute_loss(self.x, None, self.student_logits, None, 0, 0)
+        t, s = self.teacher_logits, self.student_logits
+        if loss == "reverse_kl":
+            expected = tiny.kd(s, t, 2.0).mean()
+        elif loss == "jsd":
+            expected = np.mean(ksd_ops.generalized_jsd(t, s, 0.25, 2.0))
+        else:
+            expected = np.mean((t - s) ** 2)
+        self.assertAlmostEqual(float(got), float(expected), places=5)
+
+    def test_temperature_can_be_reassigned(self):
+        term = terms.Distillation(self.teacher, temperature=1.0)
+        term.temperature = 4.0
+        got = term.compute_loss(self.x, None, self.student_logits, None, 0, 0)
+        expected = tiny.kd(self.teacher_logits, self.student_logits, 4.0)
+        self.assertAlmostEqual(float(got), expected.mean(), places=5)
+        with self.assertRaisesRegex(ValueError, "temperature=-1"):
+            term.temperature = -1.0
+        with self.assertRaisesRegex(TypeError, "construction"):
+            term.temperature = schedules.LinearRampUp(ramp_up_steps=3)
+
+    def test_scheduled_hyperparameter_cannot_be_reassigned(self):
+        term = terms.Distillation(
+            self.teacher, weight=schedules.SigmoidRampUp(ramp_up_steps=3)
+        )
+        with self.assertRaisesRegex(TypeError, "created as SigmoidRampUp"):
+            term.weight = 0.5
+
+    @parameterized.named_parameters(
+        ("zero", 0.0, "temperature=0"),
+        ("negative", -2.0, "temperature=-2"),
+        ("nan", float("nan"), "temperature=nan"),
+    )
+    def test_rejects_bad_temperature(self, temperature, message):
+        with self.assertRaisesRegex(ValueError, message):
+            terms.Distillation(self.teacher, temperature=temperature)
+
+    def test_rejects_schedule_reaching_zero_temperature(self):
+        with self.assertRaisesRegex(ValueError, "lowest value"):
+            terms.Distillation(
+                self.teacher,
+                temperature=schedules.LinearRampUp(ramp_up_steps=3),
+            )
+
+    def test_rejects_negative_weight(self):
+        with self.assertRaisesRegex(ValueError, "weight=-0.1"):
+            terms.Distillation(self.teacher, weight=-0.1)
+
+    def test_rejects_unknown_loss_listing_valid_ones(self):
+        with self.assertRaisesRegex(ValueError, "'kl', 'reverse_kl'.*'kld'"):
+            terms.Distillation(self.teacher, loss="kld")
+
+    def test_rejects_teacher_that_is_not_a_model(self):
+        with self.assertRaisesRegex(TypeError, "Received: teacher="):
+            terms.Distillation(lambda x: x)
+
+    def test_rejects_ignored_arguments(self):
+        with self.assertRaisesRegex(ValueError, "only applies to loss='jsd'"):
+            terms.Distillation(self.teacher, beta=0.5)
+        with self.assertRaisesRegex(ValueError, "no effect"):
+            terms.Distillation(self.teacher, loss="mse", temperature=2.0)
+
+    def test_rejects_shape_mismatch_when_traced(self):
+        term = terms.Distillation(self.teacher)
+        with self.assertRaisesRegex(ValueError, "same number of classes"):
+            term.compute_loss(self.x, None, np.zeros((5, 4), "float32"), None,
+                              0, 0)
