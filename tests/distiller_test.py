@@ -35,7 +35,9 @@ class DistillerTest(parameterized.TestCase):
         )
 
     def _ce(self):
-        probs = tiny.softmax(np.float64(self.student.predict(self.x, verbose=0)))
+        probs = tiny.softmax(
+            np.float64(self.student.predict(self.x, verbose=0))
+        )
         return -np.log(probs[np.arange(len(self.y)), self.y])
 
     def test_config(self):
@@ -52,7 +54,8 @@ class DistillerTest(parameterized.TestCase):
 
     def test_epoch_metric_is_mean_over_samples_not_last_batch(self):
         distiller = ksd.Distiller(
-            self.student, [ksd.terms.Distillation(self.teacher, temperature=2.0)]
+            self.student,
+            [ksd.terms.Distillation(self.teacher, temperature=2.0)],
         )
         history = _fit_without_learning(distiller, self.x, self.y, batch_size=4)
         # Batches of 4, 4 and 2: the epoch value is the per-sample mean.
@@ -67,7 +70,8 @@ class DistillerTest(parameterized.TestCase):
 
     def test_sample_and_class_weights_weight_terms(self):
         distiller = ksd.Distiller(
-            self.student, [ksd.terms.Distillation(self.teacher, temperature=2.0)]
+            self.student,
+            [ksd.terms.Distillation(self.teacher, temperature=2.0)],
         )
         class_weight = {0: 0.0, 1: 1.0, 2: 3.0}
         history = _fit_without_learning(
@@ -90,9 +94,12 @@ class DistillerTest(parameterized.TestCase):
 
     def test_xi_zero_reproduces_plain_training(self):
         plain = tiny.mlp(name="plain", seed=2)
-        plain.compile(optimizer=keras.optimizers.SGD(0.1), loss=tiny.sparse_ce())
-        plain.fit(self.x, self.y, batch_size=4, epochs=3, shuffle=False,
-                  verbose=0)
+        plain.compile(
+            optimizer=keras.optimizers.SGD(0.1), loss=tiny.sparse_ce()
+        )
+        plain.fit(
+            self.x, self.y, batch_size=4, epochs=3, shuffle=False, verbose=0
+        )
         distiller = ksd.Distiller(
             self.student,
             [ksd.terms.Distillation(self.teacher, temperature=4.0, xi=0.0)],
@@ -100,8 +107,9 @@ class DistillerTest(parameterized.TestCase):
         distiller.compile(
             optimizer=keras.optimizers.SGD(0.1), loss=tiny.sparse_ce()
         )
-        distiller.fit(self.x, self.y, batch_size=4, epochs=3, shuffle=False,
-                      verbose=0)
+        distiller.fit(
+            self.x, self.y, batch_size=4, epochs=3, shuffle=False, verbose=0
+        )
         for a, b in zip(plain.get_weights(), self.student.get_weights()):
             np.testing.assert_allclose(a, b, atol=1e-6)
 
@@ -110,7 +118,9 @@ class DistillerTest(parameterized.TestCase):
             self.student,
             [ksd.terms.Distillation(self.teacher, temperature=2.0, xi=1.5)],
         )
-        history = _fit_without_learning(distiller, self.x, self.y, batch_size=10)
+        history = _fit_without_learning(
+            distiller, self.x, self.y, batch_size=10
+        )
         # (1 − ξ) · CE + ξ · KD with ξ = 1.5: the labels get weight −0.5.
         expected = -0.5 * self._ce().mean() + 1.5 * self._kd().mean()
         self.assertAlmostEqual(history.history["loss"][0], expected, places=5)
@@ -135,7 +145,10 @@ class DistillerTest(parameterized.TestCase):
             )
         )
         history = _fit_without_learning(
-            ksd.Distiller(self.student, [constant]), self.x, self.y, epochs=2,
+            ksd.Distiller(self.student, [constant]),
+            self.x,
+            self.y,
+            epochs=2,
             callbacks=[switch_off],
         )
         np.testing.assert_allclose(
@@ -144,7 +157,8 @@ class DistillerTest(parameterized.TestCase):
 
     def test_label_free_distillation(self):
         distiller = ksd.Distiller(
-            self.student, [ksd.terms.Distillation(self.teacher, temperature=2.0)]
+            self.student,
+            [ksd.terms.Distillation(self.teacher, temperature=2.0)],
         )
         distiller.compile(optimizer=keras.optimizers.Adam(0.05))
         history = distiller.fit(self.x, epochs=20, verbose=0)
@@ -180,7 +194,10 @@ class DistillerTest(parameterized.TestCase):
             optimizer="sgd", loss=tiny.sparse_ce(), metrics=["accuracy"]
         )
         history = distiller.fit(
-            self.x, self.y, batch_size=5, validation_data=(self.x, self.y),
+            self.x,
+            self.y,
+            batch_size=5,
+            validation_data=(self.x, self.y),
             verbose=0,
         )
         self.assertEqual(float(calls), 2.0)
@@ -195,17 +212,21 @@ class DistillerTest(parameterized.TestCase):
             self.student, [ksd.terms.Distillation(self.teacher, name="kd")]
         )
         distiller.compile(optimizer="sgd", loss=tiny.sparse_ce())
-        stop = keras.callbacks.EarlyStopping(monitor="kd_loss", patience=0,
-                                             min_delta=1e9)
-        history = distiller.fit(self.x, self.y, epochs=5, verbose=0,
-                                callbacks=[stop])
+        stop = keras.callbacks.EarlyStopping(
+            monitor="kd_loss", patience=0, min_delta=1e9
+        )
+        history = distiller.fit(
+            self.x, self.y, epochs=5, verbose=0, callbacks=[stop]
+        )
         self.assertEqual(len(history.history["kd_loss"]), 2)
 
     def test_duplicate_term_names_get_distinct_metrics(self):
         distiller = ksd.Distiller(
             self.student,
-            [ksd.terms.Distillation(self.teacher),
-             ksd.terms.Distillation(tiny.mlp(seed=5))],
+            [
+                ksd.terms.Distillation(self.teacher),
+                ksd.terms.Distillation(tiny.mlp(seed=5)),
+            ],
         )
         history = _fit_without_learning(distiller, self.x, self.y)
         self.assertIn("distillation_loss", history.history)
@@ -216,13 +237,18 @@ class DistillerTest(parameterized.TestCase):
         teacher = tiny.mlp(features=5, name="privileged", seed=3)
         distiller = ksd.Distiller(
             self.student,
-            [ksd.terms.Distillation(
-                ksd.teachers.FrozenModel(teacher, input_key="teacher"),
-                temperature=2.0)],
+            [
+                ksd.terms.Distillation(
+                    ksd.teachers.FrozenModel(teacher, input_key="teacher"),
+                    temperature=2.0,
+                )
+            ],
             input_key="student",
         )
         history = _fit_without_learning(
-            distiller, {"student": self.x, "teacher": x_teacher}, self.y,
+            distiller,
+            {"student": self.x, "teacher": x_teacher},
+            self.y,
             batch_size=10,
         )
         expected = tiny.kd(
@@ -241,40 +267,58 @@ class DistillerTest(parameterized.TestCase):
             distiller.fit({"student": self.x}, self.y, verbose=0)
 
     def test_regularization_counts_student_not_teacher(self):
-        teacher = keras.Sequential([
-            keras.Input((4,)),
-            keras.layers.Dense(3, kernel_regularizer=keras.regularizers.L2(10.0)),
-        ])
-        student = keras.Sequential([
-            keras.Input((4,)),
-            keras.layers.Dense(3, kernel_regularizer=keras.regularizers.L2(0.1)),
-        ])
+        teacher = keras.Sequential(
+            [
+                keras.Input((4,)),
+                keras.layers.Dense(
+                    3, kernel_regularizer=keras.regularizers.L2(10.0)
+                ),
+            ]
+        )
+        student = keras.Sequential(
+            [
+                keras.Input((4,)),
+                keras.layers.Dense(
+                    3, kernel_regularizer=keras.regularizers.L2(0.1)
+                ),
+            ]
+        )
         distiller = ksd.Distiller(student, [ksd.terms.Distillation(teacher)])
-        history = _fit_without_learning(distiller, self.x, self.y, batch_size=10)
+        history = _fit_without_learning(
+            distiller, self.x, self.y, batch_size=10
+        )
         logits = student.predict(self.x, verbose=0)
         probs = tiny.softmax(np.float64(logits))
         ce = -np.log(probs[np.arange(10), self.y]).mean()
         kd = tiny.kd(teacher.predict(self.x, verbose=0), logits, 1.0).mean()
         l2 = 0.1 * np.sum(np.square(student.layers[0].kernel.numpy()))
-        self.assertAlmostEqual(history.history["loss"][0], ce + kd + l2,
-                               places=4)
+        self.assertAlmostEqual(
+            history.history["loss"][0], ce + kd + l2, places=4
+        )
 
     def test_save_and_load_without_custom_objects(self):
         distiller = ksd.Distiller(
             self.student,
-            [ksd.terms.Distillation(
-                self.teacher, temperature=ksd.schedules.SigmoidRampUp(
-                    ramp_up_steps=4, start=1.0, end=3.0))],
+            [
+                ksd.terms.Distillation(
+                    self.teacher,
+                    temperature=ksd.schedules.SigmoidRampUp(
+                        ramp_up_steps=4, start=1.0, end=3.0
+                    ),
+                )
+            ],
         )
-        distiller.compile(optimizer="adam", loss=tiny.sparse_ce(),
-                          metrics=["accuracy"])
+        distiller.compile(
+            optimizer="adam", loss=tiny.sparse_ce(), metrics=["accuracy"]
+        )
         distiller.fit(self.x, self.y, epochs=2, verbose=0)
         path = os.path.join(self.create_tempdir().full_path, "d.keras")
         distiller.save(path)
         restored = keras.saving.load_model(path)
         self.assertIsInstance(restored, ksd.Distiller)
-        self.assertIsInstance(restored.terms[0].temperature,
-                              ksd.schedules.SigmoidRampUp)
+        self.assertIsInstance(
+            restored.terms[0].temperature, ksd.schedules.SigmoidRampUp
+        )
         np.testing.assert_allclose(
             restored.predict(self.x, verbose=0),
             distiller.predict(self.x, verbose=0),
@@ -302,8 +346,9 @@ class DistillerTest(parameterized.TestCase):
         )
         out = os.path.join(folder, "out.npy")
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-        subprocess.run([sys.executable, "-c", script, out], check=True,
-                       env=env, cwd=folder)
+        subprocess.run(
+            [sys.executable, "-c", script, out], check=True, env=env, cwd=folder
+        )
         np.testing.assert_allclose(np.load(out), expected, rtol=1e-6)
 
     def test_rejects_bad_construction(self):
@@ -314,13 +359,15 @@ class DistillerTest(parameterized.TestCase):
         with self.assertRaisesRegex(TypeError, "Every entry"):
             ksd.Distiller(self.student, [self.teacher])
         with self.assertRaisesRegex(ValueError, "teacher is the student"):
-            ksd.Distiller(self.student,
-                          [ksd.terms.Distillation(self.student)])
+            ksd.Distiller(self.student, [ksd.terms.Distillation(self.student)])
         with self.assertRaisesRegex(ValueError, "At most one term"):
-            ksd.Distiller(self.student, [
-                ksd.terms.Distillation(self.teacher, xi=0.5),
-                ksd.terms.Distillation(tiny.mlp(seed=4), xi=0.5),
-            ])
+            ksd.Distiller(
+                self.student,
+                [
+                    ksd.terms.Distillation(self.teacher, xi=0.5),
+                    ksd.terms.Distillation(tiny.mlp(seed=4), xi=0.5),
+                ],
+            )
 
     def test_rejects_class_count_mismatch(self):
         wide = tiny.mlp(classes=5, seed=3)
@@ -341,8 +388,9 @@ class DistillerTest(parameterized.TestCase):
         distiller.compile(optimizer="sgd", loss=tiny.sparse_ce())
         labels = self.y.copy()
         labels[3] = 7
-        with self.assertRaisesRegex(tf.errors.InvalidArgumentError,
-                                    r"class indices in \[0, 3\)"):
+        with self.assertRaisesRegex(
+            tf.errors.InvalidArgumentError, r"class indices in \[0, 3\)"
+        ):
             distiller.fit(self.x, labels, verbose=0)
 
     def test_no_loss_at_all_is_an_error(self):

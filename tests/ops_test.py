@@ -77,9 +77,7 @@ class GeneralizedJSDTest(parameterized.TestCase):
         p = _softmax(self.t / temperature)
         q = _softmax(self.s / temperature)
         m = beta * p + (1 - beta) * q
-        expected = temperature**2 * (
-            beta * _kl(p, m) + (1 - beta) * _kl(q, m)
-        )
+        expected = temperature**2 * (beta * _kl(p, m) + (1 - beta) * _kl(q, m))
         got = ksd_ops.generalized_jsd(self.t, self.s, beta, temperature)
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 

@@ -28,9 +28,13 @@ class EnsembleTest(parameterized.TestCase):
         ensemble = ksd.teachers.Ensemble(self.models, weights=[1, 1, 2])
         targets = keras.ops.convert_to_numpy(ensemble.targets(self.x, 2.0))
         # softmax(targets / T) = Σ_i w_i softmax(z_i / T) / Σ_i w_i.
-        expected = sum(
-            w * tiny.softmax(z / 2.0) for w, z in zip([1, 1, 2], self.logits)
-        ) / 4.0
+        expected = (
+            sum(
+                w * tiny.softmax(z / 2.0)
+                for w, z in zip([1, 1, 2], self.logits)
+            )
+            / 4.0
+        )
         np.testing.assert_allclose(
             tiny.softmax(targets / 2.0), expected, rtol=1e-5, atol=1e-7
         )
@@ -44,7 +48,8 @@ class EnsembleTest(parameterized.TestCase):
                 keras.ops.convert_to_numpy(ensemble.targets(self.x, 1.0))
             )
             matches = [
-                i for i, p in enumerate(singles)
+                i
+                for i, p in enumerate(singles)
                 if np.allclose(p, probs, atol=1e-5)
             ]
             self.assertLen(matches, 1)
@@ -69,9 +74,12 @@ class EnsembleTest(parameterized.TestCase):
         x, y = tiny.data(n=16)
         distiller = ksd.Distiller(
             tiny.mlp(name="student", seed=9),
-            [ksd.terms.Distillation(
-                ksd.teachers.Ensemble(self.models, drop_rate=0.3, seed=0),
-                temperature=2.0)],
+            [
+                ksd.terms.Distillation(
+                    ksd.teachers.Ensemble(self.models, drop_rate=0.3, seed=0),
+                    temperature=2.0,
+                )
+            ],
         )
         distiller.compile(optimizer="adam", loss=tiny.sparse_ce())
         history = distiller.fit(x, y, epochs=2, verbose=0)

@@ -56,7 +56,9 @@ class DistillationTest(parameterized.TestCase):
         per_sample = tiny.kd(self.teacher_logits, self.student_logits, 2.0)
         # Keras's "sum_over_batch_size": Σ w_i l_i / batch size.
         expected = np.sum(weights * per_sample) / 5
-        got = term.compute_loss(self.x, None, self.student_logits, weights, 0, 0)
+        got = term.compute_loss(
+            self.x, None, self.student_logits, weights, 0, 0
+        )
         self.assertAlmostEqual(float(got), expected, places=5)
         perturbed = self.student_logits.copy()
         perturbed[2] += np.array([9.0, -9.0, 3.0], "float32")
@@ -143,5 +145,6 @@ class DistillationTest(parameterized.TestCase):
     def test_rejects_shape_mismatch_when_traced(self):
         term = terms.Distillation(self.teacher)
         with self.assertRaisesRegex(ValueError, "same number of classes"):
-            term.compute_loss(self.x, None, np.zeros((5, 4), "float32"), None,
-                              0, 0)
+            term.compute_loss(
+                self.x, None, np.zeros((5, 4), "float32"), None, 0, 0
+            )

@@ -1,0 +1,32 @@
+# The two commands of the README's quick start. Each creates .venv on first
+# use, installs what it needs into it, then runs.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint format benchmark
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+demo: $(BIN)/python
+	$(BIN)/python -m pip install -q -e .
+	$(BIN)/python -m keras_selfdistill demo
+
+test: $(BIN)/python
+	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/ruff check keras_selfdistill tests examples benchmarks
+	$(BIN)/ruff format --check keras_selfdistill tests examples benchmarks
+	$(BIN)/python -m pytest -m "not slow" -p no:cacheprovider
+
+lint:
+	$(BIN)/ruff check keras_selfdistill tests examples benchmarks
+
+format:
+	$(BIN)/ruff format keras_selfdistill tests examples benchmarks
+	$(BIN)/ruff check --fix keras_selfdistill tests examples benchmarks
+
+benchmark: $(BIN)/python
+	$(BIN)/python -m pip install -q -e .
+	$(BIN)/python benchmarks/overhead.py

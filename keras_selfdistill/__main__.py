@@ -1,0 +1,23 @@
+"""Command line: `python -m keras_selfdistill demo [options]`."""
+
+import sys
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] != "demo":
+        print(
+            "usage: python -m keras_selfdistill demo [--help]\n"
+            "  demo  teacher -> student distillation on the bundled MNIST "
+            "digits",
+            file=sys.stderr,
+        )
+        return 2
+    from keras_selfdistill import demo
+
+    demo.main(argv[1:])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

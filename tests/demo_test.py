@@ -1,0 +1,33 @@
+import os
+import subprocess
+import sys
+
+import keras
+from absl.testing import parameterized
+
+from keras_selfdistill import demo
+
+
+class DemoTest(parameterized.TestCase):
+    def test_runs_and_saves_student(self):
+        path = os.path.join(self.create_tempdir().full_path, "s.keras")
+        rows = demo.run(
+            seeds=2, epochs=1, teacher_epochs=1, output=path, limit=200
+        )
+        self.assertEqual(
+            [row["model"] for row in rows],
+            ["teacher (CNN)", "student, cross-entropy", "student, distilled"],
+        )
+        self.assertLen(rows[2]["accuracy"], 2)
+        self.assertLess(rows[1]["params"], rows[0]["params"])
+        student = keras.saving.load_model(path, safe_mode=True)
+        self.assertEqual(student.name, "student")
+
+    def test_command_line_usage(self):
+        result = subprocess.run(
+            [sys.executable, "-m", "keras_selfdistill"],
+            capture_output=True,
+            text=True,
+        )
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("demo", result.stderr)
