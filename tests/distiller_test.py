@@ -388,10 +388,13 @@ class DistillerTest(parameterized.TestCase):
         distiller.compile(optimizer="sgd", loss=tiny.sparse_ce())
         labels = self.y.copy()
         labels[3] = 7
-        with self.assertRaisesRegex(
-            tf.errors.InvalidArgumentError, r"class indices in \[0, 3\)"
-        ):
+        with self.assertRaisesRegex(ValueError, r"in \[0, 3\).*to 7"):
             distiller.fit(self.x, labels, verbose=0)
+        dataset = tf.data.Dataset.from_tensor_slices((self.x, labels)).batch(5)
+        with self.assertRaisesRegex(
+            tf.errors.InvalidArgumentError, r"label value of 7.*\[0, 3\)"
+        ):
+            distiller.fit(dataset, verbose=0)
 
     def test_no_loss_at_all_is_an_error(self):
         distiller = ksd.Distiller(self.student)
