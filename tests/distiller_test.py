@@ -351,6 +351,30 @@ class DistillerTest(parameterized.TestCase):
         )
         np.testing.assert_allclose(np.load(out), expected, rtol=1e-6)
 
+    def test_mixed_float16_keeps_loss_scaling_and_float32_terms(self):
+        keras.config.set_dtype_policy("mixed_float16")
+        teacher = tiny.mlp(hidden=16, name="teacher", seed=1)
+        student = tiny.mlp(name="student", seed=2)
+        distiller = ksd.Distiller(
+            student, [ksd.terms.Distillation(teacher, temperature=2.0)]
+        )
+        distiller.compile(
+            optimizer=keras.optimizers.SGD(0.0), loss=tiny.sparse_ce()
+        )
+        self.assertIsInstance(
+            distiller.optimizer, keras.optimizers.LossScaleOptimizer
+        )
+        history = distiller.fit(self.x, self.y, batch_size=10, verbose=0)
+        self.assertEqual(student.layers[-1].compute_dtype, "float16")
+        expected = tiny.kd(
+            np.float32(teacher.predict(self.x, verbose=0)),
+            np.float32(student.predict(self.x, verbose=0)),
+            2.0,
+        ).mean()
+        self.assertAlmostEqual(
+            history.history["distillation_loss"][0], expected, places=3
+        )
+
     def test_rejects_bad_construction(self):
         with self.assertRaisesRegex(TypeError, "student must be"):
             ksd.Distiller(lambda x: x)
