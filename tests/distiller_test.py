@@ -155,6 +155,70 @@ class DistillerTest(parameterized.TestCase):
             history.history["loss"], [ce + kd, ce], rtol=1e-5
         )
 
+    def test_step_schedule_follows_optimizer_iterations(self):
+        term = ksd.terms.Distillation(
+            self.teacher,
+            temperature=2.0,
+            weight=ksd.schedules.LinearRampUp(ramp_up_steps=2),
+        )
+        history = _fit_without_learning(
+            ksd.Distiller(self.student, [term]),
+            self.x,
+            self.y,
+            batch_size=5,
+            epochs=2,
+        )
+        ce, kd = self._ce(), self._kd()
+        first, second = kd[:5].mean(), kd[5:].mean()
+        # Steps 0 and 1 (epoch 0) weigh KD by 0 and 0.5; steps 2, 3 by 1.
+        np.testing.assert_allclose(
+            history.history["loss"],
+            [ce.mean() + 0.25 * second, ce.mean() + kd.mean()],
+            rtol=1e-5,
+        )
+        self.assertGreater(abs(first - second), 1e-3)
+
+    def test_backup_and_restore_resumes_schedules_exactly(self):
+        def train(callbacks):
+            student = tiny.mlp(name="student", seed=2)
+            distiller = ksd.Distiller(
+                student,
+                [
+                    ksd.terms.Distillation(
+                        self.teacher,
+                        temperature=2.0,
+                        weight=ksd.schedules.LinearRampUp(ramp_up_epochs=3),
+                        xi=ksd.schedules.SigmoidRampUp(ramp_up_steps=9),
+                    )
+                ],
+            )
+            distiller.compile(
+                optimizer=keras.optimizers.Adam(0.01), loss=tiny.sparse_ce()
+            )
+            distiller.fit(
+                self.x,
+                self.y,
+                batch_size=4,
+                epochs=4,
+                shuffle=False,
+                verbose=0,
+                callbacks=callbacks,
+            )
+            return student.get_weights()
+
+        class Interrupt(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                if epoch == 2:
+                    raise RuntimeError("interrupted")
+
+        expected = train([])
+        backup = self.create_tempdir().full_path
+        with self.assertRaisesRegex(RuntimeError, "interrupted"):
+            train([keras.callbacks.BackupAndRestore(backup), Interrupt()])
+        resumed = train([keras.callbacks.BackupAndRestore(backup)])
+        for a, b in zip(expected, resumed):
+            np.testing.assert_allclose(a, b, atol=1e-6)
+
     def test_label_free_distillation(self):
         distiller = ksd.Distiller(
             self.student,

@@ -137,7 +137,14 @@ class Distillation(Term):
                     "return one logits tensor. Received: outputs of type "
                     f"{type(logits).__name__}"
                 )
-        if tuple(teacher_logits.shape)[1:] != tuple(y_pred.shape)[1:]:
+        teacher_shape, student_shape = (
+            tuple(teacher_logits.shape)[1:],
+            tuple(y_pred.shape)[1:],
+        )
+        if len(teacher_shape) != len(student_shape) or any(
+            None not in (a, b) and a != b
+            for a, b in zip(teacher_shape, student_shape)
+        ):
             raise ValueError(
                 f"Distillation term '{self.name}': teacher and student "
                 "outputs must have the same shape (same number of classes). "
