@@ -214,19 +214,19 @@ class Distiller(keras.Model):
             )
         else:
             supervised = None
-        regularization = [ops.sum(loss) for loss in self.student.losses]
+        losses = [ops.sum(loss) for loss in self.student.losses]
         terms = self.terms if training else []
-        if supervised is None and not terms and not regularization:
+        if supervised is None and not terms and not losses:
             if not training:
                 return ops.zeros(())
             raise ValueError(
                 "Nothing to minimise: no compiled `loss` (or no labels) and "
                 "no distillation terms. Compile with a `loss` or add terms."
             )
-        step = self.optimizer.iterations if self.optimizer else 0
-        batch_size = ops.shape(_first_leaf(x))[0]
         label_scale = None
-        total = sum(regularization, 0.0)
+        if terms:
+            step = self.optimizer.iterations if self.optimizer else 0
+            batch_size = ops.shape(_first_leaf(x))[0]
         for term, tracker in zip(terms, self.term_metrics.metrics):
             value = term.compute_loss(
                 x, y, y_pred, sample_weight, step, self.epoch
@@ -238,15 +238,12 @@ class Distiller(keras.Model):
             if term.mixes_labels:
                 xi = term.hyperparameter("xi", step, self.epoch)
                 weight, label_scale = weight * xi, 1.0 - xi
-            total = total + weight * value
+            losses.append(weight * value)
         if supervised is not None:
-            scaled = (
-                supervised
-                if label_scale is None
-                else (label_scale * supervised)
+            losses.append(
+                supervised if label_scale is None else label_scale * supervised
             )
-            total = total + scaled
-        return ops.convert_to_tensor(total, "float32")
+        return losses[0] if len(losses) == 1 else ops.sum(ops.stack(losses))
 
     def train_step(self, *args, **kwargs):
         logs = super().train_step(*args, **kwargs)
