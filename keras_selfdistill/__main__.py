@@ -1,5 +1,6 @@
 """Command line: `python -m keras_selfdistill demo [options]`."""
 
+import os
 import sys
 
 
@@ -13,6 +14,8 @@ def main(argv=None):
             file=sys.stderr,
         )
         return 2
+    # TensorFlow's start-up banner would bury the demo's table.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from keras_selfdistill import demo
 
     demo.main(argv[1:])
