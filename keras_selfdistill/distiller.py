@@ -26,14 +26,31 @@ class _TermMetrics(MetricsList):
 
 
 class _EpochCounter(keras.callbacks.Callback):
-    """Writes the epoch index Keras passes to callbacks into a variable."""
+    """Writes the epoch index into a variable; fails a fit that ran no step.
+
+    Keras only warns ("Your input ran out of data") when a dataset of
+    unknown size turns out empty, and returns an empty History as if it had
+    trained; an epoch that ran a step always logs at least `loss`.
+    """
 
     def __init__(self, variable):
         super().__init__()
         self.variable = variable
 
+    def on_train_begin(self, logs=None):
+        self.first_epoch = True
+
     def on_epoch_begin(self, epoch, logs=None):
         self.variable.assign(epoch)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.first_epoch and not logs:
+            raise ValueError(
+                "`fit` ran no training step: the training data yielded no "
+                "batch. Check filters, `take`/`skip`, and `drop_remainder` "
+                "with a batch size larger than the data."
+            )
+        self.first_epoch = False
 
 
 def _unscale_for_distribution(value):

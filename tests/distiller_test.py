@@ -468,6 +468,13 @@ class DistillerTest(parameterized.TestCase):
         empty = tf.data.Dataset.from_tensor_slices((self.x, self.y)).take(0)
         with self.assertRaisesRegex(ValueError, "empty"):
             distiller.fit(empty.batch(2), verbose=0)
+        unknown_size = (
+            tf.data.Dataset.from_tensor_slices((self.x, self.y))
+            .filter(lambda x, y: y > 5)
+            .batch(2)
+        )
+        with self.assertRaisesRegex(ValueError, "yielded no batch"):
+            distiller.fit(unknown_size, verbose=0)
         with self.assertRaisesRegex(ValueError, "no samples"):
             distiller.fit(self.x[:0], self.y[:0], verbose=0)
 
