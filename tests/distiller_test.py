@@ -284,6 +284,27 @@ class DistillerTest(parameterized.TestCase):
         )
         self.assertEqual(len(history.history["kd_loss"]), 2)
 
+    def test_term_metric_reaches_tensorboard(self):
+        distiller = ksd.Distiller(
+            self.student, [ksd.terms.Distillation(self.teacher)]
+        )
+        distiller.compile(optimizer="sgd", loss=tiny.sparse_ce())
+        logs = self.create_tempdir().full_path
+        distiller.fit(
+            self.x,
+            self.y,
+            epochs=1,
+            verbose=0,
+            callbacks=[keras.callbacks.TensorBoard(logs)],
+        )
+        tags = set()
+        for root, _, files in os.walk(os.path.join(logs, "train")):
+            for name in files:
+                for record in tf.data.TFRecordDataset(os.path.join(root, name)):
+                    event = tf.compat.v1.Event.FromString(record.numpy())
+                    tags.update(value.tag for value in event.summary.value)
+        self.assertIn("epoch_distillation_loss", tags)
+
     def test_duplicate_term_names_get_distinct_metrics(self):
         distiller = ksd.Distiller(
             self.student,
