@@ -1,5 +1,6 @@
 """Knowledge distillation and self-distillation inside plain `model.fit`."""
 
+from keras_selfdistill import data
 from keras_selfdistill import datasets
 from keras_selfdistill import metrics
 from keras_selfdistill import ops
@@ -12,6 +13,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Distiller",
+    "data",
     "datasets",
     "metrics",
     "ops",

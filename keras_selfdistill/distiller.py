@@ -25,23 +25,25 @@ class _TermMetrics(MetricsList):
         return self.get_result()
 
 
-class _EpochCounter(keras.callbacks.Callback):
-    """Writes the epoch index into a variable; fails a fit that ran no step.
+class _TrainingEvents(keras.callbacks.Callback):
+    """Epoch counter and teacher hooks; fails a fit that ran no step.
 
     Keras only warns ("Your input ran out of data") when a dataset of
     unknown size turns out empty, and returns an empty History as if it had
     trained; an epoch that ran a step always logs at least `loss`.
     """
 
-    def __init__(self, variable):
+    def __init__(self, distiller):
         super().__init__()
-        self.variable = variable
+        self.distiller = distiller
 
     def on_train_begin(self, logs=None):
         self.first_epoch = True
+        for teacher in self.distiller.teachers:
+            teacher.on_train_begin()
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.variable.assign(epoch)
+        self.distiller.epoch.assign(epoch)
 
     def on_epoch_end(self, epoch, logs=None):
         if self.first_epoch and not logs:
@@ -51,6 +53,8 @@ class _EpochCounter(keras.callbacks.Callback):
                 "with a batch size larger than the data."
             )
         self.first_epoch = False
+        for teacher in self.distiller.teachers:
+            teacher.on_epoch_end(epoch)
 
 
 def _unscale_for_distribution(value):
@@ -262,11 +266,15 @@ class Distiller(keras.Model):
             )
         return losses[0] if len(losses) == 1 else ops.sum(ops.stack(losses))
 
+    @property
+    def teachers(self):
+        """The teachers of all terms, in order."""
+        return [teacher for term in self.terms for teacher in term.teachers]
+
     def train_step(self, *args, **kwargs):
         logs = super().train_step(*args, **kwargs)
-        for term in self.terms:
-            for teacher in term.teachers:
-                teacher.update(args[-1] if args else kwargs.get("data"))
+        for teacher in self.teachers:
+            teacher.update(args[-1] if args else kwargs.get("data"))
         return logs
 
     def test_step(self, *args, **kwargs):
@@ -283,7 +291,7 @@ class Distiller(keras.Model):
         callbacks = arguments.get("callbacks") or []
         if not isinstance(callbacks, (list, tuple)):
             callbacks = [callbacks]
-        arguments["callbacks"] = list(callbacks) + [_EpochCounter(self.epoch)]
+        arguments["callbacks"] = list(callbacks) + [_TrainingEvents(self)]
         arguments.pop("self")
         extra = arguments.pop("kwargs", {})
         return super().fit(**arguments, **extra)

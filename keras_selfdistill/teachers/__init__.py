@@ -2,6 +2,7 @@
 
 from keras_selfdistill.teachers.ensemble import Ensemble
 from keras_selfdistill.teachers.frozen_model import FrozenModel
+from keras_selfdistill.teachers.past_predictions import PastPredictions
 from keras_selfdistill.teachers.teacher import Teacher
 
-__all__ = ["Ensemble", "FrozenModel", "Teacher"]
+__all__ = ["Ensemble", "FrozenModel", "PastPredictions", "Teacher"]

@@ -84,12 +84,12 @@ class Ensemble(Teacher):
         for teacher in self.teachers:
             teacher.attach(student)
 
-    def targets(self, x, temperature):
+    def targets(self, x, y_pred, temperature):
         temperature = ops.cast(temperature, "float32")
         log_probs = ops.stack(
             [
                 ops.log_softmax(
-                    ops.cast(t.targets(x, temperature), "float32")
+                    ops.cast(t.targets(x, y_pred, temperature), "float32")
                     / temperature,
                     axis=-1,
                 )
@@ -116,6 +116,14 @@ class Ensemble(Teacher):
     def update(self, data):
         for teacher in self.teachers:
             teacher.update(data)
+
+    def on_train_begin(self):
+        for teacher in self.teachers:
+            teacher.on_train_begin()
+
+    def on_epoch_end(self, epoch):
+        for teacher in self.teachers:
+            teacher.on_epoch_end(epoch)
 
     def get_config(self):
         config = super().get_config()

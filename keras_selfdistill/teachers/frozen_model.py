@@ -79,7 +79,7 @@ class FrozenModel(Teacher):
                 f"{student.output_shape}"
             )
 
-    def targets(self, x, temperature):
+    def targets(self, x, y_pred, temperature):
         inputs = select_input(x, self.input_key, f"Teacher '{self.name}'")
         logits = self.model(inputs, training=False)
         if not hasattr(logits, "shape"):

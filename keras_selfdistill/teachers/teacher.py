@@ -2,9 +2,21 @@ import abc
 
 import keras
 
+SAMPLE_ID = "sample_id"
+INPUTS = "inputs"
+
 
 def select_input(x, input_key, owner):
-    """Returns `x[input_key]`, or `x` itself when `input_key` is `None`."""
+    """Returns a model's own inputs from the batch inputs `x`.
+
+    `x[input_key]` when `input_key` is set, otherwise `x` itself, in both
+    cases without the sample ids that `keras_selfdistill.data.
+    with_sample_ids` adds (`{"inputs": x, "sample_id": ids}` gives `x`).
+    """
+    if isinstance(x, dict) and SAMPLE_ID in x:
+        x = {key: value for key, value in x.items() if key != SAMPLE_ID}
+        if input_key is None and set(x) == {INPUTS}:
+            return x[INPUTS]
     if input_key is None:
         return x
     if not isinstance(x, dict) or input_key not in x:
@@ -39,11 +51,12 @@ class Teacher(keras.layers.Layer, metaclass=abc.ABCMeta):
     A teacher is a Keras layer that owns its state (a frozen model, moving
     weights, a bank of past predictions) as variables, so checkpoints and
     `keras.callbacks.BackupAndRestore` carry it. The `Distiller` calls
-    `attach(student)` once, `targets(x, temperature)` inside the training
-    loss and `update(data)` after every optimizer step. Teachers never run
-    during `evaluate` or `predict`.
+    `attach(student)` once, `targets(x, y_pred, temperature)` inside the
+    training loss, `update(data)` after every optimizer step, and
+    `on_train_begin()` / `on_epoch_end(epoch)` from `fit`. Teachers never
+    run during `evaluate` or `predict`.
 
-    Subclasses implement `targets`, and `update` when they hold state that
+    Subclasses implement `targets`, and the hooks when they hold state that
     follows the student.
 
     Args:
@@ -76,16 +89,23 @@ class Teacher(keras.layers.Layer, metaclass=abc.ABCMeta):
         """Checks the teacher against the student before training."""
 
     @abc.abstractmethod
-    def targets(self, x, temperature):
-        """Returns teacher logits for inputs `x`, without gradient.
+    def targets(self, x, y_pred, temperature):
+        """Returns teacher logits for the batch, without gradient.
 
-        The returned `z` is such that `softmax(z / temperature)` is the
-        target distribution; teachers that mix several distributions return
-        `temperature · log(mixture)`.
+        `x` are the batch inputs and `y_pred` the student's outputs of the
+        same training forward pass. The returned `z` is such that
+        `softmax(z / temperature)` is the target distribution; teachers that
+        mix several distributions return `temperature · log(mixture)`.
         """
 
     def update(self, data):
         """Called after each optimizer step with the training batch."""
+
+    def on_train_begin(self):
+        """Called eagerly when `fit` starts."""
+
+    def on_epoch_end(self, epoch):
+        """Called eagerly at the end of each training epoch."""
 
     def get_config(self):
         config = super().get_config()

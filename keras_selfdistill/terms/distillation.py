@@ -129,7 +129,7 @@ class Distillation(Term):
 
     def compute_loss(self, x, y, y_pred, sample_weight, step, epoch):
         temperature = self.hyperparameter("temperature", step, epoch)
-        teacher_logits = self.teacher.targets(x, temperature)
+        teacher_logits = self.teacher.targets(x, y_pred, temperature)
         for role, logits in (("student", y_pred), ("teacher", teacher_logits)):
             if not hasattr(logits, "shape"):
                 raise ValueError(

@@ -26,7 +26,9 @@ class EnsembleTest(parameterized.TestCase):
 
     def test_mixes_tempered_probabilities(self):
         ensemble = ksd.teachers.Ensemble(self.models, weights=[1, 1, 2])
-        targets = keras.ops.convert_to_numpy(ensemble.targets(self.x, 2.0))
+        targets = keras.ops.convert_to_numpy(
+            ensemble.targets(self.x, None, 2.0)
+        )
         # softmax(targets / T) = Σ_i w_i softmax(z_i / T) / Σ_i w_i.
         expected = (
             sum(
@@ -45,7 +47,7 @@ class EnsembleTest(parameterized.TestCase):
         seen = set()
         for _ in range(12):
             probs = tiny.softmax(
-                keras.ops.convert_to_numpy(ensemble.targets(self.x, 1.0))
+                keras.ops.convert_to_numpy(ensemble.targets(self.x, None, 1.0))
             )
             matches = [
                 i

@@ -50,7 +50,7 @@ class FrozenModelTest(parameterized.TestCase):
         model = _teacher_with_batch_norm()
         teacher = ksd.teachers.FrozenModel(model)
         np.testing.assert_array_equal(
-            teacher.targets(x, 1.0), model(x, training=False)
+            teacher.targets(x, None, 1.0), model(x, training=False)
         )
 
     def test_rejects_non_model(self):
@@ -68,6 +68,6 @@ class FrozenModelTest(parameterized.TestCase):
     def test_rejects_missing_input_key(self):
         teacher = ksd.teachers.FrozenModel(tiny.mlp(), input_key="teacher")
         with self.assertRaisesRegex(ValueError, "'teacher'.*\\['image'\\]"):
-            teacher.targets({"image": np.zeros((1, 4))}, 1.0)
+            teacher.targets({"image": np.zeros((1, 4))}, None, 1.0)
         with self.assertRaisesRegex(TypeError, "input_key=3"):
             ksd.teachers.FrozenModel(tiny.mlp(), input_key=3)
