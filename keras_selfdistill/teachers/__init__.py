@@ -1,8 +1,9 @@
 """Where soft targets come from: layers that own their state."""
 
+from keras_selfdistill.teachers.ema import EMA
 from keras_selfdistill.teachers.ensemble import Ensemble
 from keras_selfdistill.teachers.frozen_model import FrozenModel
 from keras_selfdistill.teachers.past_predictions import PastPredictions
 from keras_selfdistill.teachers.teacher import Teacher
 
-__all__ = ["Ensemble", "FrozenModel", "PastPredictions", "Teacher"]
+__all__ = ["EMA", "Ensemble", "FrozenModel", "PastPredictions", "Teacher"]

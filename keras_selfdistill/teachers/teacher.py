@@ -113,3 +113,21 @@ class Teacher(keras.layers.Layer, metaclass=abc.ABCMeta):
         config.pop("trainable", None)
         config["input_key"] = self.input_key
         return config
+
+
+def clone_student(student, owner, copy_weights=True):
+    """A frozen copy of the student's architecture, for self-teachers."""
+    try:
+        clone = keras.models.clone_model(student)
+    except Exception as error:
+        raise ValueError(
+            f"{owner} copies the student's architecture with "
+            "`keras.models.clone_model`, which failed for this student. "
+            "Use a Functional or Sequential student, or give the subclassed "
+            "student `get_config`/`from_config`. "
+            f"Received: {type(error).__name__}: {error}"
+        ) from error
+    if copy_weights:
+        clone.set_weights(student.get_weights())
+    clone.trainable = False
+    return clone

@@ -1,0 +1,103 @@
+import math
+
+import keras
+from keras import ops
+
+from keras_selfdistill.teachers.teacher import Teacher
+from keras_selfdistill.teachers.teacher import clone_student
+from keras_selfdistill.teachers.teacher import select_input
+
+
+@keras.saving.register_keras_serializable(package="keras_selfdistill")
+class EMA(Teacher):
+    """An exponential moving average of the student (mean teacher).
+
+    A copy of the student whose every variable, BatchNorm moving statistics
+    included, follows `ema ← momentum · ema + (1 − momentum) · student`
+    after each optimizer step (exactly once per step, also with
+    `steps_per_execution > 1`). It is called in inference mode. The copy
+    starts from the student's weights when `fit` first starts, so weights
+    loaded into the student after building the distiller are used.
+
+    Reference:
+    - [Tarvainen & Valpola, 2017](https://arxiv.org/abs/1703.01780)
+    - [Caron et al., 2021](https://arxiv.org/abs/2104.14294) (DINO)
+
+    Args:
+        momentum: Float in `[0, 1)`; larger is slower. Defaults to `0.999`.
+        input_key: Key of the student's input when the batch inputs are a
+            dict (the `Distiller`'s `input_key`). Defaults to `None`.
+        name: Name of the layer. Defaults to `"ema"`.
+
+    Example:
+
+    ```python
+    distiller = keras_selfdistill.Distiller(student, [
+        keras_selfdistill.terms.Distillation(
+            keras_selfdistill.teachers.EMA(momentum=0.99),
+            weight=keras_selfdistill.schedules.SigmoidRampUp(
+                ramp_up_steps=2000)),
+    ])
+    ```
+    """
+
+    def __init__(self, momentum=0.999, input_key=None, name=None):
+        super().__init__(input_key=input_key, name=name)
+        if (
+            isinstance(momentum, bool)
+            or not isinstance(momentum, (int, float))
+            or not math.isfinite(momentum)
+            or not 0.0 <= momentum < 1.0
+        ):
+            raise ValueError(
+                "EMA `momentum` must be a float in [0, 1) (0.99 to 0.9999 is "
+                f"usual). Received: momentum={momentum!r}"
+            )
+        self.momentum = float(momentum)
+        self.model = None
+        self.updates = self.add_weight(
+            shape=(),
+            initializer="zeros",
+            dtype="int64",
+            trainable=False,
+            name="updates",
+        )
+
+    def attach(self, student):
+        if self.model is not None:
+            raise ValueError(
+                "This EMA teacher already follows a student; create one EMA "
+                "per distiller."
+            )
+        self.model = clone_student(student, "The EMA teacher")
+        # Not tracked as a sublayer: the student is saved by the distiller.
+        object.__setattr__(self, "_student", student)
+
+    def _pairs(self):
+        return zip(self.model.variables, self._student.variables)
+
+    def on_train_begin(self):
+        if int(self.updates.numpy()) == 0:
+            for average, variable in self._pairs():
+                average.assign(variable)
+
+    def update(self, data):
+        momentum = self.momentum
+        for average, variable in self._pairs():
+            if "float" in str(average.dtype):
+                average.assign(
+                    momentum * average
+                    + (1.0 - momentum) * ops.cast(variable, average.dtype)
+                )
+            else:
+                average.assign(variable)
+        self.updates.assign_add(1)
+
+    def targets(self, x, y_pred, temperature):
+        inputs = select_input(x, self.input_key, f"Teacher '{self.name}'")
+        return ops.stop_gradient(self.model(inputs, training=False))
+
+    def get_config(self):
+        config = super().get_config()
+        config["momentum"] = self.momentum
+        return config
