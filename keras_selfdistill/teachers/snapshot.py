@@ -1,0 +1,130 @@
+import keras
+from keras import ops
+
+from keras_selfdistill.teachers.teacher import Teacher
+from keras_selfdistill.teachers.teacher import clone_student
+from keras_selfdistill.teachers.teacher import select_input
+
+_COMBINE = ("average", "vote")
+
+
+@keras.saving.register_keras_serializable(package="keras_selfdistill")
+class Snapshot(Teacher):
+    """Frozen copies of the student taken every `freq` epochs.
+
+    At the end of every `freq`-th epoch the student's weights are copied
+    into a snapshot; the last `keep` snapshots teach together, by averaging
+    their tempered distributions (`combine="average"`) or by the fraction of
+    snapshots voting for each class (`combine="vote"`, the voting teachers
+    of SD-DARTS). Until the first snapshot, the student is its own target
+    (zero loss). Snapshots are variables, so checkpoints carry them.
+
+    Each snapshot runs forward every step: `keep` extra student forwards.
+
+    Reference:
+    - [Furlanello et al., 2018](https://arxiv.org/abs/1805.04770)
+      (born-again networks)
+    - [Zhu et al., 2021](https://arxiv.org/abs/2111.13046) (SD-DARTS)
+
+    Args:
+        freq: Take a snapshot every `freq` epochs. Defaults to `1`.
+        keep: Number of most recent snapshots that teach. Defaults to `1`.
+        combine: `"average"` or `"vote"`. Defaults to `"average"`.
+        input_key: Key of the student's input when the batch inputs are a
+            dict (the `Distiller`'s `input_key`). Defaults to `None`.
+        name: Name of the layer. Defaults to `"snapshot"`.
+
+    Example:
+
+    ```python
+    teacher = keras_selfdistill.teachers.Snapshot(freq=5, keep=3,
+                                                  combine="vote")
+    term = keras_selfdistill.terms.Distillation(teacher, xi=0.5)
+    ```
+    """
+
+    def __init__(
+        self, freq=1, keep=1, combine="average", input_key=None, name=None
+    ):
+        super().__init__(input_key=input_key, name=name)
+        for arg, value in (("freq", freq), ("keep", keep)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(
+                    f"Snapshot `{arg}` must be a positive int. "
+                    f"Received: {arg}={value!r}"
+                )
+            if value < 1:
+                raise ValueError(
+                    f"Snapshot `{arg}` must be a positive int. "
+                    f"Received: {arg}={value}"
+                )
+        if combine not in _COMBINE:
+            raise ValueError(
+                f"Snapshot `combine` must be one of {_COMBINE}. "
+                f"Received: combine={combine!r}"
+            )
+        self.freq = freq
+        self.keep = keep
+        self.combine = combine
+        self.models = []
+        self.taken = self.add_weight(
+            shape=(),
+            initializer="zeros",
+            dtype="int64",
+            trainable=False,
+            name="taken",
+        )
+
+    def attach(self, student):
+        if self.models:
+            raise ValueError(
+                "This Snapshot teacher already follows a student; create one "
+                "per distiller."
+            )
+        self.models = [
+            clone_student(student, "The Snapshot teacher", copy_weights=False)
+            for _ in range(self.keep)
+        ]
+        # Not tracked as a sublayer: the student is saved by the distiller.
+        object.__setattr__(self, "_student", student)
+
+    def on_epoch_end(self, epoch):
+        if (epoch + 1) % self.freq:
+            return
+        taken = int(self.taken.numpy())
+        slot = self.models[taken % self.keep]
+        for copy, variable in zip(slot.variables, self._student.variables):
+            copy.assign(variable)
+        self.taken.assign(taken + 1)
+
+    def targets(self, x, y_pred, temperature):
+        inputs = select_input(x, self.input_key, f"Teacher '{self.name}'")
+        temperature = ops.cast(temperature, "float32")
+        logits = ops.stack(
+            [
+                ops.cast(model(inputs, training=False), "float32")
+                for model in self.models
+            ]
+        )
+        available = ops.minimum(self.taken, self.keep)
+        mask = ops.cast(
+            ops.arange(self.keep, dtype="int64") < available, "float32"
+        )
+        mask = ops.reshape(mask, (-1,) + (1,) * (len(logits.shape) - 1))
+        count = ops.maximum(ops.sum(mask), 1.0)
+        if self.combine == "average":
+            probs = ops.softmax(logits / temperature, axis=-1)
+        else:
+            probs = ops.one_hot(
+                ops.argmax(logits, axis=-1), logits.shape[-1], dtype="float32"
+            )
+        mixture = ops.sum(mask * probs, axis=0) / count
+        smoothed = (mixture + 1e-6) / (1.0 + 1e-6 * logits.shape[-1])
+        combined = temperature * ops.log(smoothed)
+        own = ops.cast(y_pred, "float32")
+        return ops.stop_gradient(ops.where(available > 0, combined, own))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(freq=self.freq, keep=self.keep, combine=self.combine)
+        return config
