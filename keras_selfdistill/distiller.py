@@ -291,7 +291,9 @@ class Distiller(keras.Model):
         callbacks = arguments.get("callbacks") or []
         if not isinstance(callbacks, (list, tuple)):
             callbacks = [callbacks]
-        arguments["callbacks"] = list(callbacks) + [_TrainingEvents(self)]
+        # First, so that a snapshot taken at an epoch's end is in the state
+        # that BackupAndRestore or ModelCheckpoint save at the same moment.
+        arguments["callbacks"] = [_TrainingEvents(self)] + list(callbacks)
         arguments.pop("self")
         extra = arguments.pop("kwargs", {})
         return super().fit(**arguments, **extra)
