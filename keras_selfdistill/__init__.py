@@ -2,6 +2,7 @@
 
 from keras_selfdistill import data
 from keras_selfdistill import datasets
+from keras_selfdistill import generations
 from keras_selfdistill import metrics
 from keras_selfdistill import ops
 from keras_selfdistill import schedules
@@ -15,6 +16,7 @@ __all__ = [
     "Distiller",
     "data",
     "datasets",
+    "generations",
     "metrics",
     "ops",
     "schedules",
