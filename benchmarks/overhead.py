@@ -3,9 +3,11 @@
 Variants run interleaved (A B C ... A B C ...), one epoch each per round,
 on the same data, batch size and initial weights, after one warm-up round
 that traces every train and test function. Reported: the median of the
-timed epochs per variant and its ratio to plain `student.fit`, and for
-teacher KD also the ratio to its floor (student step + one teacher forward)
-and to `keras.distillation.Distiller` with its correct `KLDivergence` loss.
+timed epochs per variant and its ratio to plain `student.fit`, to its floor
+(the plain step, plus one teacher forward for teacher KD or one student
+forward for the EMA and snapshot teachers, each measured as an `evaluate`
+pass), and for teacher KD to `keras.distillation.Distiller` with its
+correct `KLDivergence` loss.
 
     python benchmarks/overhead.py [--rounds 11] [--batch-size 64]
 """
@@ -44,7 +46,7 @@ def _copy(model, name):
     return clone
 
 
-def _variants(student, teacher):
+def _variants(student, teacher, num_samples):
     def plain():
         model = _copy(student, "plain")
         model.compile("adam", _loss(), jit_compile=False)
@@ -75,11 +77,40 @@ def _variants(student, teacher):
         model.compile(optimizer="adam", loss=_loss(), jit_compile=False)
         return model
 
+    def self_teacher(teacher, name):
+        model = ksd.Distiller(
+            _copy(student, name), [ksd.terms.Distillation(teacher, xi=0.5)]
+        )
+        model.compile("adam", _loss(), jit_compile=False)
+        return model
+
+    # name: (model, uses sample ids, what one extra forward the floor adds)
     return {
-        "student.fit (plain)": plain(),
-        "Distiller, no terms": no_terms(),
-        "Distiller, teacher KD": teacher_kd(),
-        "keras.distillation.Distiller (KLDivergence)": keras_kd(),
+        "student.fit (plain)": (plain(), False, None),
+        "Distiller, no terms": (no_terms(), False, None),
+        "Distiller, teacher KD": (teacher_kd(), False, "teacher"),
+        "keras.distillation.Distiller (KLDivergence)": (
+            keras_kd(),
+            False,
+            "teacher",
+        ),
+        "Distiller, PS-KD (PastPredictions)": (
+            self_teacher(
+                ksd.teachers.PastPredictions(num_samples, 10), "s_pskd"
+            ),
+            True,
+            None,
+        ),
+        "Distiller, EMA teacher": (
+            self_teacher(ksd.teachers.EMA(0.99), "s_ema"),
+            False,
+            "student",
+        ),
+        "Distiller, Snapshot (keep 1)": (
+            self_teacher(ksd.teachers.Snapshot(), "s_snapshot"),
+            False,
+            "student",
+        ),
     }
 
 
@@ -115,56 +146,66 @@ def main(argv=None):
         .repeat(args.repeat)
     )
     test = train
+    train_ids = (
+        ksd.data.with_sample_ids(tf.data.Dataset.from_tensor_slices((x, y)))
+        .batch(args.batch_size)
+        .cache()
+        .repeat(args.repeat)
+    )
     keras.utils.set_random_seed(0)
     teacher = demo.teacher_model()
     teacher.compile("adam", _loss(), jit_compile=False)
     teacher.fit(train, epochs=1, verbose=0)
     student = demo.student_model()
-    models = _variants(student, teacher)
+    variants = _variants(student, teacher, len(y))
+    forward = _copy(student, "forward")
+    forward.compile(loss=_loss(), jit_compile=False)
 
-    times = {name: [] for name in models}
-    times["teacher forward alone"] = []
-    eval_times = {name: [] for name in models}
+    times = {name: [] for name in variants}
+    eval_times = {name: [] for name in variants}
+    forwards = {"teacher": [], "student": []}
     for round_index in range(args.rounds + 1):
-        for name, model in models.items():
-            seconds = _time_fit(model, train)
+        for name, (model, ids, _) in variants.items():
+            seconds = _time_fit(model, train_ids if ids else train)
             evaluation = _time_call(lambda: model.evaluate(test, verbose=0))
             if round_index:
                 times[name].append(seconds)
                 eval_times[name].append(evaluation)
-        seconds = _time_call(lambda: teacher.evaluate(train, verbose=0))
-        if round_index:
-            times["teacher forward alone"].append(seconds)
+        for key, model in (("teacher", teacher), ("student", forward)):
+            seconds = _time_call(lambda: model.evaluate(train, verbose=0))
+            if round_index:
+                forwards[key].append(seconds)
 
-    median = {name: statistics.median(values) for name, values in times.items()}
-    eval_median = {
-        name: statistics.median(values) for name, values in eval_times.items()
-    }
+    median = {name: statistics.median(v) for name, v in times.items()}
+    eval_median = {name: statistics.median(v) for name, v in eval_times.items()}
+    forward_median = {k: statistics.median(v) for k, v in forwards.items()}
     plain = median["student.fit (plain)"]
-    floor = plain + median["teacher forward alone"]
+    plain_eval = eval_median["student.fit (plain)"]
     print(_machine(args))
     print(
-        "\n| variant | median epoch s | × plain fit | × KD floor | "
+        "\n| variant | median epoch s | × plain fit | × floor (floor) | "
         "median evaluate s | × plain evaluate |"
     )
     print("|---|---|---|---|---|---|")
-    for name, seconds in median.items():
-        kd_floor = (
-            f"{seconds / floor:.2f}"
-            if "KD" in name or "distillation" in name
-            else ""
-        )
-        evaluation = eval_median.get(name)
-        eval_cells = (
-            f"{evaluation:.3f} | "
-            f"{evaluation / eval_median['student.fit (plain)']:.2f}"
-            if evaluation is not None
-            else " | "
-        )
+    for name, (_, _, extra) in variants.items():
+        seconds = median[name]
+        floor = plain + (forward_median[extra] if extra else 0.0)
+        label = f"plain + {extra} forward" if extra else "plain fit"
         print(
             f"| {name} | {seconds:.3f} | {seconds / plain:.2f} | "
-            f"{kd_floor} | {eval_cells} |"
+            f"{seconds / floor:.2f} ({label}) | {eval_median[name]:.3f} | "
+            f"{eval_median[name] / plain_eval:.2f} |"
         )
+    print(
+        f"| teacher forward alone (teacher.evaluate) | "
+        f"{forward_median['teacher']:.3f} | "
+        f"{forward_median['teacher'] / plain:.2f} | | | |"
+    )
+    print(
+        f"| student forward alone (student.evaluate) | "
+        f"{forward_median['student']:.3f} | "
+        f"{forward_median['student'] / plain:.2f} | | | |"
+    )
     ours = median["Distiller, teacher KD"]
     theirs = median["keras.distillation.Distiller (KLDivergence)"]
     print(f"\nteacher KD vs keras.distillation.Distiller: {ours / theirs:.2f}×")

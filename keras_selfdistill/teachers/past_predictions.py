@@ -21,30 +21,28 @@ def _check_ids(ids, num_samples):
         return ids
     import tensorflow as tf
 
+    # One assert for the three cases keeps the per-step cost to a few small
+    # ops (out-of-range ids would also fail in `take` on CPU, not on GPU).
     unique, _ = tf.unique(ids)
-    checks = [
-        tf.debugging.assert_non_negative(
-            ids, message="Sample ids must be >= 0."
+    valid = tf.logical_and(
+        tf.logical_and(
+            tf.reduce_min(ids) >= 0, tf.reduce_max(ids) < num_samples
         ),
-        tf.debugging.assert_less(
+        tf.equal(tf.size(unique), tf.size(ids)),
+    )
+    check = tf.debugging.Assert(
+        valid,
+        [
+            f"Sample ids must be in [0, num_samples={num_samples}) and "
+            "unique within a batch (a repeated id would make two "
+            "predictions race for one bank row; add ids with "
+            "`with_sample_ids` before `repeat` or oversampling). "
+            "Received ids:",
             ids,
-            tf.constant(num_samples, ids.dtype),
-            message=(
-                f"Sample ids must be < num_samples={num_samples}: the bank "
-                "has one row per training sample."
-            ),
-        ),
-        tf.debugging.assert_equal(
-            tf.size(unique),
-            tf.size(ids),
-            message=(
-                "A batch holds the same sample id twice, so two predictions "
-                "would race for one bank row. Add ids with `with_sample_ids` "
-                "before `repeat` or oversampling."
-            ),
-        ),
-    ]
-    with tf.control_dependencies(checks):
+        ],
+        summarize=16,
+    )
+    with tf.control_dependencies([check]):
         return tf.identity(ids)
 
 
@@ -57,8 +55,9 @@ class PastPredictions(Teacher):
     predictions are written into a bank from the training forward pass (no
     extra forward pass), keyed by the sample id that
     `keras_selfdistill.data.with_sample_ids` attaches, so shuffling and
-    augmentation cannot misalign them. A sample not yet seen is its own
-    target (zero loss), so the first epoch trains on labels only.
+    augmentation cannot misalign them. A sample not yet seen (its bank row
+    is NaN) is its own target (zero loss), so the first epoch trains on
+    labels only.
 
     PS-KD's targets `(1 − α_t)·y + α_t·p_prev` with `α_t = α_T·t/T` are
     obtained with `Distillation(PastPredictions(n), xi=LinearRampUp(
@@ -136,19 +135,14 @@ class PastPredictions(Teacher):
         self.num_classes = num_classes
         self.storage_dtype = dtype
         self.max_bytes = max_bytes
+        # NaN marks a sample not seen yet: no second variable to gather and
+        # scatter every step.
         self.bank = self.add_weight(
             shape=(num_samples, num_classes),
-            initializer="zeros",
+            initializer=keras.initializers.Constant(float("nan")),
             dtype=dtype,
             trainable=False,
             name="bank",
-        )
-        self.seen = self.add_weight(
-            shape=(num_samples,),
-            initializer="zeros",
-            dtype=dtype,
-            trainable=False,
-            name="seen",
         )
 
     def attach(self, student):
@@ -185,10 +179,9 @@ class PastPredictions(Teacher):
             ops.stop_gradient(ops.cast(y_pred, "float32")), axis=-1
         )
         stored = ops.cast(ops.take(self.bank, ids, axis=0), "float32")
-        seen = ops.cast(ops.take(self.seen, ids, axis=0), "bool")[:, None]
+        seen = ops.logical_not(ops.isnan(stored[:, :1]))
         log_probs = ops.where(seen, stored, current)
         _scatter_rows(self.bank, ids, ops.cast(current, self.bank.dtype))
-        _scatter_rows(self.seen, ids, ops.ones(ops.shape(ids), self.seen.dtype))
         return ops.cast(temperature, "float32") * log_probs
 
     def get_config(self):

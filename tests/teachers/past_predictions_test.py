@@ -105,7 +105,7 @@ class PastPredictionsTest(parameterized.TestCase):
             rtol=1e-5,
             atol=1e-6,
         )
-        np.testing.assert_array_equal(teacher.seen.numpy(), np.ones(12))
+        self.assertFalse(np.isnan(teacher.bank.numpy()).any())
 
     def test_rejects_bad_ids(self):
         teacher = ksd.teachers.PastPredictions(4, 3)
@@ -113,11 +113,11 @@ class PastPredictionsTest(parameterized.TestCase):
         with self.assertRaisesRegex(ValueError, "with_sample_ids"):
             teacher.targets(np.zeros((2, 4)), logits, 1.0)
         with self.assertRaisesRegex(
-            tf.errors.InvalidArgumentError, "num_samples=4"
+            tf.errors.InvalidArgumentError, r"num_samples=4\).*\n?.*1.*4"
         ):
             teacher.targets({"sample_id": np.array([1, 4])}, logits, 1.0)
         with self.assertRaisesRegex(
-            tf.errors.InvalidArgumentError, "same sample id twice"
+            tf.errors.InvalidArgumentError, r"unique within a batch"
         ):
             teacher.targets({"sample_id": np.array([1, 1])}, logits, 1.0)
         with self.assertRaisesRegex(ValueError, "before batching"):
