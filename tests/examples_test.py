@@ -9,13 +9,16 @@ from absl.testing import parameterized
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 
 
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
 class TeacherStudentScriptTest(parameterized.TestCase):
     def test_runs_on_bundled_data(self):
-        spec = importlib.util.spec_from_file_location(
-            "teacher_student", EXAMPLES / "teacher_student.py"
-        )
-        script = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(script)
+        script = _load("teacher_student")
         out = self.create_tempdir().full_path
         result = script.main(
             [
@@ -33,6 +36,37 @@ class TeacherStudentScriptTest(parameterized.TestCase):
         )
         self.assertIn("expected_calibration_error", result)
         self.assertTrue(os.path.exists(os.path.join(out, "student.keras")))
+
+
+class SelfDistillationScriptTest(parameterized.TestCase):
+    @parameterized.named_parameters(
+        ("pskd", "pskd"),
+        ("ema", "ema"),
+        ("snapshot", "snapshot"),
+        ("born_again", "born_again"),
+    )
+    def test_runs_on_bundled_data(self, method):
+        out = self.create_tempdir().full_path
+        result = _load("self_distillation").main(
+            [
+                "--method",
+                method,
+                "--data",
+                "bundled",
+                "--epochs",
+                "1",
+                "--limit",
+                "256",
+                "--label-noise",
+                "0.2",
+                "--output-dir",
+                out,
+            ]
+        )
+        self.assertIn("accuracy", result)
+        self.assertTrue(
+            os.path.exists(os.path.join(out, f"student_{method}.keras"))
+        )
 
 
 class QuickstartNotebookTest(parameterized.TestCase):
