@@ -28,9 +28,11 @@ def mlp(seed):
                              keras.layers.Dense(8, activation="relu"),
                              keras.layers.Dense(3)])
 
-def run(strategy):
+def run(strategy, kind):
     with strategy.scope():
         teacher, student = mlp(1), mlp(2)
+        if kind == "ema":
+            teacher = ksd.teachers.EMA(momentum=0.8)
         distiller = ksd.Distiller(student, [
             ksd.terms.Distillation(teacher, temperature=2.0, weight=0.7)])
         distiller.compile(
@@ -38,11 +40,16 @@ def run(strategy):
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     data = tf.data.Dataset.from_tensor_slices((x, y, w)).batch(8)
     history = distiller.fit(data, epochs=2, verbose=0).history
-    return history, [v.tolist() for v in student.get_weights()]
+    return history, [v.numpy().tolist() for v in distiller.variables]
 
-one = run(tf.distribute.OneDeviceStrategy("/cpu:0"))
-two = run(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
-json.dump({"one": one, "two": two}, open(sys.argv[1], "w"))
+result = {}
+for kind in ("frozen", "ema"):
+    result[kind] = {
+        "one": run(tf.distribute.OneDeviceStrategy("/cpu:0"), kind),
+        "two": run(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]),
+                   kind),
+    }
+json.dump(result, open(sys.argv[1], "w"))
 """
 
 
@@ -54,17 +61,20 @@ class MirroredStrategyTest(parameterized.TestCase):
             [sys.executable, "-c", _SCRIPT, out], check=True, env=env
         )
         with open(out) as file:
-            result = json.load(file)
-        (history_one, weights_one), (history_two, weights_two) = (
-            result["one"],
-            result["two"],
-        )
-        for key in ("loss", "distillation_loss"):
-            for a, b in zip(history_one[key], history_two[key]):
-                self.assertAlmostEqual(a, b, places=5, msg=key)
-        for a, b in zip(weights_one, weights_two):
-            for u, v in zip(_flatten(a), _flatten(b)):
-                self.assertAlmostEqual(u, v, places=5)
+            results = json.load(file)
+        for kind, result in results.items():
+            (history_one, state_one), (history_two, state_two) = (
+                result["one"],
+                result["two"],
+            )
+            for key in ("loss", "distillation_loss"):
+                for a, b in zip(history_one[key], history_two[key]):
+                    self.assertAlmostEqual(a, b, places=5, msg=(kind, key))
+            # Every variable: student, teacher (EMA weights), counters.
+            self.assertEqual(len(state_one), len(state_two))
+            for a, b in zip(state_one, state_two):
+                for u, v in zip(_flatten(a), _flatten(b)):
+                    self.assertAlmostEqual(u, v, places=5, msg=kind)
 
 
 def _flatten(values):
