@@ -64,14 +64,8 @@ class EMA(Teacher):
         )
 
     def attach(self, student):
-        if self.model is not None:
-            raise ValueError(
-                "This EMA teacher already follows a student; create one EMA "
-                "per distiller."
-            )
+        self._follow(student)
         self.model = clone_student(student, "The EMA teacher")
-        # Not tracked as a sublayer: the student is saved by the distiller.
-        object.__setattr__(self, "_student", student)
 
     def _pairs(self):
         return zip(self.model.variables, self._student.variables)

@@ -3,6 +3,7 @@ from keras import ops
 
 from keras_selfdistill.teachers.teacher import SAMPLE_ID
 from keras_selfdistill.teachers.teacher import Teacher
+from keras_selfdistill.teachers.teacher import check_positive_int
 from keras_selfdistill.teachers.teacher import num_classes
 
 
@@ -103,20 +104,8 @@ class PastPredictions(Teacher):
         name=None,
     ):
         super().__init__(name=name)
-        for arg, value in (
-            ("num_samples", num_samples),
-            ("num_classes", num_classes),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(
-                    f"PastPredictions `{arg}` must be a positive int. "
-                    f"Received: {arg}={value!r}"
-                )
-            if value < 1:
-                raise ValueError(
-                    f"PastPredictions `{arg}` must be a positive int. "
-                    f"Received: {arg}={value}"
-                )
+        check_positive_int("PastPredictions", "num_samples", num_samples)
+        check_positive_int("PastPredictions", "num_classes", num_classes)
         if dtype not in ("float16", "float32"):
             raise ValueError(
                 "PastPredictions `dtype` must be 'float16' or 'float32'. "

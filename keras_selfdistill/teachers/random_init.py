@@ -38,11 +38,7 @@ class RandomInit(Teacher):
         self.model = None
 
     def attach(self, student):
-        if self.model is not None:
-            raise ValueError(
-                "This RandomInit teacher is already attached; create one per "
-                "distiller."
-            )
+        self._follow(student)
         self.model = clone_student(
             student, "The RandomInit teacher", copy_weights=False
         )

@@ -2,6 +2,7 @@ import keras
 from keras import ops
 
 from keras_selfdistill.teachers.teacher import Teacher
+from keras_selfdistill.teachers.teacher import check_positive_int
 from keras_selfdistill.teachers.teacher import clone_student
 from keras_selfdistill.teachers.teacher import select_input
 
@@ -47,17 +48,8 @@ class Snapshot(Teacher):
         self, freq=1, keep=1, combine="average", input_key=None, name=None
     ):
         super().__init__(input_key=input_key, name=name)
-        for arg, value in (("freq", freq), ("keep", keep)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(
-                    f"Snapshot `{arg}` must be a positive int. "
-                    f"Received: {arg}={value!r}"
-                )
-            if value < 1:
-                raise ValueError(
-                    f"Snapshot `{arg}` must be a positive int. "
-                    f"Received: {arg}={value}"
-                )
+        check_positive_int("Snapshot", "freq", freq)
+        check_positive_int("Snapshot", "keep", keep)
         if combine not in _COMBINE:
             raise ValueError(
                 f"Snapshot `combine` must be one of {_COMBINE}. "
@@ -76,17 +68,11 @@ class Snapshot(Teacher):
         )
 
     def attach(self, student):
-        if self.models:
-            raise ValueError(
-                "This Snapshot teacher already follows a student; create one "
-                "per distiller."
-            )
+        self._follow(student)
         self.models = [
             clone_student(student, "The Snapshot teacher", copy_weights=False)
             for _ in range(self.keep)
         ]
-        # Not tracked as a sublayer: the student is saved by the distiller.
-        object.__setattr__(self, "_student", student)
 
     def on_epoch_end(self, epoch):
         if (epoch + 1) % self.freq:

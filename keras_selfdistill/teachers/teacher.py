@@ -107,12 +107,33 @@ class Teacher(keras.layers.Layer, metaclass=abc.ABCMeta):
     def on_epoch_end(self, epoch):
         """Called eagerly at the end of each training epoch."""
 
+    def _follow(self, student):
+        """Keeps the student for teachers that copy it; once per teacher."""
+        if getattr(self, "_student", None) is not None:
+            raise ValueError(
+                f"The {type(self).__name__} teacher '{self.name}' already "
+                "follows a student; create one per distiller."
+            )
+        # Not tracked as a sublayer: the distiller saves the student.
+        object.__setattr__(self, "_student", student)
+
     def get_config(self):
         config = super().get_config()
         config.pop("dtype", None)
         config.pop("trainable", None)
         config["input_key"] = self.input_key
         return config
+
+
+def check_positive_int(owner, arg, value):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(
+            f"{owner} `{arg}` must be a positive int. Received: {arg}={value!r}"
+        )
+    if value < 1:
+        raise ValueError(
+            f"{owner} `{arg}` must be a positive int. Received: {arg}={value}"
+        )
 
 
 def clone_student(student, owner, copy_weights=True):

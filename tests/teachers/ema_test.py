@@ -141,5 +141,5 @@ class EMATest(parameterized.TestCase):
             ksd.teachers.EMA(momentum=1.0)
         teacher = ksd.teachers.EMA()
         ksd.Distiller(tiny.mlp(), [ksd.terms.Distillation(teacher)])
-        with self.assertRaisesRegex(ValueError, "one EMA per distiller"):
+        with self.assertRaisesRegex(ValueError, "already follows a student"):
             ksd.Distiller(tiny.mlp(), [ksd.terms.Distillation(teacher)])
