@@ -295,8 +295,7 @@ class Distiller(keras.Model):
         # that BackupAndRestore or ModelCheckpoint save at the same moment.
         arguments["callbacks"] = [_TrainingEvents(self)] + list(callbacks)
         arguments.pop("self")
-        extra = arguments.pop("kwargs", {})
-        return super().fit(**arguments, **extra)
+        return super().fit(**arguments)
 
     def get_config(self):
         return {
