@@ -1,9 +1,7 @@
 import keras
-from keras import ops
 
 from keras_selfdistill.teachers.teacher import Teacher
 from keras_selfdistill.teachers.teacher import num_classes
-from keras_selfdistill.teachers.teacher import select_input
 
 
 @keras.saving.register_keras_serializable(package="keras_selfdistill")
@@ -80,14 +78,7 @@ class FrozenModel(Teacher):
             )
 
     def targets(self, x, y_pred, temperature):
-        inputs = select_input(x, self.input_key, f"Teacher '{self.name}'")
-        logits = self.model(inputs, training=False)
-        if not hasattr(logits, "shape"):
-            raise ValueError(
-                f"Teacher '{self.model.name}' must return a single logits "
-                f"tensor. Received: outputs of type {type(logits).__name__}"
-            )
-        return ops.stop_gradient(logits)
+        return self._logits(self.model, x)
 
     def get_config(self):
         config = super().get_config()

@@ -1,9 +1,7 @@
 import keras
-from keras import ops
 
 from keras_selfdistill.teachers.teacher import Teacher
 from keras_selfdistill.teachers.teacher import clone_student
-from keras_selfdistill.teachers.teacher import select_input
 
 
 @keras.saving.register_keras_serializable(package="keras_selfdistill")
@@ -44,5 +42,4 @@ class RandomInit(Teacher):
         )
 
     def targets(self, x, y_pred, temperature):
-        inputs = select_input(x, self.input_key, f"Teacher '{self.name}'")
-        return ops.stop_gradient(self.model(inputs, training=False))
+        return self._logits(self.model, x)

@@ -4,7 +4,6 @@ from keras import ops
 from keras_selfdistill.teachers.teacher import Teacher
 from keras_selfdistill.teachers.teacher import check_positive_int
 from keras_selfdistill.teachers.teacher import clone_student
-from keras_selfdistill.teachers.teacher import select_input
 
 _COMBINE = ("average", "vote")
 
@@ -84,11 +83,10 @@ class Snapshot(Teacher):
         self.taken.assign(taken + 1)
 
     def targets(self, x, y_pred, temperature):
-        inputs = select_input(x, self.input_key, f"Teacher '{self.name}'")
         temperature = ops.cast(temperature, "float32")
         logits = ops.stack(
             [
-                ops.cast(model(inputs, training=False), "float32")
+                ops.cast(self._logits(model, x), "float32")
                 for model in self.models
             ]
         )

@@ -1,6 +1,7 @@
 import abc
 
 import keras
+from keras import ops
 
 SAMPLE_ID = "sample_id"
 INPUTS = "inputs"
@@ -106,6 +107,17 @@ class Teacher(keras.layers.Layer, metaclass=abc.ABCMeta):
 
     def on_epoch_end(self, epoch):
         """Called eagerly at the end of each training epoch."""
+
+    def _logits(self, model, x):
+        """`model`'s inference-mode logits for the batch, without gradient."""
+        inputs = select_input(x, self.input_key, f"Teacher '{self.name}'")
+        logits = model(inputs, training=False)
+        if not hasattr(logits, "shape"):
+            raise ValueError(
+                f"Teacher '{model.name}' must return a single logits "
+                f"tensor. Received: outputs of type {type(logits).__name__}"
+            )
+        return ops.stop_gradient(logits)
 
     def _follow(self, student):
         """Keeps the student for teachers that copy it; once per teacher."""
