@@ -29,7 +29,9 @@ References:
 import numpy as np
 
 
-def kernel_ridge_generations(kernel, y, regularization, label_weights):
+def kernel_ridge_generations(
+    kernel, y, regularization, label_weights, eval_kernel=None
+):
     """Fits of iterative kernel-ridge self-distillation on training points.
 
     Args:
@@ -38,9 +40,13 @@ def kernel_ridge_generations(kernel, y, regularization, label_weights):
         regularization: Ridge coefficient `λ > 0`.
         label_weights: Sequence of `α_k`, the weight of the ground truth at
             step `k = 1, 2, ...` (step 0 is plain ridge regression).
+        eval_kernel: Optional `(m, n)` kernel between `m` evaluation points
+            and the training points. When given, each fit is returned at
+            the evaluation points instead of the training points.
 
     Returns:
-        List of fits `[f_0, f_1, ...]` on the training points.
+        List of fits `[f_0, f_1, ...]`, on the training points or, with
+        `eval_kernel`, on the evaluation points.
 
     Example:
 
@@ -49,11 +55,24 @@ def kernel_ridge_generations(kernel, y, regularization, label_weights):
         kernel, y, 1e-2, [0.3] * 5)
     ```
     """
-    smoother = _smoother(kernel, regularization)
-    fits = [smoother @ y]
+    kernel = np.asarray(kernel, dtype="float64")
+    ridge = _ridge_inverse(kernel, regularization)
+    # Step k fits the targets α_k · y + (1 − α_k) · f_{k−1}; a fit anywhere
+    # is a kernel row times the ridge weights (K + λI)⁻¹ · targets.
+    targets = [np.asarray(y, dtype="float64")]
     for alpha in label_weights:
-        fits.append(smoother @ (alpha * y + (1.0 - alpha) * fits[-1]))
-    return fits
+        previous = kernel @ (ridge @ targets[-1])
+        targets.append(alpha * targets[0] + (1.0 - alpha) * previous)
+    if eval_kernel is None:
+        eval_kernel = kernel
+    eval_kernel = np.asarray(eval_kernel, dtype="float64")
+    if eval_kernel.ndim != 2 or eval_kernel.shape[1] != len(kernel):
+        raise ValueError(
+            "`eval_kernel` must have shape (m, n) with n = "
+            f"{len(kernel)} training points. "
+            f"Received: eval_kernel.shape={eval_kernel.shape}"
+        )
+    return [eval_kernel @ (ridge @ target) for target in targets]
 
 
 def kernel_label_weight(kernel, y, previous, reference, regularization):
@@ -125,12 +144,16 @@ def estimate_label_weight(labels_only, teacher_only, reference):
 
 def _smoother(kernel, regularization):
     kernel = np.asarray(kernel, dtype="float64")
+    return kernel @ _ridge_inverse(kernel, regularization)
+
+
+def _ridge_inverse(kernel, regularization):
     if regularization <= 0:
         raise ValueError(
             "`regularization` must be > 0. "
             f"Received: regularization={regularization}"
         )
-    return kernel @ np.linalg.inv(kernel + regularization * np.eye(len(kernel)))
+    return np.linalg.inv(kernel + regularization * np.eye(len(kernel)))
 
 
 def _projection(target, direction):

@@ -43,6 +43,44 @@ class KernelRidgeGenerationsTest(parameterized.TestCase):
         )
         np.testing.assert_allclose(fits[-1], limit, rtol=1e-8, atol=1e-10)
 
+    @parameterized.named_parameters(
+        # The step losses Borup & Andersen print in their repository's README
+        # (Kennethborup/self_distillation, "Illustrative example"): RBF
+        # kernel exp(−80 (x − x')²), λ = 0.2, mean squared error against
+        # sin(2πx) on x = 0, 0.01, ..., 1. Their step s is our fit s − 1.
+        (
+            "alpha_0",
+            0.0,
+            [0.16477, 0.15076, 0.14915, 0.15561, 0.16735, 0.18251],
+            0.49505,
+        ),
+        (
+            "alpha_0_35",
+            0.35,
+            [0.16477, 0.15424, 0.15089, 0.14983, 0.14954, 0.14948],
+            0.14959,
+        ),
+    )
+    def test_printed_step_losses(self, alpha, printed, printed_limit):
+        def rbf(a, b):
+            return np.exp(-80.0 * np.square(a[:, None] - b[None, :]))
+
+        grid = np.arange(0, 1.01, 0.01)
+        truth = np.sin(2 * np.pi * grid)
+        fits = generations.kernel_ridge_generations(
+            rbf(_X, _X), _Y, 0.2, [alpha] * 5, eval_kernel=rbf(grid, _X)
+        )
+        losses = [np.mean(np.square(fit - truth)) for fit in fits]
+        np.testing.assert_allclose(losses, printed, atol=5e-6)
+        # Their f_∞ for α = 0 is the zero function; for α > 0 it is ridge
+        # regression with λ / α, reached here after many steps.
+        limit = generations.kernel_ridge_generations(
+            rbf(_X, _X), _Y, 0.2, [alpha] * 500, eval_kernel=rbf(grid, _X)
+        )[-1]
+        self.assertAlmostEqual(
+            np.mean(np.square(limit - truth)), printed_limit, delta=5e-6
+        )
+
     def test_without_labels_fits_shrink_to_zero(self):
         # α = 0 is Mobahi et al.'s self-distillation: f_k = A^k f_0 → 0.
         fits = generations.kernel_ridge_generations(
@@ -119,6 +157,10 @@ class EstimateLabelWeightTest(parameterized.TestCase):
             )
         with self.assertRaisesRegex(ValueError, "regularization=0"):
             generations.kernel_ridge_generations(_KERNEL, _Y, 0, [])
+        with self.assertRaisesRegex(ValueError, "eval_kernel.shape"):
+            generations.kernel_ridge_generations(
+                _KERNEL, _Y, 0.1, [], eval_kernel=np.zeros((3, 4))
+            )
 
 
 class FitGenerationsTest(parameterized.TestCase):
