@@ -2,6 +2,7 @@
 
 from keras_selfdistill import data
 from keras_selfdistill import datasets
+from keras_selfdistill import exits
 from keras_selfdistill import generations
 from keras_selfdistill import metrics
 from keras_selfdistill import ops
@@ -16,6 +17,7 @@ __all__ = [
     "Distiller",
     "data",
     "datasets",
+    "exits",
     "generations",
     "metrics",
     "ops",

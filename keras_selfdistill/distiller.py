@@ -9,6 +9,7 @@ from keras import ops
 # `EarlyStopping(monitor="distillation_loss")` work without `mode="min"`.
 from keras.src.trainers.compile_utils import MetricsList
 
+from keras_selfdistill.exits import OUTPUT
 from keras_selfdistill.teachers.teacher import num_classes
 from keras_selfdistill.teachers.teacher import select_input
 from keras_selfdistill.terms.term import Term
@@ -26,6 +27,29 @@ class _LossMean(keras.metrics.Mean):
         batch_size = ops.cast(batch_size, self.dtype)
         self.total.assign_add(ops.cast(value, self.dtype) * batch_size)
         self.count.assign_add(batch_size)
+
+
+class _ExitAccuracy(keras.metrics.Mean):
+    """Top-1 accuracy of one exit, for sparse or one-hot labels."""
+
+    def __init__(self, name):
+        super().__init__(name=name)
+        self._direction = "up"
+
+    def update_exit(self, y, logits, sample_weight):
+        one_hot = len(y.shape) == len(logits.shape) and y.shape[-1] not in (
+            None,
+            1,
+        )
+        if one_hot:
+            labels = ops.argmax(y, axis=-1)
+        else:
+            labels = ops.reshape(y, (-1,))
+        hits = ops.equal(
+            ops.cast(labels, "int32"),
+            ops.cast(ops.argmax(logits, axis=-1), "int32"),
+        )
+        self.update_state(ops.cast(hits, self.dtype), sample_weight)
 
 
 class _TermMetrics(MetricsList):
@@ -206,8 +230,17 @@ class Distiller(keras.Model):
             )
         for term in terms:
             term.attach(student)
+        with_exits = [t for t in terms if getattr(t, "exit_model", None)]
+        if len(with_exits) > 1:
+            raise ValueError(
+                "At most one term may add exits: the student runs once per "
+                "step, with one set of heads. Put every exit in one "
+                "`AuxiliaryExits`. Received: exits from "
+                f"{[t.name for t in with_exits]}"
+            )
         self.student = student
         self.terms = list(terms)
+        self.exits = with_exits[0].exit_model if with_exits else None
         self.input_key = input_key
         self.epoch = keras.Variable(
             0, dtype="int64", trainable=False, name="epoch"
@@ -223,16 +256,27 @@ class Distiller(keras.Model):
             [_LossMean(n) for n in self._term_metric_names],
             name="term_metrics",
         )
+        exit_names = self.exits.exit_names if self.exits is not None else []
+        self.exit_metrics = _TermMetrics(
+            [_ExitAccuracy(f"{n}_accuracy") for n in exit_names],
+            name="exit_metrics",
+        )
         self.built = True
 
     def call(self, inputs, training=None):
         if isinstance(inputs, dict):
             inputs = select_input(inputs, self.input_key, "The student")
+        if self.exits is not None:
+            # One forward: the student's output and every exit's.
+            return self.exits(inputs, training=training)
         return self.student(inputs, training=training)
 
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
     ):
+        outputs = y_pred
+        if self.exits is not None:
+            y_pred = outputs[OUTPUT]
         if y is not None and self._compile_loss is not None:
             supervised = self._compile_loss(y, y_pred, sample_weight)
         elif self._compile_loss is not None:
@@ -258,7 +302,12 @@ class Distiller(keras.Model):
             batch_size = ops.shape(_first_leaf(x))[0]
         for term, tracker in zip(terms, self.term_metrics.metrics):
             value = term.compute_loss(
-                x, y, y_pred, sample_weight, step, self.epoch
+                x,
+                y,
+                outputs if getattr(term, "reads_exits", False) else y_pred,
+                sample_weight,
+                step,
+                self.epoch,
             )
             tracker.add_batch(_unscale_for_distribution(value), batch_size)
             weight = term.hyperparameter("weight", step, self.epoch)
@@ -290,6 +339,25 @@ class Distiller(keras.Model):
         logs = super().test_step(*args, **kwargs)
         hidden = set(self._term_metric_names)
         return {k: v for k, v in logs.items() if k not in hidden}
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        if self.exits is not None:
+            if y is not None:
+                for name, metric in zip(
+                    self.exits.exit_names, self.exit_metrics.metrics
+                ):
+                    metric.update_exit(y, y_pred[name], sample_weight)
+            y_pred = y_pred[OUTPUT]
+        return super().compute_metrics(x, y, y_pred, sample_weight)
+
+    def predict_step(self, data):
+        if self.exits is None:
+            return super().predict_step(data)
+        # The student's output alone: no head runs to predict.
+        x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+        if isinstance(x, dict):
+            x = select_input(x, self.input_key, "The student")
+        return self.exits.final(x, training=False)
 
     def fit(self, *args, **kwargs):
         bound = inspect.signature(keras.Model.fit).bind(self, *args, **kwargs)

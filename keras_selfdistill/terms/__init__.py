@@ -1,6 +1,7 @@
 """How to compare the student with a target: pieces of the objective."""
 
+from keras_selfdistill.terms.auxiliary_exits import AuxiliaryExits
 from keras_selfdistill.terms.distillation import Distillation
 from keras_selfdistill.terms.term import Term
 
-__all__ = ["Distillation", "Term"]
+__all__ = ["AuxiliaryExits", "Distillation", "Term"]
