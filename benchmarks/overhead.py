@@ -10,7 +10,7 @@ pass), and for teacher KD to `keras.distillation.Distiller` with its
 correct `KLDivergence` loss.
 
     python benchmarks/overhead.py [--rounds 11] [--batch-size 64]
-        [--student mlp|cnn]
+        [--student mlp|cnn|blocks]
 """
 
 import argparse
@@ -85,8 +85,20 @@ def _variants(student, teacher, num_samples):
         model.compile("adam", _loss(), jit_compile=False)
         return model
 
+    def exits(head):
+        model = ksd.Distiller(
+            _copy(student, f"s_exits_{head}"),
+            [
+                ksd.terms.AuxiliaryExits(
+                    ["block1", "block2", "block3"], head=head
+                )
+            ],
+        )
+        model.compile("adam", _loss(), jit_compile=False)
+        return model
+
     # name: (model, uses sample ids, what one extra forward the floor adds)
-    return {
+    variants = {
         "student.fit (plain)": (plain(), False, None),
         "Distiller, no terms": (no_terms(), False, None),
         "Distiller, teacher KD": (teacher_kd(), False, "teacher"),
@@ -113,6 +125,14 @@ def _variants(student, teacher, num_samples):
             "student",
         ),
     }
+    if student.name == "blocks":
+        for head in ("linear", "bottleneck"):
+            variants[f"Distiller, 3 auxiliary exits ({head} heads)"] = (
+                exits(head),
+                False,
+                None,
+            )
+    return variants
 
 
 def _time_fit(model, dataset):
@@ -133,9 +153,10 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument(
         "--student",
-        choices=["mlp", "cnn"],
+        choices=["mlp", "cnn", "blocks"],
         default="mlp",
-        help="the demo's MLP student (0.9 ms steps here) or its CNN",
+        help="the demo's MLP student (0.9 ms steps here), its CNN, or the "
+        "four-block CNN `demo.blocks_model()` (adds the auxiliary-exit rows)",
     )
     parser.add_argument(
         "--repeat",
@@ -163,9 +184,11 @@ def main(argv=None):
     teacher = demo.teacher_model()
     teacher.compile("adam", _loss(), jit_compile=False)
     teacher.fit(train, epochs=1, verbose=0)
-    student = (
-        demo.student_model() if args.student == "mlp" else demo.teacher_model()
-    )
+    student = {
+        "mlp": demo.student_model,
+        "cnn": demo.teacher_model,
+        "blocks": demo.blocks_model,
+    }[args.student]()
     variants = _variants(student, teacher, len(y))
     forward = _copy(student, "forward")
     forward.compile(loss=_loss(), jit_compile=False)
@@ -221,6 +244,13 @@ def main(argv=None):
     return median
 
 
+_STUDENTS = {
+    "mlp": "MLP 784-128-10",
+    "cnn": "CNN (225k)",
+    "blocks": "four-block CNN (98k)",
+}
+
+
 def _machine(args):
     cpu = platform.processor() or "unknown CPU"
     try:
@@ -236,7 +266,7 @@ def _machine(args):
         f"Keras {keras.__version__}; jit_compile=False; epoch = "
         f"{args.repeat} × 4,000 MNIST images, batch {args.batch_size}; "
         f"{args.rounds} timed rounds after 1 warm-up; student "
-        f"{'MLP 784-128-10' if args.student == 'mlp' else 'CNN (225k)'}, "
+        f"{_STUDENTS[args.student]}, "
         "teacher CNN (the demo's models); evaluate on the same data"
     )
 

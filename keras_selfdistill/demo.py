@@ -51,6 +51,22 @@ def student_model():
     )
 
 
+def blocks_model(name="blocks"):
+    """A four-block CNN whose pooled blocks 1–3 carry auxiliary exits."""
+    inputs = keras.Input((28, 28, 1))
+    h = inputs
+    for index, filters in enumerate((16, 32, 64), start=1):
+        h = keras.layers.Conv2D(filters, 3, padding="same", activation="relu")(
+            h
+        )
+        h = keras.layers.MaxPooling2D(name=f"block{index}")(h)
+    h = keras.layers.Conv2D(128, 3, padding="same", activation="relu")(h)
+    h = keras.layers.GlobalAveragePooling2D(name="block4")(h)
+    return keras.Model(
+        inputs, keras.layers.Dense(10, name="logits")(h), name=name
+    )
+
+
 def _compile(model):
     model.compile(
         optimizer=keras.optimizers.Adam(1e-3),

@@ -164,7 +164,10 @@ class Distiller(keras.Model):
       bar, History, TensorBoard, `EarlyStopping(monitor=...)`), averaged
       over the epoch like Keras's `loss`.
     - `evaluate` and `predict` run the student alone: no teacher runs at
-      validation, and validation metrics measure the student.
+      validation, and validation metrics measure the student. With
+      auxiliary exits, `evaluate` also runs the heads (same forward pass)
+      to report `<exit>_accuracy`, `distiller(x)` returns the dict of
+      outputs, and `distiller.exits` is the student with its heads.
     - `fit` without labels trains from the teachers alone (compile without
       a `loss` then).
     - `sample_weight` and `class_weight` weight every term as they weight

@@ -418,8 +418,15 @@ class EarlyExit:
                     "layers from before the cut (a skip connection across "
                     "an exit). Put exits at block boundaries."
                 ) from error
-            self._segments.append(_compiled(segment))
-        self._heads = [_compiled(exits.heads[n]) for n in exits.exit_names]
+            self._segments.append(segment)
+        self._heads = [exits.heads[n] for n in exits.exit_names]
+        self._fused = None
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            # One compiled call per batch: Python round trips between the
+            # segments would cost more than a small network's layers.
+            self._fused = tf.function(self._run_graph, reduce_retracing=True)
 
     def __call__(self, x):
         """Returns `(logits, exit_index)` as NumPy arrays.
@@ -427,6 +434,54 @@ class EarlyExit:
         `exit_index[i]` is the exit that answered sample `i`: `0` for the
         shallowest, `len(exit_names)` for the student's own output.
         """
+        if self._fused is not None:
+            logits, which = self._fused(x)
+            return logits.numpy(), which.numpy()
+        return self._run_eager(x)
+
+    def _run_graph(self, x):
+        import tensorflow as tf
+
+        count = tf.shape(tf.nest.flatten(x)[0])[0]
+        logits = tf.zeros((count, self.exits.num_classes), "float32")
+        which = tf.fill((count,), tf.constant(len(self._heads), "int64"))
+        return self._stage(0, x, tf.range(count), logits, which)
+
+    def _stage(self, index, hidden, remaining, logits, which):
+        import tensorflow as tf
+
+        hidden = self._segments[index](hidden, training=False)
+        if index == len(self._heads):
+            final = tf.cast(hidden, "float32")
+            logits = tf.tensor_scatter_nd_update(
+                logits, remaining[:, None], final
+            )
+            return logits, which
+        exit_logits = tf.cast(
+            self._heads[index](hidden, training=False), "float32"
+        )
+        confidence = tf.reduce_max(tf.nn.softmax(exit_logits), axis=-1)
+        done = confidence >= self.threshold
+        rows = tf.boolean_mask(remaining, done)[:, None]
+        logits = tf.tensor_scatter_nd_update(
+            logits, rows, tf.boolean_mask(exit_logits, done)
+        )
+        which = tf.tensor_scatter_nd_update(
+            which,
+            rows,
+            tf.fill(tf.shape(rows)[:1], tf.constant(index, "int64")),
+        )
+        keep = tf.logical_not(done)
+        remaining = tf.boolean_mask(remaining, keep)
+        hidden = tf.boolean_mask(hidden, keep)
+        # The next segment runs only if a sample is left.
+        return tf.cond(
+            tf.size(remaining) > 0,
+            lambda: self._stage(index + 1, hidden, remaining, logits, which),
+            lambda: (logits, which),
+        )
+
+    def _run_eager(self, x):
         first = x[0] if isinstance(x, (list, tuple)) else x
         count = int(np.shape(first)[0])
         logits = np.zeros((count, self.exits.num_classes), "float32")
@@ -434,11 +489,13 @@ class EarlyExit:
         remaining = np.arange(count)
         hidden = x
         for index, segment in enumerate(self._segments):
-            hidden = segment(hidden)
+            hidden = segment(hidden, training=False)
             if index == len(self._heads):
                 logits[remaining] = ops.convert_to_numpy(hidden)
                 break
-            exit_logits = ops.convert_to_numpy(self._heads[index](hidden))
+            exit_logits = ops.convert_to_numpy(
+                self._heads[index](hidden, training=False)
+            )
             confidence = _max_softmax(exit_logits)
             done = confidence >= self.threshold
             logits[remaining[done]] = exit_logits[done]
@@ -456,13 +513,3 @@ def _max_softmax(logits):
     shifted = logits - logits.max(axis=-1, keepdims=True)
     probs = np.exp(shifted)
     return (probs / probs.sum(axis=-1, keepdims=True)).max(axis=-1)
-
-
-def _compiled(model):
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        return tf.function(
-            lambda x: model(x, training=False), reduce_retracing=True
-        )
-    return lambda x: model(x, training=False)

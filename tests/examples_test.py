@@ -38,6 +38,30 @@ class TeacherStudentScriptTest(parameterized.TestCase):
         self.assertTrue(os.path.exists(os.path.join(out, "student.keras")))
 
 
+class AuxiliaryExitsScriptTest(parameterized.TestCase):
+    def test_runs_on_bundled_data(self):
+        out = self.create_tempdir().full_path
+        result = _load("auxiliary_exits").main(
+            [
+                "--data",
+                "bundled",
+                "--epochs",
+                "1",
+                "--limit",
+                "256",
+                "--output-dir",
+                out,
+            ]
+        )
+        for name in ("block1", "block2", "block3"):
+            self.assertIn(f"{name}_accuracy", result)
+            self.assertTrue(
+                os.path.exists(os.path.join(out, f"exit_{name}.keras"))
+            )
+        self.assertTrue(os.path.exists(os.path.join(out, "student.keras")))
+        self.assertIn("early_exit_accuracy", result)
+
+
 class SelfDistillationScriptTest(parameterized.TestCase):
     @parameterized.named_parameters(
         ("pskd", "pskd"),

@@ -160,13 +160,18 @@ class EarlyExitTest(parameterized.TestCase):
         ]
         # A threshold inside the first exit's confidences splits the batch.
         threshold = np.quantile(tiny.softmax(stages[0]).max(axis=-1), quantile)
-        logits, which = ksd.exits.EarlyExit(self.exits, threshold)(self.x)
+        early = ksd.exits.EarlyExit(self.exits, threshold)
+        logits, which = early(self.x)
         confident = [
             tiny.softmax(s).max(axis=-1) >= threshold for s in stages[:2]
         ] + [np.ones(len(self.x), bool)]
         expected = np.argmax(np.stack(confident), axis=0)
         np.testing.assert_array_equal(which, expected)
         self.assertGreater(len(set(which.tolist())), 1)
+        # The NumPy path (other backends) agrees with the compiled one.
+        eager_logits, eager_which = early._run_eager(self.x)
+        np.testing.assert_array_equal(eager_which, which)
+        np.testing.assert_allclose(eager_logits, logits, rtol=1e-5, atol=1e-6)
         for index, stage in enumerate(stages):
             rows = which == index
             np.testing.assert_allclose(
