@@ -10,6 +10,7 @@ from keras import ops
 from keras.src.trainers.compile_utils import MetricsList
 
 from keras_selfdistill.exits import OUTPUT
+from keras_selfdistill.exits import one_hot_labels
 from keras_selfdistill.teachers.teacher import num_classes
 from keras_selfdistill.teachers.teacher import select_input
 from keras_selfdistill.terms.term import Term
@@ -37,11 +38,7 @@ class _ExitAccuracy(keras.metrics.Mean):
         self._direction = "up"
 
     def update_exit(self, y, logits, sample_weight):
-        one_hot = len(y.shape) == len(logits.shape) and y.shape[-1] not in (
-            None,
-            1,
-        )
-        if one_hot:
+        if one_hot_labels(y, logits):
             labels = ops.argmax(y, axis=-1)
         else:
             labels = ops.reshape(y, (-1,))

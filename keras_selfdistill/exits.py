@@ -22,6 +22,27 @@ DEEPEST_FEATURES = "deepest_features"
 _FEATURES = "_features"
 
 
+def check_head(head):
+    """Raises unless `head` names a built-in head or is a head factory."""
+    built_in = isinstance(head, str) and head in ("linear", "bottleneck")
+    factory = callable(head) and not isinstance(head, (str, keras.layers.Layer))
+    if head is not None and not built_in and not factory:
+        raise ValueError(
+            "`head` must be None, 'linear', 'bottleneck' or a callable "
+            "`head(name, feature_shape, num_classes)` returning a layer. "
+            f"Received: head={head!r}"
+        )
+
+
+def one_hot_labels(y, logits):
+    """Whether labels `y` are one-hot (or soft) rows rather than indices."""
+    return (
+        len(y.shape) == len(logits.shape)
+        and y.shape[-1] == logits.shape[-1]
+        and y.shape[-1] != 1
+    )
+
+
 def features_key(exit_name):
     """The key of an exit's pooled features in the exits' outputs."""
     return exit_name + _FEATURES
@@ -103,12 +124,7 @@ def attach_exits(
             "Each layer may carry one exit. "
             f"Received: layer_names={list(layer_names)}"
         )
-    if head not in (None, "linear", "bottleneck") and not callable(head):
-        raise ValueError(
-            "`head` must be None, 'linear', 'bottleneck' or a callable "
-            "`head(name, feature_shape, num_classes)` returning a layer. "
-            f"Received: head={head!r}"
-        )
+    check_head(head)
     return Exits(
         student,
         list(layer_names),

@@ -5,6 +5,7 @@ from keras_selfdistill import exits as exits_module
 from keras_selfdistill import ops as ksd_ops
 from keras_selfdistill import schedules
 from keras_selfdistill.terms.term import Term
+from keras_selfdistill.terms.term import hyperparameter_property
 
 _DIRECTIONS = ("deep_to_shallow", "shallow_to_deep")
 
@@ -117,16 +118,7 @@ class AuxiliaryExits(Term):
                 f"`direction` must be one of {_DIRECTIONS}. "
                 f"Received: direction={direction!r}"
             )
-        if isinstance(head, exits_module.Exits) or (
-            head is not None
-            and not callable(head)
-            and head not in ("linear", "bottleneck")
-        ):
-            raise ValueError(
-                "`head` must be None, 'linear', 'bottleneck' or a factory "
-                f"`head(name, feature_shape, num_classes)`. Received: "
-                f"head={head!r}"
-            )
+        exits_module.check_head(head)
         self.head = head
         self.direction = direction
         self._per_exit_weights = weights is not None
@@ -155,21 +147,8 @@ class AuxiliaryExits(Term):
 
     reads_exits = True
 
-    @property
-    def temperature(self):
-        return self._get_hyperparameter("temperature")
-
-    @temperature.setter
-    def temperature(self, value):
-        self._set_hyperparameter("temperature", value)
-
-    @property
-    def alpha(self):
-        return self._get_hyperparameter("alpha")
-
-    @alpha.setter
-    def alpha(self, value):
-        self._set_hyperparameter("alpha", value)
+    temperature = hyperparameter_property("temperature")
+    alpha = hyperparameter_property("alpha")
 
     @property
     def feature_weight(self):
@@ -343,15 +322,12 @@ class AuxiliaryExits(Term):
 
 
 def _cross_entropy(y, logits):
-    sparse = not (
-        len(y.shape) == len(logits.shape) and y.shape[-1] == logits.shape[-1]
-    )
-    if sparse:
-        if len(y.shape) == 2 and y.shape[-1] == 1:
-            y = ops.squeeze(y, axis=-1)
-        return keras.losses.sparse_categorical_crossentropy(
-            y, logits, from_logits=True
+    if exits_module.one_hot_labels(y, logits):
+        return keras.losses.categorical_crossentropy(
+            ops.cast(y, "float32"), logits, from_logits=True
         )
-    return keras.losses.categorical_crossentropy(
-        ops.cast(y, "float32"), logits, from_logits=True
+    if len(y.shape) == 2 and y.shape[-1] == 1:
+        y = ops.squeeze(y, axis=-1)
+    return keras.losses.sparse_categorical_crossentropy(
+        y, logits, from_logits=True
     )

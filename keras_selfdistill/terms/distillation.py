@@ -3,6 +3,7 @@ import keras
 from keras_selfdistill import ops as ksd_ops
 from keras_selfdistill.teachers.frozen_model import as_teacher
 from keras_selfdistill.terms.term import Term
+from keras_selfdistill.terms.term import hyperparameter_property
 
 _LOSSES = ("kl", "reverse_kl", "jsd", "mse")
 
@@ -112,13 +113,7 @@ class Distillation(Term):
             "temperature", temperature, minimum=0.0, strict=True
         )
 
-    @property
-    def temperature(self):
-        return self._get_hyperparameter("temperature")
-
-    @temperature.setter
-    def temperature(self, value):
-        self._set_hyperparameter("temperature", value)
+    temperature = hyperparameter_property("temperature")
 
     @property
     def teachers(self):

@@ -15,6 +15,20 @@ class _PerSampleLoss(keras.losses.Loss):
         return y_pred
 
 
+def hyperparameter_property(name, doc=None):
+    """A term attribute reading and assigning hyperparameter `name`.
+
+    Reads give the number (or the schedule); assignments go through
+    `Term._set_hyperparameter`, which checks the value and updates the
+    variable the compiled step reads.
+    """
+    return property(
+        lambda term: term._get_hyperparameter(name),
+        lambda term, value: term._set_hyperparameter(name, value),
+        doc=doc,
+    )
+
+
 def _snake_case(name):
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()
 
@@ -142,26 +156,14 @@ class Term(keras.layers.Layer, metaclass=abc.ABCMeta):
             return value
         return ops.convert_to_tensor(value, "float32")
 
-    @property
-    def weight(self):
-        return self._get_hyperparameter("weight")
-
-    @weight.setter
-    def weight(self, value):
-        self._set_hyperparameter("weight", value)
+    weight = hyperparameter_property("weight")
 
     @property
     def mixes_labels(self):
         """Whether `xi` is set, so the term rescales the supervised loss."""
         return "xi" in self._hyperparameters
 
-    @property
-    def xi(self):
-        return self._get_hyperparameter("xi")
-
-    @xi.setter
-    def xi(self, value):
-        self._set_hyperparameter("xi", value)
+    xi = hyperparameter_property("xi")
 
     @property
     def teachers(self):
