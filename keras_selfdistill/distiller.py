@@ -1,7 +1,6 @@
 import inspect
 
 import keras
-import numpy as np
 from keras import ops
 
 # Keras's monitor callbacks infer `mode="auto"` only for metrics grouped in a
@@ -9,6 +8,7 @@ from keras import ops
 # `EarlyStopping(monitor="distillation_loss")` work without `mode="min"`.
 from keras.src.trainers.compile_utils import MetricsList
 
+from keras_selfdistill import checks
 from keras_selfdistill.exits import OUTPUT
 from keras_selfdistill.exits import one_hot_labels
 from keras_selfdistill.teachers.teacher import num_classes
@@ -54,6 +54,13 @@ class _TermMetrics(MetricsList):
         return self.get_result()
 
 
+_NO_STEP = (
+    "`fit` ran no training step: the training data yielded no batch. Check "
+    "filters, `take`/`skip`, and `drop_remainder` with a batch size larger "
+    "than the data."
+)
+
+
 class _TrainingEvents(keras.callbacks.Callback):
     """Epoch counter and teacher hooks; fails a fit that ran no step.
 
@@ -76,11 +83,7 @@ class _TrainingEvents(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         if self.first_epoch and not logs:
-            raise ValueError(
-                "`fit` ran no training step: the training data yielded no "
-                "batch. Check filters, `take`/`skip`, and `drop_remainder` "
-                "with a batch size larger than the data."
-            )
+            raise ValueError(_NO_STEP)
         self.first_epoch = False
         for teacher in self.distiller.teachers:
             teacher.on_epoch_end(epoch)
@@ -98,21 +101,29 @@ def _unscale_for_distribution(value):
     return value
 
 
+def _index_of(variables, variable):
+    return next(i for i, v in enumerate(variables) if v is variable)
+
+
+def _current_value(scope, variable, value):
+    updated = scope.get_current_value(variable)
+    return value if updated is None else updated
+
+
 def _first_leaf(structure):
     return next(
         leaf for leaf in keras.tree.flatten(structure) if leaf is not None
     )
 
 
-def _check_training_data(x, y, num_classes):
-    """Checks what can be checked before the first step, at no step cost.
+def _check_training_data(x, y, num_classes, num_samples):
+    """Checks what can be checked at no step cost; returns the inputs.
 
-    Label ranges inside the compiled step are left to the loss kernels
-    (TensorFlow's sparse cross-entropy raises on CPU); an in-graph assert
-    cost 6% of a small student's step and is dropped by XLA anyway.
+    An empty dataset fails here; NumPy data is checked once and `tf.data`
+    batches in the input pipeline (see `keras_selfdistill.checks`).
     """
     if x is None:
-        return
+        return x
     import tensorflow as tf
 
     if isinstance(x, tf.data.Dataset):
@@ -123,27 +134,9 @@ def _check_training_data(x, y, num_classes):
                 "batch size with `drop_remainder=True`. "
                 f"Received: x={x}"
             )
-        return
-    for leaf in keras.tree.flatten(x):
-        if isinstance(leaf, np.ndarray) and leaf.shape[:1] == (0,):
-            raise ValueError(
-                "The training inputs hold no samples, so `fit` would run no "
-                f"step. Received: x with shape {leaf.shape}"
-            )
-    labels = y if isinstance(y, np.ndarray) else None
-    if labels is None or num_classes is None or labels.size == 0:
-        return
-    sparse = labels.ndim == 1 or (labels.ndim == 2 and labels.shape[1] == 1)
-    if not sparse or num_classes == 1:
-        return
-    low, high = labels.min(), labels.max()
-    if low < 0 or high >= num_classes or not np.all(np.mod(labels, 1) == 0):
-        raise ValueError(
-            f"Labels must be class indices in [0, {num_classes}) for a "
-            f"student with {num_classes} outputs. Check the label encoding, "
-            "or give the student as many outputs as there are classes. "
-            f"Received: labels from {low} to {high}"
-        )
+        return checks.check_dataset(x, num_classes, num_samples)
+    checks.check_arrays(x, y, num_classes, num_samples)
+    return x
 
 
 @keras.saving.register_keras_serializable(package="keras_selfdistill")
@@ -298,7 +291,7 @@ class Distiller(keras.Model):
             )
         label_scale = None
         if terms:
-            step = self.optimizer.iterations if self.optimizer else 0
+            step = self._step()
             batch_size = ops.shape(_first_leaf(x))[0]
         for term, tracker in zip(terms, self.term_metrics.metrics):
             value = term.compute_loss(
@@ -330,15 +323,53 @@ class Distiller(keras.Model):
         return [teacher for term in self.terms for teacher in term.teachers]
 
     def train_step(self, *args, **kwargs):
+        if keras.backend.backend() == "jax":
+            return self._stateless_train_step(*args, **kwargs)
         logs = super().train_step(*args, **kwargs)
         for teacher in self.teachers:
             teacher.update(args[-1] if args else kwargs.get("data"))
         return logs
 
+    def _stateless_train_step(self, state, data):
+        # JAX: Keras's step is a pure function of `state`. The optimizer
+        # step that schedules read is not in the state that Keras maps
+        # inside `compute_loss`, so it is handed over while tracing; the
+        # teachers' updates run on the stepped state and return new values.
+        optimizer_variables = state[2]
+        position = _index_of(self.optimizer.variables, self.optimizer.iterations)
+        self._traced_step = optimizer_variables[position]
+        try:
+            logs, state = super().train_step(state, data)
+        finally:
+            self._traced_step = None
+        trainable, non_trainable, optimizer_variables, metrics = state
+        mapping = list(zip(self.trainable_variables, trainable))
+        mapping += zip(self.non_trainable_variables, non_trainable)
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            for teacher in self.teachers:
+                teacher.update(data)
+        non_trainable = [
+            _current_value(scope, variable, value)
+            for variable, value in zip(
+                self.non_trainable_variables, non_trainable
+            )
+        ]
+        return logs, (trainable, non_trainable, optimizer_variables, metrics)
+
+    def _step(self):
+        """The optimizer step: completed updates before this one."""
+        traced = getattr(self, "_traced_step", None)
+        if traced is not None:
+            return traced
+        return self.optimizer.iterations if self.optimizer else 0
+
     def test_step(self, *args, **kwargs):
-        logs = super().test_step(*args, **kwargs)
+        result = super().test_step(*args, **kwargs)
+        # JAX returns `(logs, state)`.
+        logs, state = result if isinstance(result, tuple) else (result, None)
         hidden = set(self._term_metric_names)
-        return {k: v for k, v in logs.items() if k not in hidden}
+        logs = {k: v for k, v in logs.items() if k not in hidden}
+        return logs if state is None else (logs, state)
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         if self.exits is not None:
@@ -350,10 +381,20 @@ class Distiller(keras.Model):
             y_pred = y_pred[OUTPUT]
         return super().compute_metrics(x, y, y_pred, sample_weight)
 
-    def predict_step(self, data):
+    def predict_step(self, *args):
         if self.exits is None:
-            return super().predict_step(data)
+            return super().predict_step(*args)
         # The student's output alone: no head runs to predict.
+        if keras.backend.backend() != "jax":
+            return self._predict_final(*args)
+        (trainable, non_trainable), data = args
+        mapping = list(zip(self.trainable_variables, trainable))
+        mapping += zip(self.non_trainable_variables, non_trainable)
+        with keras.StatelessScope(state_mapping=mapping):
+            outputs = self._predict_final(data)
+        return outputs, non_trainable
+
+    def _predict_final(self, data):
         x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
         if isinstance(x, dict):
             x = select_input(x, self.input_key, "The student")
@@ -362,8 +403,12 @@ class Distiller(keras.Model):
     def fit(self, *args, **kwargs):
         bound = inspect.signature(keras.Model.fit).bind(self, *args, **kwargs)
         arguments = bound.arguments
-        _check_training_data(
-            arguments.get("x"), arguments.get("y"), num_classes(self.student)
+        id_limits = [t.num_samples for t in self.teachers if t.keyed_by_id]
+        arguments["x"] = _check_training_data(
+            arguments.get("x"),
+            arguments.get("y"),
+            num_classes(self.student),
+            min(id_limits) if id_limits else None,
         )
         callbacks = arguments.get("callbacks") or []
         if not isinstance(callbacks, (list, tuple)):
@@ -372,7 +417,12 @@ class Distiller(keras.Model):
         # that BackupAndRestore or ModelCheckpoint save at the same moment.
         arguments["callbacks"] = [_TrainingEvents(self)] + list(callbacks)
         arguments.pop("self")
-        return super().fit(**arguments)
+        try:
+            return super().fit(**arguments)
+        except StopIteration as error:
+            # JAX's trainer builds from the first batch and lets an empty
+            # iterator's StopIteration through.
+            raise ValueError(_NO_STEP) from error
 
     def get_config(self):
         return {

@@ -289,7 +289,9 @@ def fit_generations(
             for candidate in (0.0, 1.0):
                 model, _ = train(teacher, candidate)
                 logits = model.predict(x_val, verbose=0)
-                probabilities.append(keras.ops.softmax(logits).numpy())
+                probabilities.append(
+                    keras.ops.convert_to_numpy(keras.ops.softmax(logits))
+                )
             reference = np.eye(probabilities[0].shape[-1])[np.asarray(y_val)]
             alpha = estimate_label_weight(*probabilities, reference)
             weight = 1.0 - alpha

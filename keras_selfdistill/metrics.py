@@ -99,7 +99,7 @@ class ExpectedCalibrationError(keras.metrics.Metric):
 
     def reset_state(self):
         for variable in (self.counts, self.confidences, self.hits):
-            variable.assign(ops.zeros_like(variable))
+            variable.assign(ops.zeros(variable.shape, variable.dtype))
 
     def get_config(self):
         return {

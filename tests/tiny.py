@@ -82,3 +82,26 @@ def predict_without_library(path, x, folder):
         [sys.executable, "-c", script, out], check=True, env=env, cwd=folder
     )
     return np.load(out)
+
+
+def gradients(loss_fn, values):
+    """Gradients of `loss_fn(dict of tensors)` w.r.t. each entry, as NumPy.
+
+    A tensor the loss does not reach gets zeros (TensorFlow says `None`,
+    JAX zeros).
+    """
+    if keras.backend.backend() == "jax":
+        import jax
+
+        grads = jax.grad(loss_fn)({k: np.asarray(v) for k, v in values.items()})
+        return {k: np.asarray(g) for k, g in grads.items()}
+    import tensorflow as tf
+
+    variables = {k: tf.Variable(v) for k, v in values.items()}
+    with tf.GradientTape() as tape:
+        loss = loss_fn(variables)
+    grads = tape.gradient(loss, variables)
+    return {
+        k: np.zeros_like(values[k]) if g is None else g.numpy()
+        for k, g in grads.items()
+    }

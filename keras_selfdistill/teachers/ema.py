@@ -5,6 +5,7 @@ from keras import ops
 
 from keras_selfdistill.teachers.teacher import Teacher
 from keras_selfdistill.teachers.teacher import clone_student
+from keras_selfdistill.teachers.teacher import copy_variables
 
 
 @keras.saving.register_keras_serializable(package="keras_selfdistill")
@@ -71,8 +72,7 @@ class EMA(Teacher):
 
     def on_train_begin(self):
         if int(self.updates.numpy()) == 0:
-            for average, variable in self._pairs():
-                average.assign(variable)
+            copy_variables(self.model.variables, self._student.variables)
 
     def update(self, data):
         momentum = self.momentum
@@ -83,7 +83,7 @@ class EMA(Teacher):
                     + (1.0 - momentum) * ops.cast(variable, average.dtype)
                 )
             else:
-                average.assign(variable)
+                average.assign(ops.copy(variable.value))
         self.updates.assign_add(1)
 
     def targets(self, x, y_pred, temperature):

@@ -1,4 +1,5 @@
 import keras
+import numpy as np
 from keras import ops
 
 from keras_selfdistill.teachers.teacher import SAMPLE_ID
@@ -17,8 +18,32 @@ def _scatter_rows(variable, ids, rows):
         variable.assign(ops.scatter_update(variable, ids[:, None], rows))
 
 
+def sample_id_message(num_samples):
+    return (
+        f"Sample ids must be in [0, num_samples={num_samples}) and unique "
+        "within a batch (a repeated id would make two predictions race for "
+        "one bank row; add ids with `with_sample_ids` before `repeat` or "
+        "oversampling)."
+    )
+
+
 def _check_ids(ids, num_samples):
     if keras.backend.backend() != "tensorflow":
+        # Compiled JAX code cannot raise: `fit` checks ids in the input
+        # pipeline; concrete ids (an eager call) are checked here.
+        import jax
+
+        if isinstance(ids, jax.core.Tracer):
+            return ids
+        values = np.asarray(ids)
+        if values.size and (
+            values.min() < 0
+            or values.max() >= num_samples
+            or len(np.unique(values)) != values.size
+        ):
+            raise ValueError(
+                f"{sample_id_message(num_samples)} Received ids: {values}"
+            )
         return ids
     import tensorflow as tf
 
@@ -33,14 +58,7 @@ def _check_ids(ids, num_samples):
     )
     check = tf.debugging.Assert(
         valid,
-        [
-            f"Sample ids must be in [0, num_samples={num_samples}) and "
-            "unique within a batch (a repeated id would make two "
-            "predictions race for one bank row; add ids with "
-            "`with_sample_ids` before `repeat` or oversampling). "
-            "Received ids:",
-            ids,
-        ],
+        [sample_id_message(num_samples), "Received ids:", ids],
         summarize=16,
     )
     with tf.control_dependencies([check]):
@@ -94,6 +112,8 @@ class PastPredictions(Teacher):
     distiller.fit(ksd.data.with_sample_ids(x_train), y_train, epochs=300)
     ```
     """
+
+    keyed_by_id = True
 
     def __init__(
         self,

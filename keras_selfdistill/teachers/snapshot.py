@@ -4,6 +4,7 @@ from keras import ops
 from keras_selfdistill.teachers.teacher import Teacher
 from keras_selfdistill.teachers.teacher import check_positive_int
 from keras_selfdistill.teachers.teacher import clone_student
+from keras_selfdistill.teachers.teacher import copy_variables
 
 _COMBINE = ("average", "vote")
 
@@ -78,8 +79,7 @@ class Snapshot(Teacher):
             return
         taken = int(self.taken.numpy())
         slot = self.models[taken % self.keep]
-        for copy, variable in zip(slot.variables, self._student.variables):
-            copy.assign(variable)
+        copy_variables(slot.variables, self._student.variables)
         self.taken.assign(taken + 1)
 
     def targets(self, x, y_pred, temperature):

@@ -79,6 +79,10 @@ class Teacher(keras.layers.Layer, metaclass=abc.ABCMeta):
         self.input_key = input_key
         self.built = True
 
+    #: Whether the teacher reads `x["sample_id"]`; such a teacher has a
+    #: `num_samples` and `fit` checks the ids against it.
+    keyed_by_id = False
+
     @property
     def metrics(self):
         # A teacher model compiled for its own training carries metrics
@@ -135,6 +139,17 @@ class Teacher(keras.layers.Layer, metaclass=abc.ABCMeta):
         config.pop("trainable", None)
         config["input_key"] = self.input_key
         return config
+
+
+def copy_variables(destinations, sources):
+    """Assigns each source variable's value to its destination.
+
+    Copies, so that no two variables share a buffer: JAX donates every
+    variable's buffer to the training step, and one buffer donated twice
+    fails the step.
+    """
+    for destination, source in zip(destinations, sources):
+        destination.assign(ops.copy(source.value))
 
 
 def check_positive_int(owner, arg, value):

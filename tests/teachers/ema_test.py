@@ -27,6 +27,8 @@ class _RecordWeights(keras.callbacks.Callback):
         self.history = []
 
     def on_train_batch_end(self, batch, logs=None):
+        # Reading `self.model` syncs JAX's training state into the variables.
+        _ = self.model
         self.history.append([v.numpy().copy() for v in self.student.variables])
 
 

@@ -81,7 +81,9 @@ class PastPredictionsTest(parameterized.TestCase):
             distiller.fit(data.batch(5), epochs=1, verbose=0)
             banks.append(teacher.bank.numpy())
         np.testing.assert_allclose(banks[0], banks[1], rtol=1e-6)
-        expected = keras.ops.log_softmax(tiny.mlp(seed=3)(x)).numpy()
+        expected = keras.ops.convert_to_numpy(
+            keras.ops.log_softmax(tiny.mlp(seed=3)(x))
+        )
         np.testing.assert_allclose(banks[0], expected, rtol=1e-5, atol=1e-6)
 
     def test_numpy_inputs_with_keras_shuffling(self):
@@ -101,7 +103,7 @@ class PastPredictionsTest(parameterized.TestCase):
         )
         np.testing.assert_allclose(
             teacher.bank.numpy(),
-            keras.ops.log_softmax(student(x)).numpy(),
+            keras.ops.convert_to_numpy(keras.ops.log_softmax(student(x))),
             rtol=1e-5,
             atol=1e-6,
         )
@@ -112,13 +114,11 @@ class PastPredictionsTest(parameterized.TestCase):
         logits = np.zeros((2, 3), "float32")
         with self.assertRaisesRegex(ValueError, "with_sample_ids"):
             teacher.targets(np.zeros((2, 4)), logits, 1.0)
-        with self.assertRaisesRegex(
-            tf.errors.InvalidArgumentError, r"num_samples=4\).*\n?.*1.*4"
-        ):
+        # Checked in the graph on TensorFlow, on concrete ids on JAX.
+        errors = (tf.errors.InvalidArgumentError, ValueError)
+        with self.assertRaisesRegex(errors, r"(?s)num_samples=4\).*1.*4"):
             teacher.targets({"sample_id": np.array([1, 4])}, logits, 1.0)
-        with self.assertRaisesRegex(
-            tf.errors.InvalidArgumentError, r"unique within a batch"
-        ):
+        with self.assertRaisesRegex(errors, r"unique within a batch"):
             teacher.targets({"sample_id": np.array([1, 1])}, logits, 1.0)
         with self.assertRaisesRegex(ValueError, "before batching"):
             teacher.targets({"sample_id": np.zeros((2, 1))}, logits, 1.0)

@@ -1,0 +1,160 @@
+"""Checks on the training data, made before or beside the compiled step.
+
+A check inside the compiled step costs every step and vanishes under XLA
+and JAX (neither can raise from compiled code). So `Distiller.fit` checks
+NumPy data once before training and checks each `tf.data` batch in the
+input pipeline, where it runs on the host, overlapped with training, and
+raises `tf.errors.InvalidArgumentError` with the message below on every
+backend and with `jit_compile=True`.
+"""
+
+import keras
+import numpy as np
+
+from keras_selfdistill.teachers.past_predictions import sample_id_message
+from keras_selfdistill.teachers.teacher import SAMPLE_ID
+
+
+def label_range_message(num_classes):
+    return (
+        f"Labels must be class indices in [0, {num_classes}) for a student "
+        f"with {num_classes} outputs. Check the label encoding, or give the "
+        "student as many outputs as there are classes."
+    )
+
+
+NON_FINITE_MESSAGE = (
+    "The inputs hold NaN or infinite values, which would make every loss "
+    "and weight NaN. Clean or impute the data (e.g. `np.nan_to_num`) first."
+)
+
+
+def _sparse_labels(shape, num_classes):
+    """Whether labels of `shape` (batch axis included) are class indices."""
+    if num_classes is None or num_classes == 1 or shape is None:
+        return False
+    return len(shape) == 1 or (len(shape) == 2 and shape[-1] == 1)
+
+
+def _split(element):
+    if isinstance(element, tuple) and 1 <= len(element) <= 3:
+        return element[0], (element[1] if len(element) > 1 else None)
+    return element, None
+
+
+def check_arrays(x, y, num_classes, num_samples):
+    """Checks NumPy training data once, before the first step."""
+    for leaf in keras.tree.flatten(x):
+        if isinstance(leaf, np.ndarray) and leaf.shape[:1] == (0,):
+            raise ValueError(
+                "The training inputs hold no samples, so `fit` would run no "
+                f"step. Received: x with shape {leaf.shape}"
+            )
+    for leaf in keras.tree.flatten(x):
+        if (
+            isinstance(leaf, np.ndarray)
+            and np.issubdtype(leaf.dtype, np.floating)
+            and not np.isfinite(leaf).all()
+        ):
+            bad = int(np.size(leaf) - np.isfinite(leaf).sum())
+            raise ValueError(
+                f"{NON_FINITE_MESSAGE} Received: {bad} non-finite values in "
+                f"inputs of shape {leaf.shape}"
+            )
+    if num_samples is not None and isinstance(x, dict) and SAMPLE_ID in x:
+        ids = np.asarray(x[SAMPLE_ID])
+        if ids.size and (ids.min() < 0 or ids.max() >= num_samples):
+            raise ValueError(
+                f"{sample_id_message(num_samples)} Received: ids from "
+                f"{ids.min()} to {ids.max()}"
+            )
+    if not isinstance(y, np.ndarray) or y.size == 0:
+        return
+    if not _sparse_labels(y.shape, num_classes):
+        return
+    if np.issubdtype(y.dtype, np.floating) and not np.isfinite(y).all():
+        raise ValueError(
+            f"{label_range_message(num_classes)} Received: NaN labels"
+        )
+    low, high = y.min(), y.max()
+    if low < 0 or high >= num_classes or not np.all(np.mod(y, 1) == 0):
+        raise ValueError(
+            f"{label_range_message(num_classes)} Received: labels from "
+            f"{low} to {high}"
+        )
+
+
+def check_dataset(dataset, num_classes, num_samples):
+    """`dataset` with each batch checked in the input pipeline.
+
+    Returns `dataset` unchanged when nothing in it can be checked.
+    """
+    import tensorflow as tf
+
+    x_spec, y_spec = _split(dataset.element_spec)
+    check_labels = (
+        isinstance(y_spec, tf.TensorSpec)
+        and y_spec.shape.rank is not None
+        and _sparse_labels(tuple(y_spec.shape), num_classes)
+    )
+    float_inputs = any(
+        isinstance(spec, tf.TensorSpec) and spec.dtype.is_floating
+        for spec in tf.nest.flatten(x_spec)
+    )
+    check_ids = (
+        num_samples is not None
+        and isinstance(x_spec, dict)
+        and SAMPLE_ID in x_spec
+    )
+    if not (check_labels or float_inputs or check_ids):
+        return dataset
+
+    def check(*element):
+        element = element[0] if len(element) == 1 else element
+        x, y = _split(element)
+        checks = []
+        for leaf in tf.nest.flatten(x):
+            if isinstance(leaf, tf.Tensor) and leaf.dtype.is_floating:
+                checks.append(
+                    tf.debugging.Assert(
+                        tf.reduce_all(tf.math.is_finite(leaf)),
+                        [NON_FINITE_MESSAGE],
+                    )
+                )
+        if check_labels:
+            labels = tf.cast(y, "float64")
+            valid = tf.reduce_all(
+                (labels >= 0)
+                & (labels < num_classes)
+                & tf.equal(labels, tf.round(labels))
+            )
+            checks.append(
+                tf.debugging.Assert(
+                    valid,
+                    [
+                        label_range_message(num_classes),
+                        "Received labels:",
+                        y,
+                    ],
+                    summarize=16,
+                )
+            )
+        if check_ids:
+            ids = tf.reshape(tf.cast(x[SAMPLE_ID], "int64"), (-1,))
+            unique, _ = tf.unique(ids)
+            valid = (
+                (tf.reduce_min(ids) >= 0)
+                & (tf.reduce_max(ids) < num_samples)
+                & tf.equal(tf.size(unique), tf.size(ids))
+            )
+            checks.append(
+                tf.debugging.Assert(
+                    valid,
+                    [sample_id_message(num_samples), "Received ids:", ids],
+                    summarize=16,
+                )
+            )
+        with tf.control_dependencies(checks):
+            return tf.nest.map_structure(tf.identity, element)
+
+    return dataset.map(check, num_parallel_calls=tf.data.AUTOTUNE)
