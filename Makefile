@@ -14,11 +14,13 @@ demo: $(BIN)/python
 	$(BIN)/python -m pip install -q -e .
 	$(BIN)/python -m keras_selfdistill demo
 
+# The suite runs once per backend.
 test: $(BIN)/python
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e ".[test,jax]"
 	$(BIN)/ruff check keras_selfdistill tests examples benchmarks
 	$(BIN)/ruff format --check keras_selfdistill tests examples benchmarks
-	$(BIN)/python -m pytest -m "not slow" -p no:cacheprovider
+	KERAS_BACKEND=tensorflow $(BIN)/python -m pytest -m "not slow" -p no:cacheprovider
+	KERAS_BACKEND=jax $(BIN)/python -m pytest -m "not slow" -p no:cacheprovider
 
 lint:
 	$(BIN)/ruff check keras_selfdistill tests examples benchmarks

@@ -236,7 +236,7 @@ class Distiller(keras.Model):
         self.exits = with_exits[0].exit_model if with_exits else None
         self.input_key = input_key
         self.epoch = keras.Variable(
-            0, dtype="int64", trainable=False, name="epoch"
+            0, dtype="int32", trainable=False, name="epoch"
         )
         names, self._term_metric_names = set(), []
         for term in terms:
@@ -336,7 +336,9 @@ class Distiller(keras.Model):
         # inside `compute_loss`, so it is handed over while tracing; the
         # teachers' updates run on the stepped state and return new values.
         optimizer_variables = state[2]
-        position = _index_of(self.optimizer.variables, self.optimizer.iterations)
+        position = _index_of(
+            self.optimizer.variables, self.optimizer.iterations
+        )
         self._traced_step = optimizer_variables[position]
         try:
             logs, state = super().train_step(state, data)

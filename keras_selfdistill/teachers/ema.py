@@ -58,7 +58,7 @@ class EMA(Teacher):
         self.updates = self.add_weight(
             shape=(),
             initializer="zeros",
-            dtype="int64",
+            dtype="int32",
             trainable=False,
             name="updates",
         )

@@ -175,22 +175,26 @@ class PastPredictions(Teacher):
                     else f"inputs of type {type(x).__name__}"
                 )
             )
-        ids = ops.cast(x[SAMPLE_ID], "int64")
+        ids = ops.cast(x[SAMPLE_ID], "int32")
         if len(ids.shape) != 1:
             raise ValueError(
                 "Sample ids must have shape (batch,). Add them with "
                 "`with_sample_ids` before batching. "
                 f"Received: shape {ids.shape}"
             )
-        _refuse_replicas()
-        ids = _check_ids(ids, self.num_samples)
         current = ops.log_softmax(
             ops.stop_gradient(ops.cast(y_pred, "float32")), axis=-1
         )
+        ids = _check_ids(ids, self.num_samples)
         stored = ops.cast(ops.take(self.bank, ids, axis=0), "float32")
         seen = ops.logical_not(ops.isnan(stored[:, :1]))
         log_probs = ops.where(seen, stored, current)
-        _scatter_rows(self.bank, ids, ops.cast(current, self.bank.dtype))
+        _write_rows(
+            self.bank,
+            ids,
+            ops.cast(current, self.bank.dtype),
+            self.num_samples,
+        )
         return ops.cast(temperature, "float32") * log_probs
 
     def get_config(self):
@@ -209,16 +213,32 @@ class PastPredictions(Teacher):
         return cls(**config)
 
 
-def _refuse_replicas():
-    if keras.backend.backend() != "tensorflow":
-        return
-    import tensorflow as tf
+def _write_rows(variable, ids, rows, num_samples):
+    """Writes `rows` at `ids`, on every replica's copy of the bank.
 
-    replicas = tf.distribute.get_strategy().num_replicas_in_sync
-    if replicas > 1:
-        raise ValueError(
-            "PastPredictions does not support several replicas yet: each "
-            "replica sees only its slice of the batch, and writing without "
-            "gathering would leave the bank half-filled. Train on one "
-            f"device. Received: {replicas} replicas in sync"
+    Under `tf.distribute.MirroredStrategy` each replica sees its slice of
+    the batch; the rows of all replicas are joined in a merge call (as the
+    optimizer joins gradients) and every copy receives all of them. JAX's
+    `DataParallel` runs one global program: there is nothing to join.
+    """
+    context = None
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        _scatter_rows(variable, ids, rows)
+        return
+
+    def write(strategy, ids, rows):
+        ids = tf.concat(strategy.experimental_local_results(ids), axis=0)
+        rows = tf.concat(strategy.experimental_local_results(rows), axis=0)
+        # Unique within each replica's slice was checked; now across them.
+        ids = _check_ids(ids, num_samples)
+        strategy.extended.update(
+            variable.value,
+            lambda copy, i, r: copy.scatter_update(tf.IndexedSlices(r, i)),
+            args=(ids, rows),
         )
+
+    context.merge_call(write, args=(ids, rows))

@@ -62,7 +62,7 @@ class Snapshot(Teacher):
         self.taken = self.add_weight(
             shape=(),
             initializer="zeros",
-            dtype="int64",
+            dtype="int32",
             trainable=False,
             name="taken",
         )
@@ -92,7 +92,7 @@ class Snapshot(Teacher):
         )
         available = ops.minimum(self.taken, self.keep)
         mask = ops.cast(
-            ops.arange(self.keep, dtype="int64") < available, "float32"
+            ops.arange(self.keep, dtype="int32") < available, "float32"
         )
         mask = ops.reshape(mask, (-1,) + (1,) * (len(logits.shape) - 1))
         count = ops.maximum(ops.sum(mask), 1.0)

@@ -1,0 +1,155 @@
+"""Trains every teacher and term on 1 and on 2 CPU devices; run as a script.
+
+`python -m tests.distributed_run ENGINE OUT.npz` with ENGINE `mirrored`
+(TensorFlow `MirroredStrategy` over 2 logical CPUs) or `data_parallel`
+(JAX `keras.distribution.DataParallel` over 2 host devices). The devices
+are split before the backend starts, so the caller sets `KERAS_BACKEND`
+and, for JAX, `XLA_FLAGS=--xla_force_host_platform_device_count=2`.
+Writes, per configuration and device count, the History and every
+variable, plus every replica's copy of each prediction bank.
+"""
+
+import sys
+
+import numpy as np
+
+KINDS = (
+    "frozen",
+    "ensemble",
+    "ema",
+    "snapshot",
+    "random_init",
+    "past_predictions",
+    "exits",
+)
+BATCH = 8
+
+
+def _split_devices(engine):
+    if engine == "mirrored":
+        import tensorflow as tf
+
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * 2
+        )
+
+
+def _model(keras, seed):
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((4,))
+    h1 = keras.layers.Dense(8, activation="relu", name="h1")(inputs)
+    h2 = keras.layers.Dense(8, activation="relu", name="h2")(h1)
+    return keras.Model(inputs, keras.layers.Dense(3, name="logits")(h2))
+
+
+def _distiller(keras, ksd, kind):
+    student = _model(keras, 2)
+    teachers = {
+        "frozen": lambda: _model(keras, 1),
+        "ensemble": lambda: ksd.teachers.Ensemble(
+            [_model(keras, 1), _model(keras, 3)], weights=[0.3, 0.7]
+        ),
+        "ema": lambda: ksd.teachers.EMA(momentum=0.8),
+        "snapshot": lambda: ksd.teachers.Snapshot(freq=1, keep=2),
+        "random_init": lambda: ksd.teachers.RandomInit(),
+        "past_predictions": lambda: ksd.teachers.PastPredictions(
+            32, 3, dtype="float32"
+        ),
+    }
+    if kind == "exits":
+        terms = [ksd.terms.AuxiliaryExits(["h1", "h2"], weight=0.5)]
+    elif kind == "past_predictions":
+        terms = [
+            ksd.terms.Distillation(
+                teachers[kind](),
+                xi=ksd.schedules.LinearRampUp(ramp_up_epochs=2, end=0.8),
+            )
+        ]
+    else:
+        terms = [
+            ksd.terms.Distillation(
+                teachers[kind](), temperature=2.0, weight=0.7
+            )
+        ]
+    distiller = ksd.Distiller(student, terms)
+    distiller.compile(
+        optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return distiller
+
+
+def _data(ksd, kind):
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 4)).astype("float32")
+    y = rng.integers(0, 3, size=32)
+    w = rng.uniform(0.0, 2.0, size=32).astype("float32")
+    data = tf.data.Dataset.from_tensor_slices((x, y, w))
+    if kind == "past_predictions":
+        data = ksd.data.with_sample_ids(data)
+    return data.batch(BATCH)
+
+
+def _replica_copies(variable, engine):
+    value = variable.value
+    if engine == "mirrored":
+        return [np.asarray(v) for v in getattr(value, "values", [value])]
+    return [np.asarray(shard.data) for shard in value.addressable_shards]
+
+
+def run(engine, devices, kinds=KINDS):
+    import keras
+
+    import keras_selfdistill as ksd
+
+    results = {}
+    if engine == "mirrored":
+        import tensorflow as tf
+
+        # One strategy for all runs: several MirroredStrategy objects in
+        # one process draw clashing collective keys.
+        strategy = (
+            tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+            if devices == 2
+            else tf.distribute.OneDeviceStrategy("/cpu:0")
+        )
+    for kind in kinds:
+        if engine == "mirrored":
+            with strategy.scope():
+                distiller = _distiller(keras, ksd, kind)
+        else:
+            import jax
+
+            keras.distribution.set_distribution(
+                keras.distribution.DataParallel(devices=jax.devices()[:devices])
+            )
+            distiller = _distiller(keras, ksd, kind)
+        history = distiller.fit(_data(ksd, kind), epochs=3, verbose=0).history
+        for key, values in history.items():
+            results[f"{kind}/history/{key}"] = np.asarray(values)
+        variables = distiller.variables + distiller.optimizer.variables
+        for i, variable in enumerate(variables):
+            results[f"{kind}/variable/{i}"] = np.asarray(
+                keras.ops.convert_to_numpy(variable)
+            )
+        for teacher in distiller.teachers:
+            if getattr(teacher, "bank", None) is not None:
+                copies = _replica_copies(teacher.bank, engine)
+                results[f"{kind}/bank_copies"] = np.stack(copies)
+    return results
+
+
+def main(engine, out, *kinds):
+    _split_devices(engine)
+    results = {}
+    for devices in (1, 2):
+        for key, value in run(engine, devices, kinds or KINDS).items():
+            results[f"{devices}/{key}"] = value
+    np.savez(out, **results)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
