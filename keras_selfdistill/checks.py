@@ -157,4 +157,14 @@ def check_dataset(dataset, num_classes, num_samples):
         with tf.control_dependencies(checks):
             return tf.nest.map_structure(tf.identity, element)
 
-    return dataset.map(check, num_parallel_calls=tf.data.AUTOTUNE)
+    checked = dataset.map(check, num_parallel_calls=tf.data.AUTOTUNE)
+    if keras.distribution.distribution() is not None:
+        # Keras shards a dataset across processes by its batch size, which
+        # tf.data reads from the last `batch` and not through a `map`:
+        # batching again to the same size states it.
+        from tensorflow.python.data.experimental.ops import distribute
+
+        batch_size = int(distribute.compute_batch_size(dataset))
+        if batch_size > 0:
+            checked = checked.unbatch().batch(batch_size)
+    return checked

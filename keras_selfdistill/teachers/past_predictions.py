@@ -75,8 +75,8 @@ class PastPredictions(Teacher):
     extra forward pass), keyed by the sample id that
     `keras_selfdistill.data.with_sample_ids` attaches, so shuffling and
     augmentation cannot misalign them. A sample not yet seen (its bank row
-    is NaN) is its own target (zero loss), so the first epoch trains on
-    labels only.
+    is +inf, never a log-probability) is its own target (zero loss), so the
+    first epoch trains on labels only.
 
     PS-KD's targets `(1 − α_t)·y + α_t·p_prev` with `α_t = α_T·t/T` are
     obtained with `Distillation(PastPredictions(n), xi=LinearRampUp(
@@ -144,11 +144,13 @@ class PastPredictions(Teacher):
         self.num_classes = num_classes
         self.storage_dtype = dtype
         self.max_bytes = max_bytes
-        # NaN marks a sample not seen yet: no second variable to gather and
-        # scatter every step.
+        # +inf marks a sample not seen yet (log-probabilities are <= 0), so
+        # no second variable is gathered and scattered every step. Not NaN:
+        # JAX checks that every process initialises a variable alike by
+        # comparing values, and NaN != NaN.
         self.bank = self.add_weight(
             shape=(num_samples, num_classes),
-            initializer=keras.initializers.Constant(float("nan")),
+            initializer=keras.initializers.Constant(float("inf")),
             dtype=dtype,
             trainable=False,
             name="bank",
@@ -187,7 +189,7 @@ class PastPredictions(Teacher):
         )
         ids = _check_ids(ids, self.num_samples)
         stored = ops.cast(ops.take(self.bank, ids, axis=0), "float32")
-        seen = ops.logical_not(ops.isnan(stored[:, :1]))
+        seen = ops.less(stored[:, :1], float("inf"))
         log_probs = ops.where(seen, stored, current)
         _write_rows(
             self.bank,

@@ -1,0 +1,57 @@
+import os
+import socket
+import subprocess
+import sys
+
+import keras
+import numpy as np
+from absl.testing import absltest
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class MultiHostTest(absltest.TestCase):
+    """Two JAX processes on 127.0.0.1, one device each, with gloo."""
+
+    def test_two_processes_match_one(self):
+        if keras.backend.backend() != "jax":
+            self.skipTest("runs in the jax suite")
+        directory = self.create_tempdir().full_path
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+        env.pop("XLA_FLAGS", None)
+        port = _free_port()
+
+        def start(process_id, num_processes):
+            out = os.path.join(directory, f"{num_processes}_{process_id}.npz")
+            command = [sys.executable, "-m", "tests.multihost_run"]
+            args = [str(process_id), str(num_processes), str(port), out]
+            process = subprocess.Popen(command + args, env=env, cwd=_ROOT)
+            return process, out
+
+        workers = [start(0, 2), start(1, 2)]
+        for process, _ in workers:
+            self.assertEqual(process.wait(timeout=300), 0)
+        reference, out = start(0, 1)
+        self.assertEqual(reference.wait(timeout=300), 0)
+        first, second, alone = (
+            dict(np.load(path, allow_pickle=False))
+            for path in (workers[0][1], workers[1][1], out)
+        )
+        self.assertEqual(int(first["devices"]), 2)
+        self.assertEqual(int(alone["devices"]), 1)
+        self.assertEqual(sorted(first), sorted(alone))
+        self.assertIn("history/pskd_loss", first)
+        for key in first:
+            if key == "devices":
+                continue
+            # Both processes end with the same weights, EMA weights and bank.
+            np.testing.assert_array_equal(first[key], second[key], key)
+            np.testing.assert_allclose(
+                first[key], alone[key], rtol=0, atol=1e-5, err_msg=key
+            )
