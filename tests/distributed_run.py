@@ -43,7 +43,7 @@ def _model(keras, seed):
     return keras.Model(inputs, keras.layers.Dense(3, name="logits")(h2))
 
 
-def _distiller(keras, ksd, kind):
+def distiller(keras, ksd, kind, jit_compile=False):
     student = _model(keras, 2)
     teachers = {
         "frozen": lambda: _model(keras, 1),
@@ -76,11 +76,12 @@ def _distiller(keras, ksd, kind):
     distiller.compile(
         optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=jit_compile,
     )
     return distiller
 
 
-def _data(ksd, kind):
+def data(ksd, kind):
     import tensorflow as tf
 
     rng = np.random.default_rng(0)
@@ -119,23 +120,23 @@ def run(engine, devices, kinds=KINDS):
     for kind in kinds:
         if engine == "mirrored":
             with strategy.scope():
-                distiller = _distiller(keras, ksd, kind)
+                model = distiller(keras, ksd, kind)
         else:
             import jax
 
             keras.distribution.set_distribution(
                 keras.distribution.DataParallel(devices=jax.devices()[:devices])
             )
-            distiller = _distiller(keras, ksd, kind)
-        history = distiller.fit(_data(ksd, kind), epochs=3, verbose=0).history
+            model = distiller(keras, ksd, kind)
+        history = model.fit(data(ksd, kind), epochs=3, verbose=0).history
         for key, values in history.items():
             results[f"{kind}/history/{key}"] = np.asarray(values)
-        variables = distiller.variables + distiller.optimizer.variables
+        variables = model.variables + model.optimizer.variables
         for i, variable in enumerate(variables):
             results[f"{kind}/variable/{i}"] = np.asarray(
                 keras.ops.convert_to_numpy(variable)
             )
-        for teacher in distiller.teachers:
+        for teacher in model.teachers:
             if getattr(teacher, "bank", None) is not None:
                 copies = _replica_copies(teacher.bank, engine)
                 results[f"{kind}/bank_copies"] = np.stack(copies)
