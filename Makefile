@@ -12,7 +12,7 @@ $(BIN)/python:
 
 demo: $(BIN)/python
 	$(BIN)/python -m pip install -q -e .
-	$(BIN)/python -m keras_selfdistill demo
+	$(BIN)/python -m keras_selfdistill demo --overwrite
 
 # The suite runs once per backend.
 test: $(BIN)/python

@@ -3,6 +3,7 @@
 from keras_selfdistill import data
 from keras_selfdistill import datasets
 from keras_selfdistill import exits
+from keras_selfdistill import files
 from keras_selfdistill import generations
 from keras_selfdistill import metrics
 from keras_selfdistill import ops
@@ -18,6 +19,7 @@ __all__ = [
     "data",
     "datasets",
     "exits",
+    "files",
     "generations",
     "metrics",
     "ops",

@@ -10,12 +10,14 @@ Run it with `python -m keras_selfdistill demo` (`--help` for options).
 
 import argparse
 import math
+import os
 import time
 
 import keras
 import numpy as np
 
 from keras_selfdistill import datasets
+from keras_selfdistill import files
 from keras_selfdistill import metrics
 from keras_selfdistill import terms
 from keras_selfdistill.distiller import Distiller
@@ -113,8 +115,15 @@ def run(
     xi=0.9,
     output="distilled_student.keras",
     limit=None,
+    overwrite=False,
 ):
     """Runs the demo and returns its rows as a list of dicts."""
+    if output and os.path.exists(output) and not overwrite:
+        # Before training, not after it.
+        raise FileExistsError(
+            f"{output} exists. Pass `--overwrite` to replace it, or choose "
+            "another `--output`."
+        )
     (x, y), (x_test, y_test) = datasets.load_mnist()
     if limit:
         x, y, x_test, y_test = (
@@ -154,7 +163,7 @@ def run(
                 f"{result['accuracy']:.4f}, ECE {result['ece']:.4f}"
             )
     if output:
-        student.save(output)
+        files.save_model(student, output, overwrite=overwrite)
     rows = [
         {
             "model": "teacher (CNN)",
@@ -216,6 +225,11 @@ def main(argv=None):
     parser.add_argument("--xi", type=float, default=0.9)
     parser.add_argument("--output", default="distilled_student.keras")
     parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --output file",
+    )
+    parser.add_argument(
         "--limit",
         type=int,
         default=None,
@@ -230,4 +244,5 @@ def main(argv=None):
         xi=args.xi,
         output=args.output,
         limit=args.limit,
+        overwrite=args.overwrite,
     )

@@ -22,6 +22,9 @@ class DemoTest(parameterized.TestCase):
         self.assertLess(rows[1]["params"], rows[0]["params"])
         student = keras.saving.load_model(path, safe_mode=True)
         self.assertEqual(student.name, "student")
+        # An existing output is refused before any training.
+        with self.assertRaisesRegex(FileExistsError, "--overwrite"):
+            demo.run(seeds=1, epochs=1, output=path, limit=10)
 
     def test_command_line_usage(self):
         result = subprocess.run(
