@@ -68,6 +68,12 @@ def check_arrays(x, y, num_classes, num_samples):
                 f"{sample_id_message(num_samples)} Received: ids from "
                 f"{ids.min()} to {ids.max()}"
             )
+        unique, counts = np.unique(ids, return_counts=True)
+        if len(unique) != ids.size:
+            raise ValueError(
+                f"{sample_id_message(num_samples)} Received: ids repeated "
+                f"in the training arrays, e.g. {unique[counts > 1][:5]}"
+            )
     if not isinstance(y, np.ndarray) or y.size == 0:
         return
     if not _sparse_labels(y.shape, num_classes):
@@ -82,6 +88,65 @@ def check_arrays(x, y, num_classes, num_samples):
             f"{label_range_message(num_classes)} Received: labels from "
             f"{low} to {high}"
         )
+
+
+def _is_sparse_loss(loss):
+    return isinstance(loss, keras.losses.SparseCategoricalCrossentropy) or (
+        loss
+        in (
+            "sparse_categorical_crossentropy",
+            keras.losses.sparse_categorical_crossentropy,
+        )
+    )
+
+
+def check_label_encoding(label_shape, num_classes, loss):
+    """Fails on one-hot labels given to a sparse (class-index) loss.
+
+    `label_shape` is the labels' shape, batch axis included, or `None`.
+    """
+    if (
+        label_shape is None
+        or num_classes is None
+        or num_classes == 1
+        or len(label_shape) != 2
+        or label_shape[-1] != num_classes
+        or not _is_sparse_loss(loss)
+    ):
+        return
+    raise ValueError(
+        "The labels look one-hot (shape "
+        f"{tuple(label_shape)}, one column per class) but the loss is "
+        "SparseCategoricalCrossentropy, which takes class indices. Compile "
+        "with `keras.losses.CategoricalCrossentropy` or pass "
+        "`np.argmax(y, axis=-1)`. Received: labels of shape "
+        f"{tuple(label_shape)}"
+    )
+
+
+def check_batched(dataset, input_shape, select):
+    """Fails on a dataset whose elements lack the student's batch axis.
+
+    `input_shape` is the student's (batch axis included) or `None`;
+    `select` picks the student's part of the inputs.
+    """
+    import tensorflow as tf
+
+    x_spec = select(_split(dataset.element_spec)[0])
+    if (
+        input_shape is None
+        or not isinstance(x_spec, tf.TensorSpec)
+        or x_spec.shape.rank is None
+        or x_spec.shape.rank != len(input_shape) - 1
+        or tuple(x_spec.shape) != tuple(input_shape[1:])
+    ):
+        return
+    raise ValueError(
+        "The dataset looks unbatched: its elements have shape "
+        f"{tuple(x_spec.shape)}, one sample of the student's input "
+        f"{tuple(input_shape)}. Batch it, e.g. `dataset.batch(32)`. "
+        f"Received: element_spec={dataset.element_spec}"
+    )
 
 
 def check_dataset(dataset, num_classes, num_samples):

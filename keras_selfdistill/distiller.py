@@ -116,12 +116,22 @@ def _first_leaf(structure):
     )
 
 
-def _check_training_data(x, y, num_classes, num_samples):
+def _input_shape(model):
+    try:
+        shape = model.input_shape
+    except (AttributeError, ValueError, RuntimeError):
+        return None
+    return shape if isinstance(shape, tuple) else None
+
+
+def _check_training_data(x, y, distiller, num_samples):
     """Checks what can be checked at no step cost; returns the inputs.
 
-    An empty dataset fails here; NumPy data is checked once and `tf.data`
-    batches in the input pipeline (see `keras_selfdistill.checks`).
+    An empty or unbatched dataset fails here; NumPy data is checked once
+    and `tf.data` batches in the input pipeline (see
+    `keras_selfdistill.checks`).
     """
+    classes = num_classes(distiller.student)
     if x is None:
         return x
     import tensorflow as tf
@@ -134,8 +144,24 @@ def _check_training_data(x, y, num_classes, num_samples):
                 "batch size with `drop_remainder=True`. "
                 f"Received: x={x}"
             )
-        return checks.check_dataset(x, num_classes, num_samples)
-    checks.check_arrays(x, y, num_classes, num_samples)
+        spec = x.element_spec
+        labels = spec[1] if isinstance(spec, tuple) and len(spec) > 1 else None
+        shape = getattr(labels, "shape", None)
+        checks.check_label_encoding(
+            None if shape is None or shape.rank is None else tuple(shape),
+            classes,
+            distiller.loss,
+        )
+        checks.check_batched(
+            x,
+            _input_shape(distiller.student),
+            lambda spec: select_input(spec, distiller.input_key, "Student"),
+        )
+        return checks.check_dataset(x, classes, num_samples)
+    checks.check_label_encoding(
+        getattr(y, "shape", None), classes, distiller.loss
+    )
+    checks.check_arrays(x, y, classes, num_samples)
     return x
 
 
@@ -409,7 +435,7 @@ class Distiller(keras.Model):
         arguments["x"] = _check_training_data(
             arguments.get("x"),
             arguments.get("y"),
-            num_classes(self.student),
+            self,
             min(id_limits) if id_limits else None,
         )
         callbacks = arguments.get("callbacks") or []

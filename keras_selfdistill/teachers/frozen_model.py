@@ -1,4 +1,5 @@
 import keras
+import numpy as np
 
 from keras_selfdistill.teachers.teacher import Teacher
 from keras_selfdistill.teachers.teacher import num_classes
@@ -76,6 +77,20 @@ class FrozenModel(Teacher):
                 f"{self.model.output_shape}, student output shape "
                 f"{student.output_shape}"
             )
+
+    def on_train_begin(self):
+        # A diverged or half-loaded checkpoint would give NaN targets and a
+        # NaN loss from the first step; one pass over the weights is cheap.
+        for variable in self.model.variables:
+            value = keras.ops.convert_to_numpy(variable)
+            bad = np.size(value) - np.isfinite(value).sum()
+            if value.dtype.kind == "f" and bad:
+                raise ValueError(
+                    f"The teacher '{self.model.name}' has NaN or infinite "
+                    f"weights in '{variable.path}', so its targets would be "
+                    "NaN. Load a checkpoint saved before training diverged. "
+                    f"Received: {bad} non-finite values of {np.size(value)}"
+                )
 
     def targets(self, x, y_pred, temperature):
         return self._logits(self.model, x)

@@ -1,0 +1,146 @@
+"""The bad-input catalogue: data mistakes caught before or beside the step.
+
+Each test feeds `fit` one mistake and checks the error names the problem
+and the fix. The README's "Bad input catalogue" lists these with the
+construction-time errors tested beside each class.
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl.testing import parameterized
+
+import keras_selfdistill as ksd
+from tests import tiny
+
+# Raised by the input pipeline: the same error on both backends and under
+# XLA, where the compiled step itself cannot raise.
+PIPELINE = tf.errors.InvalidArgumentError
+
+
+def _distiller(terms=(), jit_compile=False, student=None):
+    distiller = ksd.Distiller(student or tiny.mlp(), list(terms))
+    distiller.compile(
+        optimizer="sgd", loss=tiny.sparse_ce(), jit_compile=jit_compile
+    )
+    return distiller
+
+
+def _bank_distiller(num_samples=24):
+    bank = ksd.teachers.PastPredictions(num_samples, 3, dtype="float32")
+    return _distiller([ksd.terms.Distillation(bank, xi=0.5)])
+
+
+class BadInputTest(parameterized.TestCase):
+    def setUp(self):
+        self.x, self.y = tiny.data(n=24)
+
+    def test_unbatched_dataset(self):
+        dataset = tf.data.Dataset.from_tensor_slices((self.x, self.y))
+        with self.assertRaisesRegex(ValueError, r"unbatched.*\.batch\(32\)"):
+            _distiller().fit(dataset, verbose=0)
+
+    def test_nan_in_numpy_inputs(self):
+        self.x[3, 1] = np.nan
+        with self.assertRaisesRegex(ValueError, "NaN or infinite.*1 non"):
+            _distiller().fit(self.x, self.y, verbose=0)
+
+    @parameterized.named_parameters(("eager", False), ("xla", True))
+    def test_nan_in_dataset_inputs(self, jit_compile):
+        self.x[3, 1] = np.inf
+        dataset = tf.data.Dataset.from_tensor_slices((self.x, self.y))
+        with self.assertRaisesRegex(PIPELINE, "NaN or infinite"):
+            _distiller(jit_compile=jit_compile).fit(dataset.batch(8), verbose=0)
+
+    def test_float_labels_for_a_sparse_loss(self):
+        labels = self.y.astype("float32") + 0.5
+        with self.assertRaisesRegex(ValueError, r"class indices.*0.5 to"):
+            _distiller().fit(self.x, labels, verbose=0)
+        dataset = tf.data.Dataset.from_tensor_slices((self.x, labels))
+        with self.assertRaisesRegex(PIPELINE, "class indices"):
+            _distiller().fit(dataset.batch(8), verbose=0)
+
+    def test_nan_labels(self):
+        labels = self.y.astype("float32")
+        labels[0] = np.nan
+        with self.assertRaisesRegex(ValueError, "NaN labels"):
+            _distiller().fit(self.x, labels, verbose=0)
+
+    @parameterized.named_parameters(("eager", False), ("xla", True))
+    def test_negative_labels_in_dataset(self, jit_compile):
+        labels = self.y.copy()
+        labels[5] = -1
+        dataset = tf.data.Dataset.from_tensor_slices((self.x, labels))
+        with self.assertRaisesRegex(PIPELINE, r"(?s)\[0, 3\).*-1"):
+            _distiller(jit_compile=jit_compile).fit(dataset.batch(8), verbose=0)
+
+    def test_sample_ids_missing(self):
+        with self.assertRaisesRegex(ValueError, "with_sample_ids"):
+            _bank_distiller().fit(self.x, self.y, verbose=0)
+
+    def test_sample_ids_out_of_range_in_arrays(self):
+        inputs = {"inputs": self.x, "sample_id": np.arange(24) + 1}
+        with self.assertRaisesRegex(ValueError, "num_samples=24.*1 to 24"):
+            _bank_distiller().fit(inputs, self.y, verbose=0)
+
+    def test_sample_ids_repeated_in_arrays(self):
+        inputs = {"inputs": self.x, "sample_id": np.arange(24) % 12}
+        with self.assertRaisesRegex(ValueError, "repeated"):
+            _bank_distiller().fit(inputs, self.y, verbose=0)
+
+    @parameterized.named_parameters(("eager", False), ("xla", True))
+    def test_sample_ids_repeated_in_dataset(self, jit_compile):
+        dataset = ksd.data.with_sample_ids(
+            tf.data.Dataset.from_tensor_slices((self.x, self.y))
+        )
+        # Ids attached before `repeat`: a batch holds the same ids twice.
+        repeated = dataset.take(4).repeat(2).batch(8)
+        distiller = _bank_distiller()
+        distiller.compile(
+            optimizer="sgd", loss=tiny.sparse_ce(), jit_compile=jit_compile
+        )
+        with self.assertRaisesRegex(PIPELINE, "unique within a batch"):
+            distiller.fit(repeated, verbose=0)
+
+    def test_sample_ids_beyond_the_bank_in_dataset(self):
+        dataset = ksd.data.with_sample_ids(
+            tf.data.Dataset.from_tensor_slices((self.x, self.y))
+        )
+        with self.assertRaisesRegex(PIPELINE, r"num_samples=20\)"):
+            _bank_distiller(num_samples=20).fit(dataset.batch(8), verbose=0)
+
+    def test_ids_added_after_batching(self):
+        batched = tf.data.Dataset.from_tensor_slices((self.x, self.y)).batch(8)
+        with self.assertRaisesRegex(ValueError, "before batching"):
+            _bank_distiller().fit(ksd.data.with_sample_ids(batched), verbose=0)
+
+    def test_teacher_with_nan_weights(self):
+        teacher = tiny.mlp(seed=1)
+        kernel = teacher.layers[0].kernel
+        kernel.assign(np.full(kernel.shape, np.nan, "float32"))
+        distiller = _distiller([ksd.terms.Distillation(teacher)])
+        with self.assertRaisesRegex(ValueError, "NaN or infinite weights"):
+            distiller.fit(self.x, self.y, verbose=0)
+
+    def test_schedule_returning_a_vector(self):
+        class Vector(ksd.schedules.Schedule):
+            def __call__(self, step, epoch):
+                return keras.ops.ones((2,))
+
+            def value_range(self):
+                return 1.0, 1.0
+
+            def get_config(self):
+                return {}
+
+        term = ksd.terms.Distillation(tiny.mlp(seed=1), weight=Vector())
+        with self.assertRaisesRegex(ValueError, "must return a scalar"):
+            _distiller([term]).fit(self.x, self.y, verbose=0)
+
+    def test_one_hot_labels_with_a_sparse_loss(self):
+        one_hot = np.eye(3, dtype="float32")[self.y]
+        with self.assertRaisesRegex(ValueError, "one-hot.*argmax"):
+            _distiller().fit(self.x, one_hot, verbose=0)
+        dataset = tf.data.Dataset.from_tensor_slices((self.x, one_hot))
+        with self.assertRaisesRegex(ValueError, "CategoricalCrossentropy"):
+            _distiller().fit(dataset.batch(8), verbose=0)
