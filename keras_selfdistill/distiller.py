@@ -157,11 +157,14 @@ def _check_training_data(x, y, distiller, num_samples):
             _input_shape(distiller.student),
             lambda spec: select_input(spec, distiller.input_key, "Student"),
         )
+        if not distiller.check_data:
+            return x
         return checks.check_dataset(x, classes, num_samples)
     checks.check_label_encoding(
         getattr(y, "shape", None), classes, distiller.loss
     )
-    checks.check_arrays(x, y, classes, num_samples)
+    if distiller.check_data:
+        checks.check_arrays(x, y, classes, num_samples)
     return x
 
 
@@ -198,6 +201,11 @@ class Distiller(keras.Model):
         input_key: Key of the student's input when the batch inputs are a
             dict that also holds a teacher's privileged input. Defaults to
             `None` (the student reads the whole inputs).
+        check_data: Whether `fit` checks the training data (finite inputs,
+            labels in range, sample ids): once for NumPy arrays, and per
+            batch in the `tf.data` pipeline, on the host beside training.
+            Defaults to `True`; `False` skips the per-batch checks, e.g.
+            for large image batches on a CPU-bound input pipeline.
         name: Name of the model. Defaults to `"distiller"`.
 
     Example:
@@ -220,7 +228,15 @@ class Distiller(keras.Model):
     ```
     """
 
-    def __init__(self, student, terms=(), input_key=None, name=None, **kwargs):
+    def __init__(
+        self,
+        student,
+        terms=(),
+        input_key=None,
+        check_data=True,
+        name=None,
+        **kwargs,
+    ):
         super().__init__(name=name or "distiller", **kwargs)
         if not isinstance(student, keras.Model):
             raise TypeError(
@@ -261,6 +277,7 @@ class Distiller(keras.Model):
         self.terms = list(terms)
         self.exits = with_exits[0].exit_model if with_exits else None
         self.input_key = input_key
+        self.check_data = bool(check_data)
         self.epoch = keras.Variable(
             0, dtype="int32", trainable=False, name="epoch"
         )
@@ -460,6 +477,7 @@ class Distiller(keras.Model):
                 keras.saving.serialize_keras_object(t) for t in self.terms
             ],
             "input_key": self.input_key,
+            "check_data": self.check_data,
         }
 
     @classmethod

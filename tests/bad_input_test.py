@@ -45,6 +45,17 @@ class BadInputTest(parameterized.TestCase):
         with self.assertRaisesRegex(ValueError, "NaN or infinite.*1 non"):
             _distiller().fit(self.x, self.y, verbose=0)
 
+    def test_checks_can_be_turned_off(self):
+        self.x[3, 1] = np.nan
+        distiller = ksd.Distiller(tiny.mlp(), check_data=False)
+        distiller.compile(optimizer="sgd", loss=tiny.sparse_ce())
+        # Trains (on whatever the NaN does) instead of failing.
+        self.assertLen(distiller.fit(self.x, self.y, verbose=0).epoch, 1)
+        dataset = tf.data.Dataset.from_tensor_slices((self.x, self.y))
+        self.assertLen(distiller.fit(dataset.batch(8), verbose=0).epoch, 1)
+        restored = ksd.Distiller.from_config(distiller.get_config())
+        self.assertFalse(restored.check_data)
+
     @parameterized.named_parameters(("eager", False), ("xla", True))
     def test_nan_in_dataset_inputs(self, jit_compile):
         self.x[3, 1] = np.inf
