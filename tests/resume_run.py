@@ -1,9 +1,10 @@
 """Trains one configuration for 4 epochs; run as a script.
 
-`python -m tests.resume_run MODE KIND FOLDER`. MODE `full` trains without
-interruption; `kill` trains with `keras.callbacks.BackupAndRestore` and
-SIGKILLs its own process in the middle of epoch 3 (after batch 2); `resume`
-restarts from that backup. `full` and `resume` write every variable.
+`python -m tests.resume_run MODE FOLDER KIND [KIND ...]`. MODE `full`
+trains without interruption; `kill` trains with
+`keras.callbacks.BackupAndRestore` and SIGKILLs its own process in the
+middle of epoch 3 (after batch 2), so it takes one KIND; `resume` restarts
+from that backup. `full` and `resume` write every variable.
 """
 
 import os
@@ -26,7 +27,12 @@ class _Kill(keras.callbacks.Callback):
         self._epoch = epoch
 
 
-def main(mode, kind, folder):
+def main(mode, folder, *kinds):
+    for kind in kinds:
+        _train(mode, kind, folder)
+
+
+def _train(mode, kind, folder):
     distiller = distributed_run.distiller(keras, ksd, kind)
     callbacks = []
     if mode != "full":

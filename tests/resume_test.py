@@ -18,20 +18,21 @@ class ResumeTest(absltest.TestCase):
         folder = self.create_tempdir().full_path
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 
-        def start(mode, kind):
+        def start(mode, *kinds):
             return subprocess.Popen(
-                [sys.executable, "-m", "tests.resume_run", mode, kind, folder],
+                [sys.executable, "-m", "tests.resume_run", mode, folder]
+                + list(kinds),
                 env=env,
                 cwd=_ROOT,
             )
 
         kinds = distributed_run.KINDS
-        for mode in ("full", "kill", "resume"):
-            # Each process trains one configuration: a kill ends it.
-            processes = [start(mode, kind) for kind in kinds]
-            codes = [process.wait(timeout=600) for process in processes]
-            expected = -signal.SIGKILL if mode == "kill" else 0
-            self.assertEqual(codes, [expected] * len(kinds), mode)
+        # A kill ends its process: one process per configuration.
+        killed = [start("kill", kind) for kind in kinds]
+        codes = [process.wait(timeout=600) for process in killed]
+        self.assertEqual(codes, [-signal.SIGKILL] * len(kinds))
+        for mode in ("full", "resume"):
+            self.assertEqual(start(mode, *kinds).wait(timeout=600), 0, mode)
         for kind in kinds:
             with np.load(os.path.join(folder, f"full_{kind}.npz")) as full:
                 full = dict(full)
