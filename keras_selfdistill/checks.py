@@ -11,6 +11,7 @@ backend and with `jit_compile=True`.
 import keras
 import numpy as np
 
+from keras_selfdistill.teachers import teacher
 from keras_selfdistill.teachers.past_predictions import sample_id_message
 from keras_selfdistill.teachers.teacher import SAMPLE_ID
 
@@ -233,3 +234,55 @@ def check_dataset(dataset, num_classes, num_samples):
         if batch_size > 0:
             checked = checked.unbatch().batch(batch_size)
     return checked
+
+
+def _input_shape(model):
+    try:
+        shape = model.input_shape
+    except (AttributeError, ValueError, RuntimeError):
+        return None
+    return shape if isinstance(shape, tuple) else None
+
+
+def check_fit_data(x, y, distiller, num_samples):
+    """Checks what can be checked at no step cost; returns the inputs.
+
+    An empty or unbatched dataset fails here; NumPy data is checked once
+    and `tf.data` batches in the input pipeline (see
+    `keras_selfdistill.checks`).
+    """
+    classes = teacher.num_classes(distiller.student)
+    if x is None:
+        return x
+    import tensorflow as tf
+
+    if isinstance(x, tf.data.Dataset):
+        if int(x.cardinality()) == 0:
+            raise ValueError(
+                "The training dataset is empty (cardinality 0), so `fit` "
+                "would run no step. Check filters, `take`/`skip` and the "
+                "batch size with `drop_remainder=True`. "
+                f"Received: x={x}"
+            )
+        spec = x.element_spec
+        labels = spec[1] if isinstance(spec, tuple) and len(spec) > 1 else None
+        shape = getattr(labels, "shape", None)
+        check_label_encoding(
+            None if shape is None or shape.rank is None else tuple(shape),
+            classes,
+            distiller.loss,
+        )
+        check_batched(
+            x,
+            _input_shape(distiller.student),
+            lambda spec: teacher.select_input(
+                spec, distiller.input_key, "Student"
+            ),
+        )
+        if not distiller.check_data:
+            return x
+        return check_dataset(x, classes, num_samples)
+    check_label_encoding(getattr(y, "shape", None), classes, distiller.loss)
+    if distiller.check_data:
+        check_arrays(x, y, classes, num_samples)
+    return x

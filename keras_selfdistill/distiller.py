@@ -9,9 +9,10 @@ from keras import ops
 from keras.src.trainers.compile_utils import MetricsList
 
 from keras_selfdistill import checks
+from keras_selfdistill.callbacks.training_events import NO_STEP
+from keras_selfdistill.callbacks.training_events import TrainingEvents
 from keras_selfdistill.exits import OUTPUT
 from keras_selfdistill.exits import one_hot_labels
-from keras_selfdistill.teachers.teacher import num_classes
 from keras_selfdistill.teachers.teacher import select_input
 from keras_selfdistill.terms.term import Term
 
@@ -54,41 +55,6 @@ class _TermMetrics(MetricsList):
         return self.get_result()
 
 
-_NO_STEP = (
-    "`fit` ran no training step: the training data yielded no batch. Check "
-    "filters, `take`/`skip`, and `drop_remainder` with a batch size larger "
-    "than the data."
-)
-
-
-class _TrainingEvents(keras.callbacks.Callback):
-    """Epoch counter and teacher hooks; fails a fit that ran no step.
-
-    Keras only warns ("Your input ran out of data") when a dataset of
-    unknown size turns out empty, and returns an empty History as if it had
-    trained; an epoch that ran a step always logs at least `loss`.
-    """
-
-    def __init__(self, distiller):
-        super().__init__()
-        self.distiller = distiller
-
-    def on_train_begin(self, logs=None):
-        self.first_epoch = True
-        for teacher in self.distiller.teachers:
-            teacher.on_train_begin()
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.distiller.epoch.assign(epoch)
-
-    def on_epoch_end(self, epoch, logs=None):
-        if self.first_epoch and not logs:
-            raise ValueError(_NO_STEP)
-        self.first_epoch = False
-        for teacher in self.distiller.teachers:
-            teacher.on_epoch_end(epoch)
-
-
 def _unscale_for_distribution(value):
     # Keras divides each replica's loss by the replica count; the metric
     # reports the per-example value, as Keras's own loss tracker does.
@@ -114,58 +80,6 @@ def _first_leaf(structure):
     return next(
         leaf for leaf in keras.tree.flatten(structure) if leaf is not None
     )
-
-
-def _input_shape(model):
-    try:
-        shape = model.input_shape
-    except (AttributeError, ValueError, RuntimeError):
-        return None
-    return shape if isinstance(shape, tuple) else None
-
-
-def _check_training_data(x, y, distiller, num_samples):
-    """Checks what can be checked at no step cost; returns the inputs.
-
-    An empty or unbatched dataset fails here; NumPy data is checked once
-    and `tf.data` batches in the input pipeline (see
-    `keras_selfdistill.checks`).
-    """
-    classes = num_classes(distiller.student)
-    if x is None:
-        return x
-    import tensorflow as tf
-
-    if isinstance(x, tf.data.Dataset):
-        if int(x.cardinality()) == 0:
-            raise ValueError(
-                "The training dataset is empty (cardinality 0), so `fit` "
-                "would run no step. Check filters, `take`/`skip` and the "
-                "batch size with `drop_remainder=True`. "
-                f"Received: x={x}"
-            )
-        spec = x.element_spec
-        labels = spec[1] if isinstance(spec, tuple) and len(spec) > 1 else None
-        shape = getattr(labels, "shape", None)
-        checks.check_label_encoding(
-            None if shape is None or shape.rank is None else tuple(shape),
-            classes,
-            distiller.loss,
-        )
-        checks.check_batched(
-            x,
-            _input_shape(distiller.student),
-            lambda spec: select_input(spec, distiller.input_key, "Student"),
-        )
-        if not distiller.check_data:
-            return x
-        return checks.check_dataset(x, classes, num_samples)
-    checks.check_label_encoding(
-        getattr(y, "shape", None), classes, distiller.loss
-    )
-    if distiller.check_data:
-        checks.check_arrays(x, y, classes, num_samples)
-    return x
 
 
 @keras.saving.register_keras_serializable(package="keras_selfdistill")
@@ -449,7 +363,7 @@ class Distiller(keras.Model):
         bound = inspect.signature(keras.Model.fit).bind(self, *args, **kwargs)
         arguments = bound.arguments
         id_limits = [t.num_samples for t in self.teachers if t.keyed_by_id]
-        arguments["x"] = _check_training_data(
+        arguments["x"] = checks.check_fit_data(
             arguments.get("x"),
             arguments.get("y"),
             self,
@@ -460,14 +374,14 @@ class Distiller(keras.Model):
             callbacks = [callbacks]
         # First, so that a snapshot taken at an epoch's end is in the state
         # that BackupAndRestore or ModelCheckpoint save at the same moment.
-        arguments["callbacks"] = [_TrainingEvents(self)] + list(callbacks)
+        arguments["callbacks"] = [TrainingEvents(self)] + list(callbacks)
         arguments.pop("self")
         try:
             return super().fit(**arguments)
         except StopIteration as error:
             # JAX's trainer builds from the first batch and lets an empty
             # iterator's StopIteration through.
-            raise ValueError(_NO_STEP) from error
+            raise ValueError(NO_STEP) from error
 
     def get_config(self):
         return {

@@ -1,0 +1,1 @@
+"""Callbacks that `Distiller.fit` adds for its own epoch-level events."""
