@@ -4,8 +4,10 @@ import sys
 
 import keras
 import numpy as np
+from absl.testing import absltest
 from absl.testing import parameterized
 
+import keras_selfdistill as ksd
 from tests import distributed_run
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,4 +62,27 @@ class DataParallelTest(parameterized.TestCase):
         np.testing.assert_array_equal(copies[0], copies[1])
         np.testing.assert_allclose(
             copies[0], results["1/past_predictions/bank_copies"][0], atol=1e-5
+        )
+
+
+class CoverageTest(absltest.TestCase):
+    def test_every_teacher_and_term_has_a_configuration(self):
+        # The configurations in `distributed_run.KINDS` drive the
+        # multi-device, resume, XLA and mixed-precision tests; a new teacher
+        # or term fails here until it is added to them.
+        used = set()
+        for kind in distributed_run.KINDS:
+            distiller = distributed_run.distiller(keras, ksd, kind)
+            for term in distiller.terms:
+                used.add(type(term))
+                for teacher in term.teachers:
+                    used.add(type(teacher))
+                    used.update(map(type, getattr(teacher, "teachers", [])))
+        public = {
+            getattr(module, name)
+            for module in (ksd.teachers, ksd.terms)
+            for name in module.__all__
+        } - {ksd.teachers.Teacher, ksd.terms.Term}
+        self.assertEqual(
+            sorted(c.__name__ for c in public - used), [], "not covered"
         )

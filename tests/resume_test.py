@@ -34,7 +34,8 @@ class ResumeTest(absltest.TestCase):
         for mode in ("full", "resume"):
             self.assertEqual(start(mode, *kinds).wait(timeout=600), 0, mode)
         for kind in kinds:
-            with np.load(os.path.join(folder, f"full_{kind}.npz")) as full:
+            path = os.path.join(folder, f"full_{kind}.npz")
+            with np.load(path, allow_pickle=False) as full:
                 full = dict(full)
             path = os.path.join(folder, f"resume_{kind}.npz")
             with np.load(path, allow_pickle=False) as resumed:
