@@ -18,7 +18,11 @@ def main(argv=None):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from keras_selfdistill import demo
 
-    demo.main(argv[1:])
+    try:
+        demo.main(argv[1:])
+    except FileExistsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -26,6 +26,22 @@ class DemoTest(parameterized.TestCase):
         with self.assertRaisesRegex(FileExistsError, "--overwrite"):
             demo.run(seeds=1, epochs=1, output=path, limit=10)
 
+    def test_command_line_refuses_an_existing_output(self):
+        path = os.path.join(self.create_tempdir().full_path, "s.keras")
+        with open(path, "w") as file:
+            file.write("not ours")
+        result = subprocess.run(
+            [sys.executable, "-m", "keras_selfdistill", "demo"]
+            + ["--output", path, "--limit", "10"],
+            capture_output=True,
+            text=True,
+        )
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("--overwrite", result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+        with open(path) as file:
+            self.assertEqual(file.read(), "not ours")
+
     def test_command_line_usage(self):
         result = subprocess.run(
             [sys.executable, "-m", "keras_selfdistill"],
