@@ -8,6 +8,8 @@ raises `tf.errors.InvalidArgumentError` with the message below on every
 backend and with `jit_compile=True`.
 """
 
+import types
+
 import keras
 import numpy as np
 
@@ -236,6 +238,20 @@ def check_dataset(dataset, num_classes, num_samples):
     return checked
 
 
+def _checked_batches(generator, num_classes, num_samples, loss):
+    """Yields the generator's batches, each checked like NumPy data."""
+    for element in generator:
+        x, y = _split(element)
+        check_label_encoding(getattr(y, "shape", None), num_classes, loss)
+        check_arrays(
+            x,
+            y if isinstance(y, np.ndarray) else None,
+            num_classes,
+            num_samples,
+        )
+        yield element
+
+
 def _input_shape(model):
     try:
         shape = model.input_shape
@@ -247,13 +263,17 @@ def _input_shape(model):
 def check_fit_data(x, y, distiller, num_samples):
     """Checks what can be checked at no step cost; returns the inputs.
 
-    An empty or unbatched dataset fails here; NumPy data is checked once
-    and `tf.data` batches in the input pipeline (see
-    `keras_selfdistill.checks`).
+    An empty or unbatched dataset fails here; NumPy data is checked once,
+    the batches of a Python generator as they are drawn, and `tf.data`
+    batches in the input pipeline (see `keras_selfdistill.checks`).
     """
     classes = teacher.num_classes(distiller.student)
     if x is None:
         return x
+    if isinstance(x, types.GeneratorType):
+        if not distiller.check_data:
+            return x
+        return _checked_batches(x, classes, num_samples, distiller.loss)
     import tensorflow as tf
 
     if isinstance(x, tf.data.Dataset):

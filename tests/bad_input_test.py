@@ -45,6 +45,19 @@ class BadInputTest(parameterized.TestCase):
         with self.assertRaisesRegex(ValueError, "NaN or infinite.*1 non"):
             _distiller().fit(self.x, self.y, verbose=0)
 
+    def test_bad_batch_from_a_python_generator(self):
+        def batches():
+            for start in range(0, 24, 8):
+                labels = self.y[start : start + 8].copy()
+                if start == 16:
+                    labels[0] = 9
+                yield self.x[start : start + 8], labels
+
+        # TensorFlow's generator adapter reraises it as InvalidArgumentError.
+        errors = (ValueError, PIPELINE)
+        with self.assertRaisesRegex(errors, r"\[0, 3\).*to 9"):
+            _distiller().fit(batches(), verbose=0)
+
     def test_checks_can_be_turned_off(self):
         self.x[3, 1] = np.nan
         distiller = ksd.Distiller(tiny.mlp(), check_data=False)
