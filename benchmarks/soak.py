@@ -7,9 +7,10 @@ a frozen CNN teacher, for `--epochs` epochs, with a validation set and
 `keras.callbacks.BackupAndRestore` writing every epoch (the usual long-run
 setup). After each epoch it records the process's resident set size
 (VmRSS) and reports the growth after epoch `--after` (1-based):
-`max(RSS[after+1:]) / RSS[after] - 1`.
+`max(RSS[after+1:]) / RSS[after] - 1`. `--plain` trains the same student
+on the same data with no terms, to see what Keras alone does.
 
-    python benchmarks/soak.py [--epochs 50] [--train N] [--after 2]
+    python benchmarks/soak.py [--epochs 50] [--train N] [--after 2] [--plain]
     KERAS_BACKEND=jax python benchmarks/soak.py
 """
 
@@ -55,6 +56,11 @@ def main():
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--train", type=int, default=None)
     parser.add_argument("--after", type=int, default=2)
+    parser.add_argument(
+        "--plain",
+        action="store_true",
+        help="the same student and data with no terms (Keras alone)",
+    )
     args = parser.parse_args()
 
     (x, y), (x_test, y_test) = ksd.datasets.load_mnist()
@@ -68,9 +74,10 @@ def main():
     )
     teacher.fit(x, y, batch_size=64, epochs=1, verbose=0)
     student = demo.blocks_model()
-    distiller = ksd.Distiller(
-        student,
-        [
+    terms = (
+        []
+        if args.plain
+        else [
             ksd.terms.AuxiliaryExits(["block1", "block2", "block3"]),
             ksd.terms.Distillation(
                 ksd.teachers.PastPredictions(len(x), 10),
@@ -86,14 +93,18 @@ def main():
             ksd.terms.Distillation(
                 teacher, temperature=4.0, weight=0.5, name="teacher"
             ),
-        ],
+        ]
     )
+    # Plain: the student itself, compiled and fitted by Keras alone.
+    distiller = student if args.plain else ksd.Distiller(student, terms)
     distiller.compile(
         optimizer=keras.optimizers.Adam(1e-3),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
-    train = ksd.data.with_sample_ids(tf.data.Dataset.from_tensor_slices((x, y)))
+    train = tf.data.Dataset.from_tensor_slices((x, y))
+    if not args.plain:
+        train = ksd.data.with_sample_ids(train)
     train = train.shuffle(len(x), seed=0).batch(64)
     memory = _Memory()
     with tempfile.TemporaryDirectory() as backup:
@@ -108,6 +119,7 @@ def main():
     base = rss[args.after - 1]
     growth = rss[args.after :].max() / base - 1
     print(
+        f"{'plain Keras' if args.plain else 'all terms'}, "
         f"backend {keras.backend.backend()}, {platform.processor() or 'cpu'}"
         f", {os.cpu_count()} cores; {args.epochs} epochs of {len(x)} images,"
         f" median epoch {np.median(memory.seconds):.2f} s"
