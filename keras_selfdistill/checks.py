@@ -296,7 +296,7 @@ def check_fit_data(x, y, distiller, num_samples):
             x,
             _input_shape(distiller.student),
             lambda spec: teacher.select_input(
-                spec, distiller.input_key, "Student"
+                spec, distiller.input_key, "The student"
             ),
         )
         if not distiller.check_data:

@@ -10,7 +10,6 @@ Run it with `python -m keras_selfdistill demo` (`--help` for options).
 
 import argparse
 import math
-import os
 import time
 
 import keras
@@ -118,12 +117,9 @@ def run(
     overwrite=False,
 ):
     """Runs the demo and returns its rows as a list of dicts."""
-    if output and os.path.exists(output) and not overwrite:
+    if output:
         # Before training, not after it.
-        raise FileExistsError(
-            f"{output} exists. Pass `--overwrite` to replace it, or choose "
-            "another `--output`."
-        )
+        files.check_writable(output, overwrite)
     (x, y), (x_test, y_test) = datasets.load_mnist()
     if limit:
         x, y, x_test, y_test = (

@@ -302,8 +302,7 @@ class Distiller(keras.Model):
         finally:
             self._traced_step = None
         trainable, non_trainable, optimizer_variables, metrics = state
-        mapping = list(zip(self.trainable_variables, trainable))
-        mapping += zip(self.non_trainable_variables, non_trainable)
+        mapping = self._state_mapping(trainable, non_trainable)
         with keras.StatelessScope(state_mapping=mapping) as scope:
             for teacher in self.teachers:
                 teacher.update(data)
@@ -314,6 +313,12 @@ class Distiller(keras.Model):
             )
         ]
         return logs, (trainable, non_trainable, optimizer_variables, metrics)
+
+    def _state_mapping(self, trainable, non_trainable):
+        """Pairs the model's variables with their values in a JAX state."""
+        return list(zip(self.trainable_variables, trainable)) + list(
+            zip(self.non_trainable_variables, non_trainable)
+        )
 
     def _step(self):
         """The optimizer step: completed updates before this one."""
@@ -347,8 +352,7 @@ class Distiller(keras.Model):
         if keras.backend.backend() != "jax":
             return self._predict_final(*args)
         (trainable, non_trainable), data = args
-        mapping = list(zip(self.trainable_variables, trainable))
-        mapping += zip(self.non_trainable_variables, non_trainable)
+        mapping = self._state_mapping(trainable, non_trainable)
         with keras.StatelessScope(state_mapping=mapping):
             outputs = self._predict_final(data)
         return outputs, non_trainable

@@ -4,6 +4,34 @@ import os
 import tempfile
 
 
+def check_writable(path, overwrite=False):
+    """Fails unless `save_model(model, path, overwrite)` would write `path`.
+
+    For programs that should refuse before a long training, not after it.
+
+    Args:
+        path: Destination, ending in `.keras`.
+        overwrite: Whether an existing file at `path` may be replaced.
+            Defaults to `False`.
+
+    Example:
+
+    ```python
+    keras_selfdistill.files.check_writable("student.keras")
+    ```
+    """
+    path = os.fspath(path)
+    if not path.endswith(".keras"):
+        raise ValueError(
+            f"The model file name must end in `.keras`. Received: path={path!r}"
+        )
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(
+            f"{path} exists and may not be ours to replace. Choose another "
+            "path, remove it, or pass `overwrite=True` (`--overwrite`)."
+        )
+
+
 def save_model(model, path, overwrite=False):
     """Saves `model` to the `.keras` file `path` atomically.
 
@@ -27,15 +55,7 @@ def save_model(model, path, overwrite=False):
     ```
     """
     path = os.fspath(path)
-    if not path.endswith(".keras"):
-        raise ValueError(
-            f"The model file name must end in `.keras`. Received: path={path!r}"
-        )
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(
-            f"{path} exists and may not be ours to replace. Choose another "
-            "path, remove it, or pass `overwrite=True` (`--overwrite`)."
-        )
+    check_writable(path, overwrite)
     folder = os.path.dirname(os.path.abspath(path))
     descriptor, temporary = tempfile.mkstemp(
         suffix=".keras", prefix=".saving-", dir=folder

@@ -8,12 +8,16 @@ from keras_selfdistill.teachers.teacher import check_positive_int
 from keras_selfdistill.teachers.teacher import num_classes
 
 
+def _scatter_in_place(tf_variable, ids, rows):
+    import tensorflow as tf
+
+    # In place: a functional scatter would copy the whole bank per step.
+    tf_variable.scatter_update(tf.IndexedSlices(rows, ids))
+
+
 def _scatter_rows(variable, ids, rows):
     if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        # In place: a functional scatter would copy the whole bank per step.
-        variable.value.scatter_update(tf.IndexedSlices(rows, ids))
+        _scatter_in_place(variable.value, ids, rows)
     else:
         variable.assign(ops.scatter_update(variable, ids[:, None], rows))
 
@@ -238,9 +242,7 @@ def _write_rows(variable, ids, rows, num_samples):
         # Unique within each replica's slice was checked; now across them.
         ids = _check_ids(ids, num_samples)
         strategy.extended.update(
-            variable.value,
-            lambda copy, i, r: copy.scatter_update(tf.IndexedSlices(r, i)),
-            args=(ids, rows),
+            variable.value, _scatter_in_place, args=(ids, rows)
         )
 
     context.merge_call(write, args=(ids, rows))
