@@ -78,10 +78,7 @@ def _split(seed, size):
 def _self_term(method, size, epochs):
     steps = math.ceil(size / _BATCH)
     if method == "pskd":
-        return ksd.terms.Distillation(
-            ksd.teachers.PastPredictions(size, 10),
-            xi=ksd.schedules.LinearRampUp(ramp_up_epochs=epochs, end=0.8),
-        )
+        return ksd.recipes.ps_kd(size, 10, epochs=epochs)
     return ksd.terms.Distillation(
         ksd.teachers.EMA(momentum=0.99),
         weight=ksd.schedules.SigmoidRampUp(ramp_up_steps=5 * steps),

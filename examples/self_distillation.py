@@ -74,11 +74,8 @@ def compile_model(model):
 
 def self_teacher_term(method, num_samples, epochs):
     if method == "pskd":
-        # PS-KD: targets (1 − α_t)·y + α_t·p_prev, α_t ramped to 0.8.
-        return ksd.terms.Distillation(
-            ksd.teachers.PastPredictions(num_samples, num_classes=10),
-            xi=ksd.schedules.LinearRampUp(ramp_up_epochs=epochs, end=0.8),
-        )
+        # PS-KD: targets (1 − α_t)·y + α_t·p_prev, α_t = 0.8·(t + 1)/T.
+        return ksd.recipes.ps_kd(num_samples, 10, epochs=epochs)
     if method == "ema":
         return ksd.terms.Distillation(
             ksd.teachers.EMA(momentum=0.99),

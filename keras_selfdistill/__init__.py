@@ -7,6 +7,7 @@ from keras_selfdistill import files
 from keras_selfdistill import generations
 from keras_selfdistill import metrics
 from keras_selfdistill import ops
+from keras_selfdistill import recipes
 from keras_selfdistill import schedules
 from keras_selfdistill import teachers
 from keras_selfdistill import terms
@@ -23,6 +24,7 @@ __all__ = [
     "generations",
     "metrics",
     "ops",
+    "recipes",
     "schedules",
     "teachers",
     "terms",

@@ -13,6 +13,7 @@ import types
 import keras
 import numpy as np
 
+from keras_selfdistill import _internals
 from keras_selfdistill.teachers import teacher
 from keras_selfdistill.teachers.past_predictions import sample_id_message
 from keras_selfdistill.teachers.teacher import SAMPLE_ID
@@ -230,9 +231,7 @@ def check_dataset(dataset, num_classes, num_samples):
         # Keras shards a dataset across processes by its batch size, which
         # tf.data reads from the last `batch` and not through a `map`:
         # batching again to the same size states it.
-        from tensorflow.python.data.experimental.ops import distribute
-
-        batch_size = int(distribute.compute_batch_size(dataset))
+        batch_size = _internals.dataset_batch_size(dataset)
         if batch_size > 0:
             checked = checked.unbatch().batch(batch_size)
     return checked

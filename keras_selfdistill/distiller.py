@@ -3,11 +3,7 @@ import inspect
 import keras
 from keras import ops
 
-# Keras's monitor callbacks infer `mode="auto"` only for metrics grouped in a
-# MetricsList; grouping the term metrics there lets
-# `EarlyStopping(monitor="distillation_loss")` work without `mode="min"`.
-from keras.src.trainers.compile_utils import MetricsList
-
+from keras_selfdistill import _internals
 from keras_selfdistill import checks
 from keras_selfdistill.callbacks.training_events import NO_STEP
 from keras_selfdistill.callbacks.training_events import TrainingEvents
@@ -20,7 +16,7 @@ from keras_selfdistill.terms.term import Term
 class _LossMean(keras.metrics.Mean):
     def __init__(self, name):
         super().__init__(name=name)
-        self._direction = "down"
+        _internals.set_direction(self, "down")
 
     def add_batch(self, value, batch_size):
         # `update_state(value, sample_weight=batch_size)` broadcasts, casts
@@ -36,7 +32,7 @@ class _ExitAccuracy(keras.metrics.Mean):
 
     def __init__(self, name):
         super().__init__(name=name)
-        self._direction = "up"
+        _internals.set_direction(self, "up")
 
     def update_exit(self, y, logits, sample_weight):
         if one_hot_labels(y, logits):
@@ -50,7 +46,9 @@ class _ExitAccuracy(keras.metrics.Mean):
         self.update_state(ops.cast(hits, self.dtype), sample_weight)
 
 
-class _TermMetrics(MetricsList):
+# Grouped in Keras's MetricsList, the term metrics need no `mode=` in
+# `EarlyStopping(monitor="distillation_loss")`.
+class _TermMetrics(_internals.MetricsList):
     def result(self):
         return self.get_result()
 
@@ -87,9 +85,12 @@ class Distiller(keras.Model):
     """Trains a student with distillation terms inside plain `model.fit`.
 
     The distiller is a `keras.Model` wrapping the student. Its objective,
-    in `compute_loss`, is the compiled supervised loss plus the student's
-    regularization losses plus `Σ weight · term`; a term with `xi` set
-    scales the supervised loss by `1 − ξ` instead. `train_step` is Keras's
+    in `compute_loss`, is the compiled supervised loss plus the losses of
+    every model that ran in the step (the student's and its exit heads'
+    `add_loss`, activity and weight regularizers, on both backends) plus
+    `Σ weight · term`; a term with `xi` set scales the supervised loss by
+    `1 − ξ` instead, except for samples its teacher has no target for yet,
+    which keep their label at full weight. `train_step` is Keras's
     own followed by the teachers' updates, so loss scaling, mixed precision,
     distribution strategies and every callback work unchanged.
 
@@ -179,6 +180,7 @@ class Distiller(keras.Model):
             )
         for term in terms:
             term.attach(student)
+            term._bind(self)
         with_exits = [t for t in terms if getattr(t, "exit_model", None)]
         if len(with_exits) > 1:
             raise ValueError(
@@ -227,19 +229,20 @@ class Distiller(keras.Model):
         outputs = y_pred
         if self.exits is not None:
             y_pred = outputs[OUTPUT]
-        if y is not None and self._compile_loss is not None:
-            supervised = self._compile_loss(y, y_pred, sample_weight)
-        elif self._compile_loss is not None:
+        if y is None and _internals.compiled_loss(self) is not None:
             raise ValueError(
                 "The distiller was compiled with a loss but the data has no "
                 "labels. For label-free distillation (teacher targets only) "
                 "compile without `loss`; otherwise pass labels to `fit`."
             )
-        else:
-            supervised = None
-        losses = [ops.sum(loss) for loss in self.student.losses]
+        # The losses of what ran in the forward pass (student, exit heads)
+        # and the regularizers of every trainable weight (projections too),
+        # read before the teachers run so that theirs stay out. On JAX
+        # Keras hands the forward's losses over through `self.losses`.
+        losses = [ops.sum(loss) for loss in self.losses]
         terms = self.terms if training else []
-        if supervised is None and not terms and not losses:
+        supervised = _internals.compiled_loss(self) is not None
+        if not supervised and not terms and not losses:
             if not training:
                 return ops.zeros(())
             raise ValueError(
@@ -251,7 +254,7 @@ class Distiller(keras.Model):
             step = self._step()
             batch_size = ops.shape(_first_leaf(x))[0]
         for term, tracker in zip(terms, self.term_metrics.metrics):
-            value = term.compute_loss(
+            value, mask = term.compute_loss_and_mask(
                 x,
                 y,
                 outputs if getattr(term, "reads_exits", False) else y_pred,
@@ -263,21 +266,53 @@ class Distiller(keras.Model):
             weight = term.hyperparameter("weight", step, self.epoch)
             if term.mixes_labels:
                 xi = term.hyperparameter("xi", step, self.epoch)
-                weight, label_scale = weight * xi, 1.0 - xi
+                weight = weight * xi
+                # A sample the teacher has no target for keeps its label.
+                label_scale = 1.0 - (xi if mask is None else xi * mask)
             losses.append(weight * value)
-        if supervised is not None:
+        if supervised:
             losses.append(
-                supervised if label_scale is None else label_scale * supervised
+                self._supervised_loss(y, y_pred, sample_weight, label_scale)
             )
         total = losses[0]
         for loss in losses[1:]:
             total = total + loss
         return total
 
+    def _supervised_loss(self, y, y_pred, sample_weight, label_scale):
+        if label_scale is None:
+            return _internals.compiled_loss(self)(y, y_pred, sample_weight)
+        if len(label_scale.shape) == 0:
+            return label_scale * _internals.compiled_loss(self)(
+                y, y_pred, sample_weight
+            )
+        # Per sample: through the sample weights, so that the compiled
+        # loss reduces it exactly as it reduces any other weighting.
+        rank = len(y_pred.shape) - 1
+        scale = ops.reshape(
+            label_scale, ops.shape(label_scale) + (1,) * (rank - 1)
+        )
+        weights = ops.ones(ops.shape(y_pred)[:-1], "float32") * scale
+        if sample_weight is not None:
+            sample_weight = ops.cast(sample_weight, "float32")
+            while len(sample_weight.shape) < rank:
+                sample_weight = ops.expand_dims(sample_weight, -1)
+            weights = weights * sample_weight
+        return _internals.compiled_loss(self)(y, y_pred, weights)
+
     @property
     def teachers(self):
-        """The teachers of all terms, in order."""
-        return [teacher for term in self.terms for teacher in term.teachers]
+        """Every teacher of every term, those inside an ensemble included.
+
+        The one traversal that the data checks, the teachers' hooks and the
+        tests use, so a nested teacher gets everything a top-level one does.
+        """
+        return [
+            leaf
+            for term in self.terms
+            for teacher in term.teachers
+            for leaf in teacher.walk()
+        ]
 
     def train_step(self, *args, **kwargs):
         if keras.backend.backend() == "jax":

@@ -17,6 +17,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_selfdistill import _internals
+
 OUTPUT = "output"
 DEEPEST_FEATURES = "deepest_features"
 _FEATURES = "_features"
@@ -221,7 +223,7 @@ class Exits(keras.Model):
             if self.features:
                 outputs[features_key(name)] = _pool(tapped)
         if self.features:
-            final = output._keras_history.operation
+            final = _internals.producing_operation(output)
             inputs = getattr(final, "input", None)
             if not hasattr(inputs, "shape"):
                 raise ValueError(

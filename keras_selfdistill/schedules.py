@@ -128,11 +128,11 @@ class LinearRampUp(_RampUp):
     """Goes linearly from `start` to `end`, then stays at `end`.
 
     Counted in optimizer steps (`ramp_up_steps`) or in epochs
-    (`ramp_up_epochs`); with epochs the value is constant within an epoch,
-    which is what PS-KD's `α_t = α_T · t / T` needs.
-
-    Reference:
-    - [Kim et al., 2021](https://arxiv.org/abs/2006.12000) (PS-KD)
+    (`ramp_up_epochs`); with epochs the value is constant within an epoch:
+    in the 0-based epoch `t` it is `start + (end − start)·t/ramp_up_epochs`,
+    so `end` is first reached in epoch `ramp_up_epochs`. (PS-KD's
+    `α_T·(t + 1)/T` reaches `α_T` in the last epoch `T − 1`: use
+    `keras_selfdistill.recipes.ps_kd`.)
 
     Args:
         ramp_up_steps: Number of optimizer steps to reach `end`.

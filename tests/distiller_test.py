@@ -407,8 +407,11 @@ class DistillerTest(parameterized.TestCase):
             restored.predict(self.x, verbose=0),
             distiller.predict(self.x, verbose=0),
         )
-        self.assertEqual(int(restored.epoch), 1)
+        # The counter holds the epochs trained, so training the loaded
+        # distiller on without `initial_epoch` continues the schedules.
+        self.assertEqual(int(restored.epoch), 2)
         restored.fit(self.x, self.y, epochs=1, verbose=0)
+        self.assertEqual(int(restored.epoch), 3)
 
     def test_student_loads_without_the_library(self):
         distiller = ksd.Distiller(

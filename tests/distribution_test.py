@@ -73,11 +73,8 @@ class CoverageTest(absltest.TestCase):
         used = set()
         for kind in distributed_run.KINDS:
             distiller = distributed_run.distiller(keras, ksd, kind)
-            for term in distiller.terms:
-                used.add(type(term))
-                for teacher in term.teachers:
-                    used.add(type(teacher))
-                    used.update(map(type, getattr(teacher, "teachers", [])))
+            used.update(type(term) for term in distiller.terms)
+            used.update(type(teacher) for teacher in distiller.teachers)
         public = {
             getattr(module, name)
             for module in (ksd.teachers, ksd.terms)

@@ -63,6 +63,8 @@ class EMA(Teacher):
             name="updates",
         )
 
+    follows_student = True
+
     def attach(self, student):
         self._follow(student)
         self.model = clone_student(student, "The EMA teacher")

@@ -84,18 +84,26 @@ class Ensemble(Teacher):
         for teacher in self.teachers:
             teacher.attach(student)
 
+    @property
+    def follows_student(self):
+        return any(t.follows_student for t in self.teachers)
+
+    def walk(self):
+        return [self] + [leaf for t in self.teachers for leaf in t.walk()]
+
     def targets(self, x, y_pred, temperature):
+        return self.targets_and_mask(x, y_pred, temperature)[0]
+
+    def targets_and_mask(self, x, y_pred, temperature):
         temperature = ops.cast(temperature, "float32")
-        log_probs = ops.stack(
-            [
-                ops.log_softmax(
-                    ops.cast(t.targets(x, y_pred, temperature), "float32")
-                    / temperature,
-                    axis=-1,
-                )
-                for t in self.teachers
-            ]
-        )
+        log_probs, masks = [], []
+        for teacher in self.teachers:
+            logits, mask = teacher.targets_and_mask(x, y_pred, temperature)
+            log_probs.append(
+                ops.log_softmax(ops.cast(logits, "float32") / temperature, -1)
+            )
+            masks.append(mask)
+        log_probs = ops.stack(log_probs)
         weights = ops.convert_to_tensor(self.teacher_weights, "float32")
         if self.drop_rate > 0.0:
             draws = keras.random.uniform(
@@ -106,24 +114,27 @@ class Ensemble(Teacher):
             )
             weights = ops.where(keep, weights, 0.0)
         weights = weights / ops.sum(weights)
-        log_weights = ops.log(weights)
-        log_weights = ops.reshape(
-            log_weights, (-1,) + (1,) * (len(log_probs.shape) - 1)
-        )
-        mixture = ops.logsumexp(log_probs + log_weights, axis=0)
-        return ops.stop_gradient(temperature * mixture)
-
-    def update(self, data):
-        for teacher in self.teachers:
-            teacher.update(data)
-
-    def on_train_begin(self):
-        for teacher in self.teachers:
-            teacher.on_train_begin()
-
-    def on_epoch_end(self, epoch):
-        for teacher in self.teachers:
-            teacher.on_epoch_end(epoch)
+        batch_axes = (1,) * (len(log_probs.shape) - 1)
+        weights = ops.reshape(weights, (-1,) + batch_axes)
+        mask = None
+        if any(m is not None for m in masks):
+            # Per sample, the mixture is over the members that have a
+            # target for it; a sample none has a target for has no target.
+            ones = ops.ones(ops.shape(log_probs)[1:2], "float32")
+            present = ops.stack(
+                [ones if m is None else ops.cast(m, "float32") for m in masks]
+            )
+            present = ops.reshape(
+                present, ops.shape(present) + (1,) * (len(batch_axes) - 1)
+            )
+            shares = weights * present
+            total = ops.sum(shares, axis=0)
+            weights = ops.where(total > 0.0, shares / total, weights)
+            mask = ops.cast(
+                ops.reshape(total, ops.shape(total)[:1]) > 0.0, "float32"
+            )
+        mixture = ops.logsumexp(log_probs + ops.log(weights), axis=0)
+        return ops.stop_gradient(temperature * mixture), mask
 
     def get_config(self):
         config = super().get_config()

@@ -2,10 +2,15 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_selfdistill import _internals
+
 from keras_selfdistill.teachers.teacher import SAMPLE_ID
 from keras_selfdistill.teachers.teacher import Teacher
 from keras_selfdistill.teachers.teacher import check_positive_int
 from keras_selfdistill.teachers.teacher import num_classes
+
+
+_LOG_PROB_FLOOR = -1e4
 
 
 def _scatter_in_place(tf_variable, ids, rows):
@@ -35,9 +40,7 @@ def _check_ids(ids, num_samples):
     if keras.backend.backend() != "tensorflow":
         # Compiled JAX code cannot raise: `fit` checks ids in the input
         # pipeline; concrete ids (an eager call) are checked here.
-        import jax
-
-        if isinstance(ids, jax.core.Tracer):
+        if _internals.is_jax_tracer(ids):
             return ids
         values = np.asarray(ids)
         if values.size and (
@@ -79,14 +82,15 @@ class PastPredictions(Teacher):
     extra forward pass), keyed by the sample id that
     `keras_selfdistill.data.with_sample_ids` attaches, so shuffling and
     augmentation cannot misalign them. A sample not yet seen (its bank row
-    is +inf, never a log-probability) is its own target (zero loss), so the
-    first epoch trains on labels only.
+    is +inf, never a log-probability) has no target: the term leaves it out
+    and its label loss keeps full weight (no `1 − ξ`), as in the official
+    code, where the first epoch's past predictions are the one-hot labels.
 
-    PS-KD's targets `(1 − α_t)·y + α_t·p_prev` with `α_t = α_T·t/T` are
-    obtained with `Distillation(PastPredictions(n), xi=LinearRampUp(
-    ramp_up_epochs=T, end=α_T))`: cross-entropy against the mixed target
-    equals `(1 − α_t)·CE(y) + α_t·KL(p_prev ‖ p)` up to the constant entropy
-    of `p_prev`, so the gradients are PS-KD's exactly.
+    PS-KD's targets `(1 − α_t)·y + α_t·p_prev`, with `α_t = α_T·(t + 1)/T`
+    in the 0-based epoch `t` of `T` (lgcnsai/PS-KD-Pytorch, `main.py`), are
+    what `keras_selfdistill.recipes.ps_kd` builds: cross-entropy against
+    the mixed target equals `(1 − α_t)·CE(y) + α_t·KL(p_prev ‖ p)` up to the
+    constant entropy of `p_prev`, so the gradients are PS-KD's exactly.
 
     Memory: the bank stores log-probabilities, `num_samples × num_classes`
     values in `dtype` (float16 by default, 2 bytes each). ImageNet-1k
@@ -108,9 +112,9 @@ class PastPredictions(Teacher):
 
     ```python
     ksd = keras_selfdistill
+    teacher = ksd.teachers.PastPredictions(len(x_train), num_classes=10)
     distiller = ksd.Distiller(student, [ksd.terms.Distillation(
-        ksd.teachers.PastPredictions(len(x_train), num_classes=10),
-        xi=ksd.schedules.LinearRampUp(ramp_up_epochs=300, end=0.8))])
+        teacher, xi=0.5)])
     distiller.compile(optimizer="sgd", loss=keras.losses
                       .SparseCategoricalCrossentropy(from_logits=True))
     distiller.fit(ksd.data.with_sample_ids(x_train), y_train, epochs=300)
@@ -169,7 +173,12 @@ class PastPredictions(Teacher):
                 f"Received: num_classes={self.num_classes}"
             )
 
+    follows_student = True
+
     def targets(self, x, y_pred, temperature):
+        return self.targets_and_mask(x, y_pred, temperature)[0]
+
+    def targets_and_mask(self, x, y_pred, temperature):
         if not isinstance(x, dict) or SAMPLE_ID not in x:
             raise ValueError(
                 "PastPredictions keys its bank by sample id, but the batch "
@@ -188,8 +197,13 @@ class PastPredictions(Teacher):
                 "`with_sample_ids` before batching. "
                 f"Received: shape {ids.shape}"
             )
-        current = ops.log_softmax(
-            ops.stop_gradient(ops.cast(y_pred, "float32")), axis=-1
+        # Floored: a float16 bank turns log-probabilities below -65504
+        # into -inf, and 0 · -inf is NaN in the KL. exp(-1e4) is 0 anyway.
+        current = ops.maximum(
+            ops.log_softmax(
+                ops.stop_gradient(ops.cast(y_pred, "float32")), axis=-1
+            ),
+            _LOG_PROB_FLOOR,
         )
         ids = _check_ids(ids, self.num_samples)
         stored = ops.cast(ops.take(self.bank, ids, axis=0), "float32")
@@ -201,7 +215,8 @@ class PastPredictions(Teacher):
             ops.cast(current, self.bank.dtype),
             self.num_samples,
         )
-        return ops.cast(temperature, "float32") * log_probs
+        mask = ops.cast(ops.squeeze(seen, axis=-1), "float32")
+        return ops.cast(temperature, "float32") * log_probs, mask
 
     def get_config(self):
         config = super().get_config()

@@ -17,15 +17,16 @@ class Snapshot(Teacher):
     into a snapshot; the last `keep` snapshots teach together, by averaging
     their tempered distributions (`combine="average"`) or by the fraction of
     snapshots voting for each class (`combine="vote"`, the voting teachers
-    of SD-DARTS). Until the first snapshot, the student is its own target
-    (zero loss). Snapshots are variables, so checkpoints carry them.
+    of SD-DARTS). Until the first snapshot there is no target: the term
+    adds nothing and the labels keep full weight (no `1 − ξ`). Snapshots
+    are variables, so checkpoints carry them.
 
     Each snapshot runs forward every step: `keep` extra student forwards.
 
     Reference:
     - [Furlanello et al., 2018](https://arxiv.org/abs/1805.04770)
       (born-again networks)
-    - [Zhu et al., 2021](https://arxiv.org/abs/2111.13046) (SD-DARTS)
+    - [Zhu et al., 2023](https://arxiv.org/abs/2302.05629) (SD-DARTS)
 
     Args:
         freq: Take a snapshot every `freq` epochs. Defaults to `1`.
@@ -82,7 +83,12 @@ class Snapshot(Teacher):
         copy_variables(slot.variables, self._student.variables)
         self.taken.assign(taken + 1)
 
+    follows_student = True
+
     def targets(self, x, y_pred, temperature):
+        return self.targets_and_mask(x, y_pred, temperature)[0]
+
+    def targets_and_mask(self, x, y_pred, temperature):
         temperature = ops.cast(temperature, "float32")
         logits = ops.stack(
             [
@@ -106,7 +112,11 @@ class Snapshot(Teacher):
         smoothed = (mixture + 1e-6) / (1.0 + 1e-6 * logits.shape[-1])
         combined = temperature * ops.log(smoothed)
         own = ops.cast(y_pred, "float32")
-        return ops.stop_gradient(ops.where(available > 0, combined, own))
+        logits = ops.stop_gradient(ops.where(available > 0, combined, own))
+        mask = ops.cast(available > 0, "float32") * ops.ones(
+            ops.shape(own)[:1], "float32"
+        )
+        return logits, mask
 
     def get_config(self):
         config = super().get_config()

@@ -57,8 +57,17 @@ class Teacher(keras.layers.Layer, metaclass=abc.ABCMeta):
     `on_train_begin()` / `on_epoch_end(epoch)` from `fit`. Teachers never
     run during `evaluate` or `predict`.
 
-    Subclasses implement `targets`, and the hooks when they hold state that
-    follows the student.
+    A teacher may have no target yet for some samples (a prediction bank
+    before a sample's first visit, snapshots before the first one is
+    taken). Such a teacher overrides `targets_and_mask`, which also returns
+    a per-sample mask of the samples it has a target for; a term then
+    leaves those samples out of its loss and trains them on their label at
+    full weight, as PS-KD's official code does in its first epoch (past
+    predictions are the one-hot labels there).
+
+    Subclasses implement `targets` (and `targets_and_mask` when targets can
+    be missing), and the hooks when they hold state that follows the
+    student.
 
     Args:
         input_key: Key of the teacher's input when the batch inputs are a
@@ -102,6 +111,30 @@ class Teacher(keras.layers.Layer, metaclass=abc.ABCMeta):
         `softmax(z / temperature)` is the target distribution; teachers that
         mix several distributions return `temperature · log(mixture)`.
         """
+
+    def targets_and_mask(self, x, y_pred, temperature):
+        """Returns `(logits, mask)`: targets and which samples have one.
+
+        `mask` is a float32 tensor of shape `(batch,)`, 1 where the teacher
+        has a target for the sample and 0 where it has none yet (the
+        logits of such a row are then meaningless), or `None` when every
+        sample has a target. Defaults to `(targets(...), None)`.
+        """
+        return self.targets(x, y_pred, temperature), None
+
+    #: Whether the targets follow the student during training (EMA,
+    #: snapshots, past predictions): a loss against them is not a measure of
+    #: progress, so no callback may monitor it.
+    follows_student = False
+
+    def walk(self):
+        """This teacher and every teacher it holds, depth first.
+
+        The `Distiller` calls the hooks (`update`, `on_train_begin`,
+        `on_epoch_end`) and the data checks on each of them, so a teacher
+        that holds teachers does not forward its hooks.
+        """
+        return [self]
 
     def update(self, data):
         """Called after each optimizer step with the training batch."""

@@ -1,4 +1,5 @@
 import keras
+from keras import ops
 
 from keras_selfdistill import ops as ksd_ops
 from keras_selfdistill.teachers.frozen_model import as_teacher
@@ -28,7 +29,10 @@ class Distillation(Term):
     distillation`; with `xi` set it is `(1 − ξ) · supervised + ξ · weight ·
     distillation`, the ground-truth weighting of the self-distillation
     papers (Borup & Andersen; Das & Sanghavi, where `ξ > 1` helps under
-    label noise). Maths is in float32, also under `mixed_float16`.
+    label noise). A sample the teacher has no target for yet (a
+    `PastPredictions` bank before its first visit, a `Snapshot` before the
+    first snapshot) adds nothing to this term and keeps its label loss at
+    full weight. Maths is in float32, also under `mixed_float16`.
 
     Reference:
     - [Hinton et al., 2015](https://arxiv.org/abs/1503.02531)
@@ -123,8 +127,15 @@ class Distillation(Term):
         self.teacher.attach(student)
 
     def compute_loss(self, x, y, y_pred, sample_weight, step, epoch):
+        return self.compute_loss_and_mask(
+            x, y, y_pred, sample_weight, step, epoch
+        )[0]
+
+    def compute_loss_and_mask(self, x, y, y_pred, sample_weight, step, epoch):
         temperature = self.hyperparameter("temperature", step, epoch)
-        teacher_logits = self.teacher.targets(x, y_pred, temperature)
+        teacher_logits, mask = self.teacher.targets_and_mask(
+            x, y_pred, temperature
+        )
         for role, logits in (("student", y_pred), ("teacher", teacher_logits)):
             if not hasattr(logits, "shape"):
                 raise ValueError(
@@ -158,7 +169,12 @@ class Distillation(Term):
             )
         else:
             values = ksd_ops.logits_mse(teacher_logits, y_pred)
-        return self._reduce(values, sample_weight)
+        if mask is None:
+            return self._reduce(values, sample_weight), None
+        values = values * ops.reshape(
+            mask, ops.shape(mask) + (1,) * (len(values.shape) - 1)
+        )
+        return self._reduce(values, sample_weight), mask
 
     def get_config(self):
         config = super().get_config()

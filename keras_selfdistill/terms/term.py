@@ -1,10 +1,12 @@
 import abc
 import math
 import re
+import weakref
 
 import keras
 from keras import ops
 
+from keras_selfdistill import _internals
 from keras_selfdistill import schedules
 
 
@@ -50,7 +52,11 @@ class Term(keras.layers.Layer, metaclass=abc.ABCMeta):
     (`term.weight = 0.5`) and checkpoints carry it.
 
     Subclasses implement `compute_loss(x, y, y_pred, sample_weight, step,
-    epoch)` and use `self._reduce(per_sample, sample_weight)`.
+    epoch)` and use `self._reduce(per_sample, sample_weight)`. A term whose
+    teacher may have no target yet for some samples implements
+    `compute_loss_and_mask` instead, which also returns a `(batch,)` mask
+    of the samples it covers; with `xi` set, the others keep their label
+    loss at full weight instead of `1 − ξ`.
 
     Args:
         weight: Number (at least 0) or schedule multiplying the term.
@@ -78,7 +84,7 @@ class Term(keras.layers.Layer, metaclass=abc.ABCMeta):
         self._reducer = _PerSampleLoss(name=self.name, dtype="float32")
         self._add_hyperparameter("weight", weight, minimum=0.0)
         if xi is not None:
-            self._add_hyperparameter("xi", xi)
+            self._add_hyperparameter("xi", xi, minimum=0.0)
         self.built = True
 
     def _add_hyperparameter(self, name, value, minimum=None, strict=False):
@@ -118,7 +124,16 @@ class Term(keras.layers.Layer, metaclass=abc.ABCMeta):
                 f"Received: {name}={value}"
             )
 
+    def _sync(self):
+        # On JAX a `fit` keeps its state outside the variables mid-epoch: a
+        # callback's read would see stale (or deleted) values and its
+        # assignment would be overwritten.
+        model = getattr(self, "_model", lambda: None)()
+        if model is not None:
+            _internals.sync_training_state(model)
+
     def _get_hyperparameter(self, name):
+        self._sync()
         value = self._hyperparameters.get(name)
         if isinstance(value, keras.Variable):
             return float(ops.convert_to_numpy(value))
@@ -141,6 +156,7 @@ class Term(keras.layers.Layer, metaclass=abc.ABCMeta):
                 f"schedule at construction. Received: {name}={value!r}"
             )
         self._check_number(name, value, "")
+        self._sync()
         current.assign(float(value))
 
     def hyperparameter(self, name, step, epoch):
@@ -173,6 +189,11 @@ class Term(keras.layers.Layer, metaclass=abc.ABCMeta):
     def attach(self, student):
         """Checks the term against the student; called by the `Distiller`."""
 
+    def _bind(self, model):
+        # A weak reference: the model owns the term, and saving walks
+        # attributes, which must not lead back to the model.
+        object.__setattr__(self, "_model", weakref.ref(model))
+
     @abc.abstractmethod
     def compute_loss(self, x, y, y_pred, sample_weight, step, epoch):
         """Returns the term's scalar loss for one batch.
@@ -185,6 +206,16 @@ class Term(keras.layers.Layer, metaclass=abc.ABCMeta):
             step: The optimizer's step counter.
             epoch: The current epoch.
         """
+
+    def compute_loss_and_mask(self, x, y, y_pred, sample_weight, step, epoch):
+        """Returns `(loss, mask)`; the `Distiller` calls this one.
+
+        `mask` is a float32 `(batch,)` tensor, 1 for the samples the term
+        has a target for, or `None` when it covers every sample. Defaults
+        to `(compute_loss(...), None)`.
+        """
+        loss = self.compute_loss(x, y, y_pred, sample_weight, step, epoch)
+        return loss, None
 
     def _reduce(self, per_sample, sample_weight):
         return self._reducer(per_sample, per_sample, sample_weight)

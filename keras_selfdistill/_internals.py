@@ -1,0 +1,89 @@
+"""Every use of a private Keras, TensorFlow or JAX API, in one module.
+
+Each is imported lazily or behind a guard: a release that moves one of
+them degrades the one feature that needs it, with a message naming it,
+instead of breaking `import keras_selfdistill`. `tests/internals_test.py`
+fails when a private API is used anywhere else in the package.
+"""
+
+import keras
+
+try:
+    # Keras's monitor callbacks infer `mode="auto"` only for metrics grouped
+    # in a MetricsList.
+    from keras.src.trainers.compile_utils import MetricsList
+except ImportError:  # pragma: no cover - depends on the Keras release
+
+    class MetricsList(keras.layers.Layer):
+        """Stand-in: `EarlyStopping` on a term metric then needs `mode=`."""
+
+        def __init__(self, metrics, name="metrics_list", output_name=None):
+            super().__init__(name=name)
+            self.metrics = metrics
+
+        def reset_state(self):
+            for metric in self.metrics:
+                metric.reset_state()
+
+        def get_result(self):
+            return {m.name: m.result() for m in self.metrics}
+
+
+_UNSUPPORTED = (
+    "keras_selfdistill needs `{name}` from Keras {version}, which this Keras "
+    "release does not have. Install a Keras release in the range that "
+    "setup.cfg declares."
+)
+
+
+def set_direction(metric, direction):
+    """Tells Keras's monitor callbacks whether `metric` improves up or down."""
+    metric._direction = direction
+
+
+def compiled_loss(model):
+    """The loss `compile` built (Keras's `CompileLoss`), or `None`."""
+    try:
+        return model._compile_loss
+    except AttributeError as error:
+        raise RuntimeError(
+            _UNSUPPORTED.format(
+                name="Model._compile_loss", version=keras.__version__
+            )
+        ) from error
+
+
+def producing_operation(tensor):
+    """The operation (layer) that produced a Functional model's tensor."""
+    history = getattr(tensor, "_keras_history", None)
+    return None if history is None else history.operation
+
+
+def is_jax_tracer(value):
+    """Whether `value` is an abstract JAX value inside a traced function."""
+    import jax
+
+    tracer = getattr(getattr(jax, "core", None), "Tracer", None)
+    return tracer is not None and isinstance(value, tracer)
+
+
+def dataset_batch_size(dataset):
+    """The batch size tf.data reads from a dataset's last `batch`, or -1."""
+    try:
+        from tensorflow.python.data.experimental.ops import distribute
+    except ImportError:  # pragma: no cover - depends on the TF release
+        return -1
+    return int(distribute.compute_batch_size(dataset))
+
+
+def sync_training_state(model):
+    """Writes a JAX `fit`'s in-flight state back into the model's variables.
+
+    Keras's JAX trainer keeps the training state outside the variables
+    during an epoch; a callback that reads or assigns a variable
+    mid-epoch must first bring the variables up to date, and the next step
+    then reads them back (so an assignment takes effect).
+    """
+    sync = getattr(model, "jax_state_sync", None)
+    if sync is not None and getattr(model, "_jax_state", None):
+        sync()

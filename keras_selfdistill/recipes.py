@@ -1,0 +1,72 @@
+"""Published methods as ready-made terms, step for step as their code."""
+
+from keras_selfdistill import schedules
+from keras_selfdistill.teachers.past_predictions import PastPredictions
+from keras_selfdistill.teachers.teacher import check_positive_int
+from keras_selfdistill.terms.distillation import Distillation
+
+
+def ps_kd(num_samples, num_classes, epochs, alpha=0.8, dtype="float16"):
+    """Progressive self-knowledge distillation (PS-KD), as published.
+
+    Each sample's target in the 0-based epoch `t` of `epochs` is
+    `(1 − α_t)·y + α_t·p_prev`, where `p_prev` is the student's prediction
+    for that sample in the previous epoch and `α_t = alpha·(t + 1)/epochs`,
+    which reaches `alpha` in the last epoch; in the first epoch the target
+    is the label itself, at full weight. This is the official code's
+    schedule (lgcnsai/PS-KD-Pytorch, `main.py`: `alpha_t = alpha_T *
+    ((epoch + 1) / end_epoch)`, and `all_predictions` set to the one-hot
+    labels in epoch 0). The returned term is
+    `Distillation(PastPredictions(...), xi=α_t)`: cross-entropy against the
+    mixed target equals `(1 − α_t)·CE(y) + α_t·KL(p_prev ‖ p)` plus a
+    constant, so the gradients are PS-KD's exactly.
+
+    The schedule counts the distiller's epochs, which go on across `fit`
+    calls; train with `fit(..., epochs=epochs)` once, or in several calls
+    that add up to `epochs`.
+
+    Reference:
+    - [Kim et al., 2021](https://arxiv.org/abs/2006.12000) (PS-KD)
+
+    Args:
+        num_samples: Number of training samples (ids run from 0).
+        num_classes: Number of classes of the student's outputs.
+        epochs: The planned number of training epochs `T`.
+        alpha: The final weight `α_T` of the past predictions. Defaults to
+            `0.8` (the paper's).
+        dtype: Storage dtype of the prediction bank. Defaults to
+            `"float16"`.
+
+    Returns:
+        A `keras_selfdistill.terms.Distillation` term named `"ps_kd"`.
+
+    Example:
+
+    ```python
+    ksd = keras_selfdistill
+    distiller = ksd.Distiller(
+        student, [ksd.recipes.ps_kd(len(x_train), 10, epochs=300)])
+    distiller.compile(optimizer="sgd", loss=keras.losses
+                      .SparseCategoricalCrossentropy(from_logits=True))
+    distiller.fit(ksd.data.with_sample_ids(x_train), y_train, epochs=300)
+    ```
+    """
+    check_positive_int("ps_kd", "epochs", epochs)
+    if (
+        isinstance(alpha, bool)
+        or not isinstance(alpha, (int, float))
+        or not 0.0 <= alpha <= 1.0
+    ):
+        raise ValueError(
+            "ps_kd `alpha` is the final weight of the past predictions and "
+            f"must be in [0, 1] (the paper uses 0.8). Received: alpha={alpha!r}"
+        )
+    if epochs == 1:
+        xi = float(alpha)
+    else:
+        # Linear from α/T in epoch 0 to α in epoch T − 1: α·(t + 1)/T.
+        xi = schedules.LinearRampUp(
+            ramp_up_epochs=epochs - 1, start=alpha / epochs, end=alpha
+        )
+    teacher = PastPredictions(num_samples, num_classes, dtype=dtype)
+    return Distillation(teacher, xi=xi, name="ps_kd")

@@ -1,0 +1,108 @@
+import keras
+import numpy as np
+from absl.testing import parameterized
+
+import keras_selfdistill as ksd
+from tests import tiny
+
+EPOCHS, BATCH, LEARNING_RATE, ALPHA = 4, 8, 0.5, 0.8
+
+
+def _pskd_trajectory(x, y, kernel, bias, permutations):
+    """PS-KD on softmax regression with plain SGD, in float64.
+
+    Follows lgcnsai/PS-KD-Pytorch `main.py`: `alpha_t = alpha_T * (epoch +
+    1) / T`; in epoch 0 the past predictions are the one-hot labels; the
+    loss is the cross-entropy against `(1 − α_t)·y + α_t·p_prev`, whose
+    gradient in the logits is `(p − target) / batch`; the bank keeps the
+    softmax of the training forward pass, before the update.
+    """
+    kernel, bias = np.float64(kernel), np.float64(bias)
+    one_hot = np.eye(tiny.NUM_CLASSES)[y]
+    bank = one_hot.copy()
+    for epoch, order in enumerate(permutations):
+        alpha = ALPHA * (epoch + 1) / EPOCHS
+        for start in range(0, len(order), BATCH):
+            ids = order[start : start + BATCH]
+            probs = tiny.softmax(x[ids] @ kernel + bias)
+            target = (1 - alpha) * one_hot[ids] + alpha * bank[ids]
+            gradient = (probs - target) / len(ids)
+            bank[ids] = probs
+            kernel = kernel - LEARNING_RATE * x[ids].T @ gradient
+            bias = bias - LEARNING_RATE * gradient.sum(axis=0)
+    return kernel, bias
+
+
+class PSKDTest(parameterized.TestCase):
+    def test_config(self):
+        term = ksd.recipes.ps_kd(10, 3, epochs=5, alpha=0.6)
+        restored = keras.saving.deserialize_keras_object(
+            keras.saving.serialize_keras_object(term)
+        )
+        self.assertEqual(restored.name, "ps_kd")
+        self.assertIsInstance(restored.teacher, ksd.teachers.PastPredictions)
+        # α_t = 0.6·(t + 1)/5 for t = 0 … 4, then it stays at 0.6.
+        values = [float(restored.hyperparameter("xi", 0, t)) for t in range(6)]
+        np.testing.assert_allclose(
+            values, [0.12, 0.24, 0.36, 0.48, 0.6, 0.6], rtol=1e-6
+        )
+        self.assertAlmostEqual(
+            ksd.recipes.ps_kd(10, 3, epochs=1, alpha=0.6).xi, 0.6, places=6
+        )
+
+    @parameterized.named_parameters(
+        ("float32_bank", "float32", 1e-5), ("float16_bank", "float16", 2e-3)
+    )
+    def test_matches_numpy_pskd_over_shuffled_epochs(self, dtype, tolerance):
+        x, y = tiny.data(n=24)
+        keras.utils.set_random_seed(0)
+        student = keras.Sequential(
+            [keras.Input((4,)), keras.layers.Dense(tiny.NUM_CLASSES)]
+        )
+        kernel, bias = (np.asarray(w) for w in student.get_weights())
+        distiller = ksd.Distiller(
+            student,
+            [ksd.recipes.ps_kd(24, 3, epochs=EPOCHS, dtype=dtype)],
+        )
+        distiller.compile(
+            optimizer=keras.optimizers.SGD(LEARNING_RATE), loss=tiny.sparse_ce()
+        )
+        rng = np.random.default_rng(3)
+        permutations = [rng.permutation(24) for _ in range(EPOCHS)]
+        # One `fit` per epoch: the epoch counter, and so α_t, goes on.
+        for order in permutations:
+            distiller.fit(
+                {"inputs": x[order], "sample_id": order},
+                y[order],
+                batch_size=BATCH,
+                shuffle=False,
+                epochs=1,
+                verbose=0,
+            )
+        expected = _pskd_trajectory(x, y, kernel, bias, permutations)
+        for got, want in zip(student.get_weights(), expected):
+            np.testing.assert_allclose(got, want, atol=tolerance)
+
+    def test_first_epoch_is_plain_cross_entropy(self):
+        x, y = tiny.data(n=24)
+        runs = []
+        for terms in ([ksd.recipes.ps_kd(24, 3, epochs=EPOCHS)], []):
+            student = tiny.mlp(seed=1)
+            distiller = ksd.Distiller(student, terms)
+            distiller.compile(optimizer="sgd", loss=tiny.sparse_ce())
+            distiller.fit(
+                ksd.data.with_sample_ids(x),
+                y,
+                batch_size=8,
+                shuffle=False,
+                verbose=0,
+            )
+            runs.append(student.get_weights())
+        for with_pskd, plain in zip(*runs):
+            np.testing.assert_allclose(with_pskd, plain, atol=1e-6)
+
+    def test_rejects_bad_arguments(self):
+        with self.assertRaisesRegex(ValueError, "alpha=1.5"):
+            ksd.recipes.ps_kd(10, 3, epochs=5, alpha=1.5)
+        with self.assertRaisesRegex(ValueError, "epochs=0"):
+            ksd.recipes.ps_kd(10, 3, epochs=0)
