@@ -3,12 +3,10 @@ import numpy as np
 from keras import ops
 
 from keras_selfdistill import _internals
-
 from keras_selfdistill.teachers.teacher import SAMPLE_ID
 from keras_selfdistill.teachers.teacher import Teacher
 from keras_selfdistill.teachers.teacher import check_positive_int
 from keras_selfdistill.teachers.teacher import num_classes
-
 
 _LOG_PROB_FLOOR = -1e4
 
