@@ -174,9 +174,10 @@ class Distiller(keras.Model):
         mixing = [t.name for t in terms if t.mixes_labels]
         if len(mixing) > 1:
             raise ValueError(
-                "At most one term may set `xi`: it rescales the supervised "
-                "loss by (1 - xi), which is ambiguous for several terms. Use "
-                f"`weight` on the others. Received: xi set on {mixing}"
+                "At most one term may rescale the supervised loss (`xi`, or "
+                "`scale_final_label` of AuxiliaryExits): several scales would "
+                "be ambiguous. Use `weight` on the others. Received: "
+                f"terms {mixing}"
             )
         for term in terms:
             term.attach(student)
@@ -264,12 +265,10 @@ class Distiller(keras.Model):
             )
             tracker.add_batch(_unscale_for_distribution(value), batch_size)
             weight = term.hyperparameter("weight", step, self.epoch)
-            if term.mixes_labels:
-                xi = term.hyperparameter("xi", step, self.epoch)
-                weight = weight * xi
-                # A sample the teacher has no target for keeps its label.
-                label_scale = 1.0 - (xi if mask is None else xi * mask)
-            losses.append(weight * value)
+            factor, scale = term.mixing(step, self.epoch, mask)
+            if scale is not None:
+                label_scale = scale
+            losses.append(weight * factor * value)
         if supervised:
             losses.append(
                 self._supervised_loss(y, y_pred, sample_weight, label_scale)

@@ -25,8 +25,13 @@ class AuxiliaryExits(Term):
     part never moves the final head), `f_i` is the exit's globally pooled
     feature map, `f_final` the pooled input of the student's output layer,
     `P_i` a learnable linear projection when their widths differ, and `d`
-    the width of `f_final`. The compiled loss still trains the final head.
-    All exits come from the student's one forward pass.
+    the width of `f_final`. The compiled loss still trains the final head,
+    at weight 1 by default (deep supervision: the final classifier learns
+    as it would alone). BYOT's own objective sums `(1 − α)·CE + α·KL` over
+    every classifier, the deepest included, whose KL to itself is 0: its
+    cross-entropy then weighs `1 − α`. `scale_final_label=True` gives
+    exactly that objective. All exits come from the student's one forward
+    pass.
 
     `direction="shallow_to_deep"` reverses the teaching, for ambiguous
     labels (lower layers teaching the final head): every exit learns from
@@ -60,6 +65,9 @@ class AuxiliaryExits(Term):
             `None` (`"linear"`).
         direction: `"deep_to_shallow"` (BYOT) or `"shallow_to_deep"`.
             Defaults to `"deep_to_shallow"`.
+        scale_final_label: Whether the compiled (final head's) loss is
+            weighted by `1 − α`, as in the BYOT paper. Defaults to `False`
+            (weight 1).
         name: Defaults to `"auxiliary_exits"`.
 
     Example:
@@ -84,6 +92,7 @@ class AuxiliaryExits(Term):
         feature_weight=0.0,
         head=None,
         direction="deep_to_shallow",
+        scale_final_label=False,
         name=None,
         **kwargs,
     ):
@@ -118,9 +127,23 @@ class AuxiliaryExits(Term):
                 f"`direction` must be one of {_DIRECTIONS}. "
                 f"Received: direction={direction!r}"
             )
+        if not isinstance(scale_final_label, bool):
+            raise TypeError(
+                "`scale_final_label` must be True (BYOT's objective: the "
+                "final head's loss weighs 1 - alpha) or False. "
+                f"Received: scale_final_label={scale_final_label!r}"
+            )
+        if scale_final_label and direction != "deep_to_shallow":
+            raise ValueError(
+                "`scale_final_label` is BYOT's objective, where the deepest "
+                "exit teaches; with direction='shallow_to_deep' the final "
+                "head already has its own KL part. Received: "
+                f"direction={direction!r}, scale_final_label=True"
+            )
         exits_module.check_head(head)
         self.head = head
         self.direction = direction
+        self.scale_final_label = scale_final_label
         self._per_exit_weights = weights is not None
         for index, value in enumerate(weights or []):
             self._add_hyperparameter(f"weight_{index}", value, minimum=0.0)
@@ -146,6 +169,15 @@ class AuxiliaryExits(Term):
         self.projections = []
 
     reads_exits = True
+
+    @property
+    def mixes_labels(self):
+        return self.scale_final_label
+
+    def mixing(self, step, epoch, mask):
+        if not self.scale_final_label:
+            return 1.0, None
+        return 1.0, 1.0 - self.hyperparameter("alpha", step, epoch)
 
     temperature = hyperparameter_property("temperature")
     alpha = hyperparameter_property("alpha")
@@ -299,6 +331,7 @@ class AuxiliaryExits(Term):
             feature_weight=self._serialize_hyperparameter("feature_weight"),
             head=self.head,
             direction=self.direction,
+            scale_final_label=self.scale_final_label,
         )
         if self._per_exit_weights:
             config["weight"] = [

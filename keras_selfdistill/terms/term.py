@@ -176,8 +176,21 @@ class Term(keras.layers.Layer, metaclass=abc.ABCMeta):
 
     @property
     def mixes_labels(self):
-        """Whether `xi` is set, so the term rescales the supervised loss."""
+        """Whether the term rescales the supervised loss (`xi` is set)."""
         return "xi" in self._hyperparameters
+
+    def mixing(self, step, epoch, mask):
+        """Returns `(factor, label_scale)` for this step.
+
+        The `Distiller` adds `weight · factor · loss` and multiplies the
+        supervised loss by `label_scale` (a scalar, or per sample with
+        `mask`), or leaves it alone when `label_scale` is `None`. With
+        `xi`: `(ξ, 1 − ξ)`, and `1` for the samples outside `mask`.
+        """
+        if not self.mixes_labels:
+            return 1.0, None
+        xi = self.hyperparameter("xi", step, epoch)
+        return xi, 1.0 - (xi if mask is None else xi * mask)
 
     xi = hyperparameter_property("xi")
 

@@ -126,6 +126,52 @@ class AuxiliaryExitsLossTest(parameterized.TestCase):
         self.assertAlmostEqual(float(loss), expected.mean(), places=5)
 
 
+class BYOTObjectiveTest(parameterized.TestCase):
+    @parameterized.named_parameters(("default", False), ("paper", True))
+    def test_final_label_weight(self, scale_final_label):
+        # Zero learning rate and one full batch: the logged loss is the
+        # objective at the initial weights. BYOT's objective weighs the
+        # final head's cross-entropy 1 − α; ours 1 by default.
+        x, y = tiny.images(n=12)
+        student = tiny.cnn()
+        distiller = ksd.Distiller(
+            student,
+            [
+                ksd.terms.AuxiliaryExits(
+                    ["b1", "b2"],
+                    alpha=0.3,
+                    scale_final_label=scale_final_label,
+                )
+            ],
+        )
+        distiller.compile(
+            optimizer=keras.optimizers.SGD(0.0), loss=tiny.sparse_ce()
+        )
+        history = distiller.fit(x, y, batch_size=12, verbose=0).history
+        outputs = distiller.exits(x)
+        final_ce = _ce(y, outputs["output"]).mean()
+        expected = sum(
+            0.7 * _ce(y, outputs[name])
+            + 0.3 * tiny.kd(outputs["output"], outputs[name], 3.0)
+            for name in ("b1", "b2")
+        ).mean()
+        self.assertAlmostEqual(
+            history["auxiliary_exits_loss"][0], expected, places=4
+        )
+        scale = 0.7 if scale_final_label else 1.0
+        self.assertAlmostEqual(
+            history["loss"][0], scale * final_ce + expected, places=4
+        )
+
+    def test_rejects_paper_objective_in_reverse_direction(self):
+        with self.assertRaisesRegex(ValueError, "shallow_to_deep"):
+            ksd.terms.AuxiliaryExits(
+                ["b1"], direction="shallow_to_deep", scale_final_label=True
+            )
+        with self.assertRaisesRegex(TypeError, "scale_final_label=1"):
+            ksd.terms.AuxiliaryExits(["b1"], scale_final_label=1)
+
+
 class AuxiliaryExitsGradientTest(parameterized.TestCase):
     def test_kd_does_not_reach_the_deepest_exit(self):
         term = _attached(alpha=1.0, direction="deep_to_shallow")
@@ -216,6 +262,13 @@ class AuxiliaryExitsConfigTest(parameterized.TestCase):
         self.assertEqual(clone.exit_names, ["b1", "b2"])
         self.assertEqual(clone.head, "bottleneck")
         self.assertIsInstance(clone.alpha, ksd.schedules.SigmoidRampUp)
+        self.assertFalse(clone.scale_final_label)
+        paper = ksd.terms.AuxiliaryExits(["b1"], scale_final_label=True)
+        self.assertTrue(
+            ksd.terms.AuxiliaryExits.from_config(
+                paper.get_config()
+            ).scale_final_label
+        )
         factory_term = ksd.terms.AuxiliaryExits(
             ["b1"], head=lambda n, s, c: keras.layers.Dense(c)
         )
