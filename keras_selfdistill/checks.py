@@ -15,6 +15,7 @@ import numpy as np
 
 from keras_selfdistill import _internals
 from keras_selfdistill.teachers import teacher
+from keras_selfdistill.teachers.frozen_model import FrozenModel
 from keras_selfdistill.teachers.past_predictions import sample_id_message
 from keras_selfdistill.teachers.teacher import SAMPLE_ID
 
@@ -251,6 +252,61 @@ def _checked_batches(generator, num_classes, num_samples, loss):
         yield element
 
 
+def _probability_rows(outputs):
+    if not hasattr(outputs, "shape"):
+        return False
+    outputs = np.asarray(keras.ops.convert_to_numpy(outputs), "float64")
+    return (
+        outputs.ndim >= 2
+        and outputs.shape[-1] > 1
+        and outputs.size > 0
+        and bool((outputs >= 0).all())
+        and bool(np.allclose(outputs.sum(axis=-1), 1.0, atol=1e-3))
+    )
+
+
+def check_logits(distiller, x):
+    """Fails when the student or a frozen teacher returns probabilities.
+
+    Runs them once, in inference mode, on the first batch `x`: rows that
+    are all non-negative and sum to 1 are probabilities, whatever layer
+    made them (a final activation is caught earlier, at construction).
+    """
+    student_x = teacher.select_input(x, distiller.input_key, "The student")
+    if _probability_rows(distiller.student(student_x, training=False)):
+        raise ValueError(
+            teacher.probability_message(
+                "student",
+                distiller.student.name,
+                "softmax",
+                "and compile with `from_logits=True` losses",
+            )
+        )
+    for frozen in distiller.teachers:
+        if isinstance(frozen, FrozenModel) and frozen.from_logits:
+            if _probability_rows(frozen.targets(x, None, 1.0)):
+                raise ValueError(
+                    teacher.probability_message(
+                        "teacher",
+                        frozen.model.name,
+                        "softmax",
+                        "or pass `FrozenModel(model, from_logits=False)`",
+                    )
+                )
+
+
+def _first_batch(x):
+    import tensorflow as tf
+
+    if isinstance(x, tf.data.Dataset):
+        element = next(iter(x.take(1)), None)
+        return None if element is None else _split(element)[0]
+    leaves = keras.tree.flatten(x)
+    if not leaves or not all(isinstance(v, np.ndarray) for v in leaves):
+        return None
+    return keras.tree.map_structure(lambda value: value[:32], x)
+
+
 def _input_shape(model):
     try:
         shape = model.input_shape
@@ -269,6 +325,10 @@ def check_fit_data(x, y, distiller, num_samples):
     classes = teacher.num_classes(distiller.student)
     if x is None:
         return x
+    if distiller.check_data and distiller.terms:
+        first = _first_batch(x)
+        if first is not None:
+            check_logits(distiller, first)
     if isinstance(x, types.GeneratorType):
         if not distiller.check_data:
             return x

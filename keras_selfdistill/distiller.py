@@ -9,6 +9,8 @@ from keras_selfdistill.callbacks.training_events import NO_STEP
 from keras_selfdistill.callbacks.training_events import TrainingEvents
 from keras_selfdistill.exits import OUTPUT
 from keras_selfdistill.exits import one_hot_labels
+from keras_selfdistill.teachers.teacher import final_activation
+from keras_selfdistill.teachers.teacher import probability_message
 from keras_selfdistill.teachers.teacher import select_input
 from keras_selfdistill.terms.term import Term
 
@@ -178,6 +180,16 @@ class Distiller(keras.Model):
                 "`scale_final_label` of AuxiliaryExits): several scales would "
                 "be ambiguous. Use `weight` on the others. Received: "
                 f"terms {mixing}"
+            )
+        activation = final_activation(student)
+        if terms and activation is not None:
+            raise ValueError(
+                probability_message(
+                    "student",
+                    student.name,
+                    activation,
+                    "and compile with `from_logits=True` losses",
+                )
             )
         for term in terms:
             term.attach(student)

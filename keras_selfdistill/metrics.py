@@ -3,6 +3,8 @@
 import keras
 from keras import ops
 
+from keras_selfdistill import _internals
+
 
 @keras.saving.register_keras_serializable(package="keras_selfdistill")
 class ExpectedCalibrationError(keras.metrics.Metric):
@@ -12,7 +14,11 @@ class ExpectedCalibrationError(keras.metrics.Metric):
     `num_bins` intervals `((i − 1)/B, i/B]`; ECE is the sample-weighted mean
     over bins of `|accuracy − mean confidence|`. Distillation and label
     smoothing change calibration as much as accuracy, so report both.
-    Labels may be class indices or one-hot.
+    Labels may be class indices or one-hot. It reads logits by default, as
+    every model this library trains returns; with `from_logits=False`,
+    predictions that are not probabilities (negative, or rows not summing
+    to 1) are an error (TensorFlow, and eager calls) or make the result
+    NaN (compiled JAX code, which cannot raise), never a plausible number.
 
     Reference:
     - [Guo et al., 2017](https://arxiv.org/abs/1706.04599)
@@ -20,7 +26,7 @@ class ExpectedCalibrationError(keras.metrics.Metric):
     Args:
         num_bins: Number of confidence bins. Defaults to `15`.
         from_logits: Whether predictions are logits rather than
-            probabilities. Defaults to `False`.
+            probabilities. Defaults to `True`.
         name: Defaults to `"expected_calibration_error"`.
         dtype: Defaults to `None`.
 
@@ -31,8 +37,7 @@ class ExpectedCalibrationError(keras.metrics.Metric):
         optimizer="adam",
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy",
-                 keras_selfdistill.metrics.ExpectedCalibrationError(
-                     from_logits=True)],
+                 keras_selfdistill.metrics.ExpectedCalibrationError()],
     )
     ```
     """
@@ -40,7 +45,7 @@ class ExpectedCalibrationError(keras.metrics.Metric):
     def __init__(
         self,
         num_bins=15,
-        from_logits=False,
+        from_logits=True,
         name="expected_calibration_error",
         dtype=None,
     ):
@@ -54,6 +59,11 @@ class ExpectedCalibrationError(keras.metrics.Metric):
                 "`num_bins` must be a positive int. "
                 f"Received: num_bins={num_bins!r}"
             )
+        if not isinstance(from_logits, bool):
+            raise TypeError(
+                "`from_logits` must be True (logits) or False "
+                f"(probabilities). Received: from_logits={from_logits!r}"
+            )
         self.num_bins = num_bins
         self.from_logits = from_logits
         self.counts = self.add_variable((num_bins,), "zeros", name="counts")
@@ -64,7 +74,10 @@ class ExpectedCalibrationError(keras.metrics.Metric):
 
     def update_state(self, y_true, y_pred, sample_weight=None):
         y_pred = ops.cast(y_pred, "float32")
-        probs = ops.softmax(y_pred, axis=-1) if self.from_logits else y_pred
+        if self.from_logits:
+            probs = ops.softmax(y_pred, axis=-1)
+        else:
+            probs = _checked_probabilities(y_pred)
         confidence = ops.max(probs, axis=-1)
         predicted = ops.argmax(probs, axis=-1)
         y_true = ops.convert_to_tensor(y_true)
@@ -91,7 +104,9 @@ class ExpectedCalibrationError(keras.metrics.Metric):
         self.confidences.assign_add(
             ops.sum(one_hot * confidence[:, None], axis=0)
         )
-        self.hits.assign_add(ops.sum(one_hot * hit[:, None], axis=0))
+        hits = ops.sum(one_hot * hit[:, None], axis=0)
+        # NaN when traced JAX code saw rows that are not probabilities.
+        self.hits.assign_add(hits + 0.0 * ops.sum(probs[:1, :1]))
 
     def result(self):
         gaps = ops.sum(ops.abs(self.hits - self.confidences))
@@ -108,3 +123,28 @@ class ExpectedCalibrationError(keras.metrics.Metric):
             "name": self.name,
             "dtype": self.dtype,
         }
+
+
+_NOT_PROBABILITIES = (
+    "ExpectedCalibrationError(from_logits=False) needs probabilities: rows "
+    "that are non-negative and sum to 1. These predictions are not (logits?"
+    "). Use `from_logits=True`, the default."
+)
+
+
+def _checked_probabilities(y_pred):
+    valid = ops.logical_and(
+        ops.all(y_pred >= -1e-6),
+        ops.all(ops.abs(ops.sum(y_pred, axis=-1) - 1.0) < 1e-3),
+    )
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        check = tf.debugging.Assert(valid, [_NOT_PROBABILITIES])
+        with tf.control_dependencies([check]):
+            return tf.identity(y_pred)
+    if not _internals.is_jax_tracer(valid):
+        if not bool(valid):
+            raise ValueError(f"{_NOT_PROBABILITIES} Received: {y_pred[:2]}")
+        return y_pred
+    return ops.where(valid, y_pred, float("nan"))

@@ -168,3 +168,56 @@ class BadInputTest(parameterized.TestCase):
         dataset = tf.data.Dataset.from_tensor_slices((self.x, one_hot))
         with self.assertRaisesRegex(ValueError, "CategoricalCrossentropy"):
             _distiller().fit(dataset.batch(8), verbose=0)
+
+
+def _softmax_mlp(seed=0):
+    model = tiny.mlp(seed=seed)
+    return keras.Sequential(
+        model.layers[:-1] + [keras.layers.Dense(3, activation="softmax")]
+    )
+
+
+class ProbabilityOutputsTest(parameterized.TestCase):
+    def test_keras_applications_teacher_is_refused(self):
+        teacher = keras.applications.MobileNetV3Small(
+            input_shape=(32, 32, 3),
+            weights=None,
+            classes=3,
+            include_preprocessing=False,
+            minimalistic=True,
+        )
+        with self.assertRaisesRegex(ValueError, "classifier_activation=None"):
+            ksd.teachers.FrozenModel(teacher)
+
+    def test_softmax_student_is_refused(self):
+        with self.assertRaisesRegex(ValueError, "student .* softmax"):
+            ksd.Distiller(_softmax_mlp(), [ksd.terms.Distillation(tiny.mlp())])
+        # Plain supervised training of a softmax model is fine.
+        ksd.Distiller(_softmax_mlp())
+
+    def test_from_logits_false_gives_the_logits_targets(self):
+        logits_model = tiny.mlp(seed=4)
+        probs_model = keras.Sequential(
+            [logits_model, keras.layers.Softmax()], name="probs"
+        )
+        x, _ = tiny.data(n=5)
+        teacher = ksd.teachers.FrozenModel(probs_model, from_logits=False)
+        got = tiny.softmax(np.asarray(teacher.targets(x, None, 1.0)))
+        np.testing.assert_allclose(
+            got, tiny.softmax(np.asarray(logits_model(x))), atol=1e-5
+        )
+        restored = ksd.teachers.FrozenModel.from_config(teacher.get_config())
+        self.assertFalse(restored.from_logits)
+
+    def test_probabilities_from_an_unseen_layer_fail_on_the_first_batch(self):
+        # A Lambda softmax hides the activation; the first batch shows it.
+        hidden = keras.Sequential(
+            [tiny.mlp(seed=2), keras.layers.Lambda(keras.ops.softmax)]
+        )
+        x, y = tiny.data()
+        distiller = _distiller([ksd.terms.Distillation(hidden)])
+        with self.assertRaisesRegex(ValueError, "teacher .* probabilities"):
+            distiller.fit(x, y, verbose=0)
+        dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+        with self.assertRaisesRegex(ValueError, "teacher .* probabilities"):
+            distiller.fit(dataset, verbose=0)

@@ -1,8 +1,11 @@
 import keras
 import numpy as np
+from keras import ops
 
 from keras_selfdistill.teachers.teacher import Teacher
+from keras_selfdistill.teachers.teacher import final_activation
 from keras_selfdistill.teachers.teacher import num_classes
+from keras_selfdistill.teachers.teacher import probability_message
 
 
 @keras.saving.register_keras_serializable(package="keras_selfdistill")
@@ -18,9 +21,16 @@ class FrozenModel(Teacher):
     Reference:
     - [Hinton et al., 2015](https://arxiv.org/abs/1503.02531)
 
+    A model that ends in a softmax (every `keras.applications` model by
+    default) returns probabilities, not logits: it is refused unless
+    `from_logits=False` says so, and its log-probabilities are then used
+    as logits (same softmax, so the targets are exact).
+
     Args:
         model: A built `keras.Model` returning logits with the student's
             number of classes.
+        from_logits: Whether the model returns logits. `False` for a model
+            that returns softmax probabilities. Defaults to `True`.
         input_key: Key of the teacher's own input when the batch inputs are
             a dict (privileged information, as in prompt distillation).
             Defaults to `None` (same inputs as the student).
@@ -34,7 +44,9 @@ class FrozenModel(Teacher):
     ```
     """
 
-    def __init__(self, model, input_key=None, name=None, **kwargs):
+    def __init__(
+        self, model, from_logits=True, input_key=None, name=None, **kwargs
+    ):
         super().__init__(input_key=input_key, name=name, **kwargs)
         if not isinstance(model, keras.Model):
             raise TypeError(
@@ -42,8 +54,32 @@ class FrozenModel(Teacher):
                 "logits. Wrap a bare layer or function in a Functional "
                 f"model first. Received: model={model!r}"
             )
+        if not isinstance(from_logits, bool):
+            raise TypeError(
+                "`from_logits` must be True (the model returns logits) or "
+                "False (softmax probabilities). "
+                f"Received: from_logits={from_logits!r}"
+            )
+        activation = final_activation(model)
+        if from_logits and activation is not None:
+            raise ValueError(
+                probability_message(
+                    "teacher",
+                    model.name,
+                    activation,
+                    "or say so with `FrozenModel(model, from_logits=False)`",
+                )
+            )
+        if not from_logits and activation == "sigmoid":
+            raise ValueError(
+                f"The teacher '{model.name}' ends in a sigmoid: independent "
+                "per-class probabilities are not one distribution over the "
+                "classes. Remove the sigmoid and use its logits. "
+                "Received: from_logits=False"
+            )
         model.trainable = False
         self.model = model
+        self.from_logits = from_logits
 
     def attach(self, student):
         if self.model is student:
@@ -93,10 +129,15 @@ class FrozenModel(Teacher):
                 )
 
     def targets(self, x, y_pred, temperature):
-        return self._logits(self.model, x)
+        outputs = self._logits(self.model, x)
+        if self.from_logits:
+            return outputs
+        # log p has the same softmax as the logits that gave p.
+        return ops.log(ops.maximum(ops.cast(outputs, "float32"), 1e-30))
 
     def get_config(self):
         config = super().get_config()
+        config["from_logits"] = self.from_logits
         model = keras.saving.serialize_keras_object(self.model)
         # The teacher's own training setup is not part of the distiller:
         # reloading it would rebuild an optimizer with no variables to load.

@@ -3,6 +3,8 @@ import abc
 import keras
 from keras import ops
 
+from keras_selfdistill import _internals
+
 SAMPLE_ID = "sample_id"
 INPUTS = "inputs"
 
@@ -30,6 +32,43 @@ def select_input(x, input_key, owner):
             f"`input_key`. Received: input_key={input_key!r}"
         )
     return x[input_key]
+
+
+_PROBABILITY_ACTIVATIONS = ("softmax", "sigmoid")
+
+
+def final_activation(model):
+    """`"softmax"` or `"sigmoid"` when `model`'s single output ends in one.
+
+    Reads the layer that produces the output: a `Softmax` layer, or a layer
+    whose `activation` is softmax or sigmoid (the default head of every
+    `keras.applications` model). `None` otherwise or when unknown.
+    """
+    if isinstance(model, keras.Sequential) and model.layers:
+        layer = model.layers[-1]
+    else:
+        try:
+            outputs = model.outputs
+        except (AttributeError, ValueError):
+            return None
+        if not isinstance(outputs, (list, tuple)) or len(outputs) != 1:
+            return None
+        layer = _internals.producing_operation(outputs[0])
+    if isinstance(layer, keras.layers.Softmax):
+        return "softmax"
+    name = getattr(getattr(layer, "activation", None), "__name__", None)
+    return name if name in _PROBABILITY_ACTIVATIONS else None
+
+
+def probability_message(role, model_name, activation, fix):
+    return (
+        f"The {role} '{model_name}' ends in a {activation}, so its outputs "
+        "are probabilities, but distillation reads logits (a softmax of "
+        "probabilities gives near-uniform targets and a wrong loss). Build "
+        "it without the final activation (`classifier_activation=None` for "
+        f"`keras.applications` models, `activation=None` on the last Dense) "
+        f"{fix}. Received: outputs that are {activation} probabilities"
+    )
 
 
 def num_classes(model):
