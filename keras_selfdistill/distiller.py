@@ -422,6 +422,7 @@ class Distiller(keras.Model):
         callbacks = arguments.get("callbacks") or []
         if not isinstance(callbacks, (list, tuple)):
             callbacks = [callbacks]
+        self._check_monitors(callbacks)
         # First, so that a snapshot taken at an epoch's end is in the state
         # that BackupAndRestore or ModelCheckpoint save at the same moment.
         arguments["callbacks"] = [TrainingEvents(self)] + list(callbacks)
@@ -432,6 +433,31 @@ class Distiller(keras.Model):
             # JAX's trainer builds from the first batch and lets an empty
             # iterator's StopIteration through.
             raise ValueError(NO_STEP) from error
+
+    def _check_monitors(self, callbacks):
+        """Refuses a callback that monitors a loss against a moving target.
+
+        A self-teacher's term (past predictions, EMA, snapshots) starts at
+        0, when the teacher is the student, and grows as the two drift
+        apart: `EarlyStopping` on it stops a healthy run within epochs.
+        """
+        moving = {
+            name
+            for name, term in zip(self._term_metric_names, self.terms)
+            if any(t.follows_student for t in term.teachers)
+        }
+        for callback in callbacks:
+            monitor = getattr(callback, "monitor", None)
+            if monitor in moving:
+                raise ValueError(
+                    f"{type(callback).__name__} monitors '{monitor}', the "
+                    "loss against a teacher that follows the student (its "
+                    "past predictions, moving average or snapshots): it "
+                    "starts at 0 and grows as training moves the student, so "
+                    "it does not measure progress. Monitor the student on "
+                    "held-out data instead, e.g. `monitor='val_loss'` or "
+                    f"'val_accuracy'. Received: monitor={monitor!r}"
+                )
 
     def get_config(self):
         return {

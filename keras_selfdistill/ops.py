@@ -17,7 +17,9 @@ def _log_softmax(logits, temperature):
 
 
 def _kl(log_p, log_q):
-    return ops.sum(ops.exp(log_p) * (log_p - log_q), axis=-1)
+    # A KL is >= 0; float rounding makes near-equal rows slightly negative,
+    # which a logged or monitored loss must not show.
+    return ops.maximum(ops.sum(ops.exp(log_p) * (log_p - log_q), axis=-1), 0.0)
 
 
 def kl_divergence(teacher_logits, student_logits, temperature=1.0):

@@ -519,3 +519,128 @@ class DistillerTest(parameterized.TestCase):
         distiller.compile(optimizer="sgd")
         with self.assertRaisesRegex(ValueError, "Nothing to minimise"):
             distiller.fit(self.x, self.y, verbose=0)
+
+
+class _AddsLoss(keras.layers.Layer):
+    def call(self, x):
+        self.add_loss(0.5 * keras.ops.mean(keras.ops.abs(x)))
+        return x
+
+
+def _regularized_student():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6, 6, 1))
+    h = keras.layers.Conv2D(
+        4, 3, activation="relu", name="b1", activity_regularizer="l2"
+    )(inputs)
+    h = _AddsLoss()(h)
+    h = keras.layers.Conv2D(4, 3, activation="relu", name="b2")(h)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    outputs = keras.layers.Dense(
+        3, kernel_regularizer=keras.regularizers.L2(0.1)
+    )(h)
+    return keras.Model(inputs, outputs)
+
+
+class EveryLossTest(parameterized.TestCase):
+    """Every loss of what ran in the step is minimised, on both backends."""
+
+    def test_student_losses_match_plain_keras(self):
+        x, y = tiny.images(n=12)
+        plain = _regularized_student()
+        plain.compile(
+            optimizer=keras.optimizers.SGD(0.0), loss=tiny.sparse_ce()
+        )
+        expected = plain.fit(x, y, batch_size=12, verbose=0).history["loss"]
+        distiller = ksd.Distiller(_regularized_student())
+        distiller.compile(
+            optimizer=keras.optimizers.SGD(0.0), loss=tiny.sparse_ce()
+        )
+        got = distiller.fit(x, y, batch_size=12, verbose=0).history["loss"]
+        ce = float(np.mean(tiny.sparse_ce()(y, plain.predict(x, verbose=0))))
+        self.assertGreater(expected[0] - ce, 0.01)
+        self.assertAlmostEqual(got[0], expected[0], places=4)
+
+    def test_exit_head_regularizer_is_minimised(self):
+        x, y = tiny.images(n=12)
+
+        def head(name, shape, classes):
+            return keras.Sequential(
+                [
+                    keras.layers.GlobalAveragePooling2D(),
+                    keras.layers.Dense(
+                        classes,
+                        kernel_regularizer=keras.regularizers.L2(10.0),
+                    ),
+                ],
+                name=f"{name}_head",
+            )
+
+        student = tiny.cnn()
+        term = ksd.terms.AuxiliaryExits(["b1"], head=head)
+        distiller = ksd.Distiller(student, [term])
+        distiller.compile(
+            optimizer=keras.optimizers.SGD(0.0), loss=tiny.sparse_ce()
+        )
+        history = distiller.fit(x, y, batch_size=12, verbose=0).history
+        kernel = np.asarray(distiller.exits.heads["b1"].layers[-1].kernel)
+        penalty = 10.0 * np.sum(np.square(kernel))
+        ce = float(np.mean(tiny.sparse_ce()(y, student.predict(x, verbose=0))))
+        self.assertAlmostEqual(
+            history["loss"][0],
+            ce + history["auxiliary_exits_loss"][0] + penalty,
+            places=3,
+        )
+
+
+class MonitoredCallbacksTest(parameterized.TestCase):
+    @parameterized.named_parameters(
+        ("past_predictions", lambda: ksd.teachers.PastPredictions(24, 3)),
+        ("ema", lambda: ksd.teachers.EMA(momentum=0.9)),
+        ("snapshot", lambda: ksd.teachers.Snapshot()),
+        (
+            "ensemble_with_ema",
+            lambda: ksd.teachers.Ensemble(
+                [tiny.mlp(seed=5), ksd.teachers.EMA(momentum=0.9)]
+            ),
+        ),
+    )
+    def test_self_teacher_term_cannot_be_monitored(self, make_teacher):
+        x, y = tiny.data()
+        distiller = ksd.Distiller(
+            tiny.mlp(), [ksd.terms.Distillation(make_teacher(), xi=0.5)]
+        )
+        distiller.compile(optimizer="sgd", loss=tiny.sparse_ce())
+        for callback in (
+            keras.callbacks.EarlyStopping(monitor="distillation_loss"),
+            keras.callbacks.ReduceLROnPlateau(monitor="distillation_loss"),
+        ):
+            with self.assertRaisesRegex(ValueError, "monitor='val_loss'"):
+                distiller.fit(
+                    ksd.data.with_sample_ids(x), y, callbacks=[callback]
+                )
+
+    @parameterized.named_parameters(
+        ("frozen", lambda: tiny.mlp(seed=5)),
+        ("random_init", lambda: ksd.teachers.RandomInit()),
+    )
+    def test_fixed_teacher_term_and_val_loss_can_be_monitored(
+        self, make_teacher
+    ):
+        x, y = tiny.data()
+        distiller = ksd.Distiller(
+            tiny.mlp(), [ksd.terms.Distillation(make_teacher())]
+        )
+        distiller.compile(optimizer="sgd", loss=tiny.sparse_ce())
+        history = distiller.fit(
+            x,
+            y,
+            validation_data=(x, y),
+            epochs=2,
+            verbose=0,
+            callbacks=[
+                keras.callbacks.EarlyStopping(monitor="distillation_loss"),
+                keras.callbacks.EarlyStopping(monitor="val_loss"),
+            ],
+        ).history
+        self.assertLen(history["loss"], 2)
