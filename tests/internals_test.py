@@ -49,7 +49,7 @@ class InternalsTest(parameterized.TestCase):
         # A Keras release without the private module: the import still
         # works (in a fresh process, so the registry here is untouched).
         code = (
-            "import sys; sys.modules['keras.src.trainers.compile_utils'] = "
+            "import sys, keras; sys.modules['keras.src.trainers.compile_utils'] = "
             "None; import keras_selfdistill as k; print(k.Distiller)"
         )
         result = subprocess.run(
