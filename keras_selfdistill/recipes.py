@@ -1,5 +1,6 @@
 """Published methods as ready-made terms, step for step as their code."""
 
+from keras_selfdistill import _arguments
 from keras_selfdistill import schedules
 from keras_selfdistill.teachers.past_predictions import PastPredictions
 from keras_selfdistill.teachers.teacher import check_positive_int
@@ -52,11 +53,7 @@ def ps_kd(num_samples, num_classes, epochs, alpha=0.8, dtype="float16"):
     ```
     """
     check_positive_int("ps_kd", "epochs", epochs)
-    if (
-        isinstance(alpha, bool)
-        or not isinstance(alpha, (int, float))
-        or not 0.0 <= alpha <= 1.0
-    ):
+    if not _arguments.is_number(alpha) or not 0.0 <= alpha <= 1.0:
         raise ValueError(
             "ps_kd `alpha` is the final weight of the past predictions and "
             f"must be in [0, 1] (the paper uses 0.8). Received: alpha={alpha!r}"

@@ -1,5 +1,13 @@
 """Schedules for term weights, temperatures and the label weight ξ.
 
+Every hyperparameter also accepts a `keras.optimizers.schedules.
+LearningRateSchedule` (e.g. `CosineDecay`) or a plain callable of the
+optimizer step, evaluated inside the step like a `Schedule`.
+
+Across `fit` calls, step schedules follow the optimizer's `iterations` and
+epoch schedules the distiller's epoch counter, which both go on where the
+last call stopped (a larger `initial_epoch` moves the epoch forward).
+
 A schedule maps the training progress (optimizer step and epoch) to a
 scalar. Terms evaluate it inside the compiled train step, so a ramp-up
 advances every step without retracing. The step is the optimizer's
@@ -13,6 +21,8 @@ import math
 
 import keras
 from keras import ops
+
+from keras_selfdistill import _arguments
 
 
 class Schedule(abc.ABC):
@@ -76,9 +86,7 @@ class _RampUp(Schedule):
             ("ramp_up_steps", ramp_up_steps),
             ("ramp_up_epochs", ramp_up_epochs),
         ):
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int)
-            ):
+            if value is not None and not _arguments.is_integer(value):
                 raise TypeError(
                     f"{name}: `{arg}` must be a positive int. "
                     f"Received: {arg}={value!r}"
@@ -89,13 +97,15 @@ class _RampUp(Schedule):
                     f"Received: {arg}={value}"
                 )
         for arg, value in (("start", start), ("end", end)):
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
+            if not _arguments.is_number(value) or not math.isfinite(value):
                 raise ValueError(
                     f"{name}: `{arg}` must be a finite number. "
                     f"Received: {arg}={value!r}"
                 )
-        self.ramp_up_steps = ramp_up_steps
-        self.ramp_up_epochs = ramp_up_epochs
+        self.ramp_up_steps = None if ramp_up_steps is None else int(ramp_up_steps)
+        self.ramp_up_epochs = (
+            None if ramp_up_epochs is None else int(ramp_up_epochs)
+        )
         self.start = float(start)
         self.end = float(end)
 
@@ -182,6 +192,53 @@ class SigmoidRampUp(_RampUp):
     def _shape(self, progress):
         curve = ops.exp(-5.0 * ops.square(1.0 - progress))
         return ops.where(progress > 0.0, curve, 0.0)
+
+
+@keras.saving.register_keras_serializable(package="keras_selfdistill")
+class _StepFunction(Schedule):
+    """A function of the optimizer step, e.g. a Keras learning-rate schedule.
+
+    Terms wrap a `keras.optimizers.schedules.LearningRateSchedule` or a
+    plain callable `f(step)` in this class. Only its value at step 0 can
+    be checked against a hyperparameter's bounds before training.
+    """
+
+    def __init__(self, function):
+        self.function = function
+
+    def __call__(self, step, epoch):
+        return ops.cast(self.function(step), "float32")
+
+    def value_range(self):
+        first = float(ops.convert_to_numpy(self(0, 0)))
+        return first, first
+
+    def get_config(self):
+        if not isinstance(
+            self.function, keras.optimizers.schedules.LearningRateSchedule
+        ):
+            raise TypeError(
+                "A hyperparameter given as a plain function cannot be saved "
+                "in a config. Use a `keras.optimizers.schedules."
+                "LearningRateSchedule` or a `keras_selfdistill.schedules."
+                "Schedule` subclass, or save weights only. Received: "
+                f"function={self.function!r}"
+            )
+        return {
+            "function": keras.saving.serialize_keras_object(self.function)
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(keras.saving.deserialize_keras_object(config["function"]))
+
+
+def as_schedule(value):
+    """`value`, with a Keras learning-rate schedule or a callable of the
+    step wrapped as a `Schedule`; numbers and schedules unchanged."""
+    if isinstance(value, Schedule) or not callable(value):
+        return value
+    return _StepFunction(value)
 
 
 def _deserialize(identifier):

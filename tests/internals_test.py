@@ -49,8 +49,9 @@ class InternalsTest(parameterized.TestCase):
         # A Keras release without the private module: the import still
         # works (in a fresh process, so the registry here is untouched).
         code = (
-            "import sys, keras; sys.modules['keras.src.trainers.compile_utils'] = "
-            "None; import keras_selfdistill as k; print(k.Distiller)"
+            "import sys, keras; "
+            "sys.modules['keras.src.trainers.compile_utils'] = None; "
+            "import keras_selfdistill as k; print(k.Distiller)"
         )
         result = subprocess.run(
             [sys.executable, "-c", code],

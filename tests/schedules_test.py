@@ -61,3 +61,54 @@ class SigmoidRampUpTest(parameterized.TestCase):
     def test_value_range(self):
         schedule = schedules.SigmoidRampUp(ramp_up_epochs=3, start=4, end=1)
         self.assertEqual(schedule.value_range(), (1.0, 4.0))
+
+
+class KerasSchedulesTest(parameterized.TestCase):
+    def test_learning_rate_schedule_and_callable_as_hyperparameters(self):
+        import keras_selfdistill as ksd
+
+        decay = keras.optimizers.schedules.ExponentialDecay(4.0, 10, 0.5)
+        term = ksd.terms.Distillation(
+            keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)]),
+            temperature=decay,
+            weight=lambda step: 0.1 * keras.ops.cast(step, "float32"),
+        )
+        # 4 · 0.5^(step / 10) and 0.1 · step.
+        self.assertAlmostEqual(
+            float(term.hyperparameter("temperature", 20, 0)), 1.0, places=5
+        )
+        self.assertAlmostEqual(
+            float(term.hyperparameter("weight", 30, 0)), 3.0, places=5
+        )
+        config = keras.saving.serialize_keras_object(
+            ksd.terms.Distillation(term.teacher.model, temperature=decay)
+        )
+        restored = keras.saving.deserialize_keras_object(config)
+        self.assertAlmostEqual(
+            float(restored.hyperparameter("temperature", 20, 0)), 1.0, places=5
+        )
+        with self.assertRaisesRegex(TypeError, "plain function"):
+            term.get_config()
+        with self.assertRaisesRegex(ValueError, "temperature"):
+            ksd.terms.Distillation(term.teacher.model, temperature=lambda s: 0)
+
+    def test_numpy_scalars_are_numbers(self):
+        import keras_selfdistill as ksd
+
+        schedule = schedules.LinearRampUp(
+            ramp_up_epochs=np.int64(3), end=np.float32(0.5)
+        )
+        self.assertEqual(schedule.get_config()["ramp_up_epochs"], 3)
+        term = ksd.terms.Distillation(
+            keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)]),
+            temperature=np.float32(2.0),
+            xi=np.float64(0.5),
+        )
+        self.assertAlmostEqual(term.temperature, 2.0)
+        teacher = ksd.teachers.PastPredictions(np.int64(5), np.int32(2))
+        self.assertEqual(teacher.get_config()["num_samples"], 5)
+        ksd.teachers.EMA(momentum=np.float32(0.9))
+        with self.assertRaisesRegex(TypeError, "weight=np.True_"):
+            ksd.terms.Distillation(teacher, weight=np.bool_(True))
+        with self.assertRaisesRegex(ValueError, "xi=-0.5"):
+            ksd.terms.Distillation(teacher, xi=-0.5)

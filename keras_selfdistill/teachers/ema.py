@@ -3,6 +3,8 @@ import math
 import keras
 from keras import ops
 
+from keras_selfdistill import _arguments
+
 from keras_selfdistill.teachers.teacher import Teacher
 from keras_selfdistill.teachers.teacher import clone_student
 from keras_selfdistill.teachers.teacher import copy_variables
@@ -44,8 +46,7 @@ class EMA(Teacher):
     def __init__(self, momentum=0.999, input_key=None, name=None):
         super().__init__(input_key=input_key, name=name)
         if (
-            isinstance(momentum, bool)
-            or not isinstance(momentum, (int, float))
+            not _arguments.is_number(momentum)
             or not math.isfinite(momentum)
             or not 0.0 <= momentum < 1.0
         ):

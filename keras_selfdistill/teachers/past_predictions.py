@@ -146,8 +146,8 @@ class PastPredictions(Teacher):
                 f"({max_bytes / 1e9:.2f} GB). Raise `max_bytes` if the memory "
                 "is there, or store float16."
             )
-        self.num_samples = num_samples
-        self.num_classes = num_classes
+        self.num_samples = int(num_samples)
+        self.num_classes = int(num_classes)
         self.storage_dtype = dtype
         self.max_bytes = max_bytes
         # +inf marks a sample not seen yet (log-probabilities are <= 0), so

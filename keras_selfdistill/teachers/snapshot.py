@@ -56,8 +56,8 @@ class Snapshot(Teacher):
                 f"Snapshot `combine` must be one of {_COMBINE}. "
                 f"Received: combine={combine!r}"
             )
-        self.freq = freq
-        self.keep = keep
+        self.freq = int(freq)
+        self.keep = int(keep)
         self.combine = combine
         self.models = []
         self.taken = self.add_weight(

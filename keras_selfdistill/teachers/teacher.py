@@ -3,6 +3,7 @@ import abc
 import keras
 from keras import ops
 
+from keras_selfdistill import _arguments
 from keras_selfdistill import _internals
 
 SAMPLE_ID = "sample_id"
@@ -225,7 +226,7 @@ def copy_variables(destinations, sources):
 
 
 def check_positive_int(owner, arg, value):
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not _arguments.is_integer(value):
         raise TypeError(
             f"{owner} `{arg}` must be a positive int. Received: {arg}={value!r}"
         )

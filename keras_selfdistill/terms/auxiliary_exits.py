@@ -151,6 +151,7 @@ class AuxiliaryExits(Term):
             "temperature", temperature, minimum=0.0, strict=True
         )
         self._add_hyperparameter("alpha", alpha, minimum=0.0)
+        alpha = schedules.as_schedule(alpha)
         alpha_high = (
             alpha.value_range()[1]
             if isinstance(alpha, schedules.Schedule)
@@ -162,6 +163,7 @@ class AuxiliaryExits(Term):
                 f"in [0, 1]. Received: alpha={alpha}"
             )
         self._add_hyperparameter("feature_weight", feature_weight, minimum=0.0)
+        feature_weight = schedules.as_schedule(feature_weight)
         self.hints = isinstance(feature_weight, schedules.Schedule) or (
             feature_weight > 0
         )

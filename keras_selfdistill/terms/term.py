@@ -6,6 +6,7 @@ import weakref
 import keras
 from keras import ops
 
+from keras_selfdistill import _arguments
 from keras_selfdistill import _internals
 from keras_selfdistill import schedules
 
@@ -89,6 +90,7 @@ class Term(keras.layers.Layer, metaclass=abc.ABCMeta):
 
     def _add_hyperparameter(self, name, value, minimum=None, strict=False):
         self._hyperparameter_bounds[name] = (minimum, strict)
+        value = schedules.as_schedule(value)
         if isinstance(value, schedules.Schedule):
             low, _ = value.value_range()
             self._check_number(name, low, "a schedule whose lowest value")
@@ -105,7 +107,7 @@ class Term(keras.layers.Layer, metaclass=abc.ABCMeta):
     def _check_number(self, name, value, what):
         minimum, strict = self._hyperparameter_bounds[name]
         label = f"`{name}` of {type(self).__name__} {what}".rstrip()
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if not _arguments.is_number(value):
             raise TypeError(
                 f"{label} must be a number or a "
                 "`keras_selfdistill.schedules.Schedule`. "

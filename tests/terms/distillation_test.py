@@ -2,6 +2,7 @@ import keras
 import numpy as np
 from absl.testing import parameterized
 
+import keras_selfdistill as ksd
 from keras_selfdistill import ops as ksd_ops
 from keras_selfdistill import schedules
 from keras_selfdistill import teachers
@@ -148,3 +149,25 @@ class DistillationTest(parameterized.TestCase):
             term.compute_loss(
                 self.x, None, np.zeros((5, 4), "float32"), None, 0, 0
             )
+
+
+class MidEpochAssignmentTest(parameterized.TestCase):
+    def test_callback_changes_weight_mid_epoch(self):
+        # On JAX the step state lives outside the variables mid-epoch: the
+        # assignment must reach the next step and survive the epoch's end.
+        x, y = tiny.data(n=24)
+        term = ksd.terms.Distillation(tiny.mlp(seed=3), weight=1.0)
+        distiller = ksd.Distiller(tiny.mlp(), [term])
+        distiller.compile(optimizer="sgd", loss=tiny.sparse_ce())
+        seen = []
+
+        class Halve(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                seen.append(term.weight)
+                term.weight = term.weight / 2
+
+        distiller.fit(
+            x, y, batch_size=8, epochs=2, verbose=0, callbacks=[Halve()]
+        )
+        self.assertEqual(seen, [1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125])
+        self.assertAlmostEqual(term.weight, 0.015625)
