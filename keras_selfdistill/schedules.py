@@ -102,7 +102,9 @@ class _RampUp(Schedule):
                     f"{name}: `{arg}` must be a finite number. "
                     f"Received: {arg}={value!r}"
                 )
-        self.ramp_up_steps = None if ramp_up_steps is None else int(ramp_up_steps)
+        self.ramp_up_steps = (
+            None if ramp_up_steps is None else int(ramp_up_steps)
+        )
         self.ramp_up_epochs = (
             None if ramp_up_epochs is None else int(ramp_up_epochs)
         )
@@ -224,9 +226,7 @@ class _StepFunction(Schedule):
                 "Schedule` subclass, or save weights only. Received: "
                 f"function={self.function!r}"
             )
-        return {
-            "function": keras.saving.serialize_keras_object(self.function)
-        }
+        return {"function": keras.saving.serialize_keras_object(self.function)}
 
     @classmethod
     def from_config(cls, config):

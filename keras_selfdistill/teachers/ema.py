@@ -4,7 +4,6 @@ import keras
 from keras import ops
 
 from keras_selfdistill import _arguments
-
 from keras_selfdistill.teachers.teacher import Teacher
 from keras_selfdistill.teachers.teacher import clone_student
 from keras_selfdistill.teachers.teacher import copy_variables
