@@ -185,8 +185,11 @@ def fit_generations(
     Borup & Andersen: the generation is trained once with `ξ = 0` and once
     with `ξ = 1`, `estimate_label_weight` projects the held-out one-hot
     labels between their held-out probabilities, and the generation is then
-    trained with `ξ = 1 − α*` (three trainings per generation instead of a
-    grid search).
+    trained with `ξ = max(0, 1 − α*)` (three trainings per generation
+    instead of a grid search). The projection can give `α* > 1`; a negative
+    `ξ` would reward moving away from the teacher (an unbounded objective),
+    so it is clipped to 0, plain label training, which is the nearest
+    weight the objective allows.
 
     Args:
         build_student: Callable returning a new, uncompiled student that
@@ -294,7 +297,7 @@ def fit_generations(
                 )
             reference = np.eye(probabilities[0].shape[-1])[np.asarray(y_val)]
             alpha = estimate_label_weight(*probabilities, reference)
-            weight = 1.0 - alpha
+            weight = max(0.0, 1.0 - alpha)
         student, history = train(teacher, float(weight))
         results.append({"student": student, "xi": weight, "history": history})
     return results
