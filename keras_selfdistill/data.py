@@ -2,41 +2,132 @@
 
 import numpy as np
 
+from keras_selfdistill.teachers.teacher import FINGERPRINT
 from keras_selfdistill.teachers.teacher import INPUTS
 from keras_selfdistill.teachers.teacher import SAMPLE_ID
 
+TFDS_ID = "tfds_id"
 
-def _with_id(x, sample_id):
+
+def fingerprint(x):
+    """A nonzero int32 hash of one example's inputs (a nested structure).
+
+    Stored beside each bank row, it shows when a sample id later names
+    another example: ids attached after a reshuffling `shuffle`, arrays
+    re-sliced between `fit` calls, a tfds split read with shuffled files.
+    """
+    import tensorflow as tf
+
+    parts = [tf.io.serialize_tensor(leaf) for leaf in tf.nest.flatten(x)]
+    joined = tf.strings.reduce_join(tf.stack(parts), separator="|")
+    bucket = tf.strings.to_hash_bucket_fast(joined, 2**31 - 2)
+    # 0 marks "no fingerprint" in the bank.
+    return tf.cast(bucket + 1, "int32")
+
+
+def _with_id(x, sample_id, sample_fingerprint):
     if isinstance(x, dict):
-        if SAMPLE_ID in x:
-            raise ValueError(
-                f"The inputs already hold a '{SAMPLE_ID}' key. Add sample ids "
-                f"once. Received: keys {sorted(x)}"
-            )
-        return {**x, SAMPLE_ID: sample_id}
-    return {INPUTS: x, SAMPLE_ID: sample_id}
+        for key in (SAMPLE_ID, FINGERPRINT):
+            if key in x:
+                raise ValueError(
+                    f"The inputs already hold a '{key}' key. Add sample ids "
+                    f"once. Received: keys {sorted(x)}"
+                )
+        return {**x, SAMPLE_ID: sample_id, FINGERPRINT: sample_fingerprint}
+    return {INPUTS: x, SAMPLE_ID: sample_id, FINGERPRINT: sample_fingerprint}
 
 
-def with_sample_ids(data):
-    """Attaches a stable sample id to every training example.
+def _shard_offsets(info, split):
+    splits = getattr(info, "splits", None)
+    if splits is None or not isinstance(split, str):
+        raise TypeError(
+            "Elements with a 'tfds_id' need the dataset's `info` (the "
+            "`tfds.core.DatasetInfo` from `tfds.load(..., with_info=True)`) "
+            "and the `split` name, to turn each record's file and index "
+            f"into one id. Received: info={info!r}, split={split!r}"
+        )
+    base = split.split("[")[0]
+    if base not in splits:
+        raise ValueError(
+            f"Unknown split {base!r}; the dataset has {sorted(splits)}. "
+            f"Received: split={split!r}"
+        )
+    lengths = [int(n) for n in splits[base].shard_lengths]
+    return np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype("int64")
+
+
+def _tfds_ids(dataset, info, split):
+    import tensorflow as tf
+
+    offsets = tf.constant(_shard_offsets(info, split))
+    supervised = getattr(info, "supervised_keys", None)
+
+    def attach(element):
+        tfds_id = element[TFDS_ID]
+        shard = tf.strings.to_number(
+            tf.strings.regex_replace(tfds_id, r".*-(\d+)-of-\d+__.*", r"\1"),
+            tf.int64,
+        )
+        index = tf.strings.to_number(
+            tf.strings.regex_replace(tfds_id, r".*__(\d+)$", r"\1"), tf.int64
+        )
+        sample_id = tf.gather(offsets, shard) + index
+        features = {k: v for k, v in element.items() if k != TFDS_ID}
+        if supervised is None:
+            return _with_id(features, sample_id, fingerprint(features))
+        x_key, y_key = supervised[0], supervised[1]
+        x = features[x_key]
+        return _with_id(x, sample_id, fingerprint(x)), features[y_key]
+
+    return dataset.map(attach, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _array_fingerprints(x, size):
+    import tensorflow as tf
+
+    rows = tf.data.Dataset.from_tensor_slices(x).map(
+        fingerprint, num_parallel_calls=tf.data.AUTOTUNE
+    )
+    values = [batch.numpy() for batch in rows.batch(8192)]
+    return np.concatenate(values) if values else np.zeros(size, "int32")
+
+
+def with_sample_ids(data, info=None, split=None):
+    """Attaches a stable sample id (and a fingerprint) to every example.
 
     Teachers that keep per-sample state (`keras_selfdistill.teachers.
     PastPredictions`) key it by this id, never by batch position, so
     shuffling and augmentation cannot misalign it. The inputs become
-    `{"inputs": x, "sample_id": id}` (or gain a `"sample_id"` key when they
-    are already a dict); the `Distiller` and its teachers strip the id
-    before calling their models, and `predict` accepts plain inputs.
+    `{"inputs": x, "sample_id": id, "sample_fingerprint": f}` (or gain the
+    two keys when they are already a dict); the `Distiller` and its
+    teachers strip them before calling their models, and `predict` accepts
+    plain inputs. The fingerprint, a hash of the example's inputs taken
+    here, before any augmentation, is stored beside each bank row: an id
+    that later names another example is an error at the end of the epoch,
+    never a target from the wrong example.
 
-    For a `tf.data.Dataset`, pass the *unbatched, unshuffled* dataset and
-    shuffle, augment and batch afterwards: the id is the element's position
-    in the original order. A dataset that is already batched (elements with
-    a batch axis) would get one id per batch; `PastPredictions` then fails
-    on the shape. For NumPy inputs, pass the input array (or dict of
-    arrays); Keras's `shuffle=True` permutes ids with the rows.
+    Where the id comes from:
+
+    - NumPy inputs: the row index; Keras's `shuffle=True` permutes ids with
+      the rows.
+    - A `tf.data.Dataset` of `x`, `(x, y)` or `(x, y, sample_weight)`: the
+      element's position. Pass the *unbatched, unshuffled* dataset and
+      shuffle, augment, `cache`, `repeat` and batch afterwards.
+    - A tensorflow-datasets split read with
+      `read_config=tfds.ReadConfig(add_tfds_id=True)` (dict elements with a
+      `"tfds_id"`), with `info` and `split`: the record's shard offset plus
+      its index in the shard, the same in every epoch even with
+      `shuffle_files=True`. With `info.supervised_keys` the elements become
+      `({"inputs": image, "sample_id": ..., ...}, label)`, ready for
+      `fit`; without, the dict keeps its keys and gains the two.
 
     Args:
-        data: An unbatched `tf.data.Dataset` of `x`, `(x, y)` or
-            `(x, y, sample_weight)` elements, or the NumPy inputs `x`.
+        data: An unbatched `tf.data.Dataset`, or the NumPy inputs `x` (an
+            array or a dict of arrays).
+        info: The `tfds.core.DatasetInfo` of a tfds dataset whose elements
+            carry `"tfds_id"`. Defaults to `None`.
+        split: The split the dataset was loaded from (e.g. `"train"` or
+            `"train[:80%]"`), with `info`. Defaults to `None`.
 
     Returns:
         The same kind of object with ids attached.
@@ -50,16 +141,34 @@ def with_sample_ids(data):
     distiller.fit(train, epochs=10)
 
     distiller.fit(keras_selfdistill.data.with_sample_ids(x), y)
+
+    ds, info = tfds.load("mnist", split="train", shuffle_files=True,
+                         with_info=True,
+                         read_config=tfds.ReadConfig(add_tfds_id=True))
+    train = keras_selfdistill.data.with_sample_ids(ds, info, "train")
+    teacher = keras_selfdistill.teachers.PastPredictions(
+        info.splits["train"].num_examples, num_classes=10)
     ```
     """
     import tensorflow as tf
 
     if isinstance(data, tf.data.Dataset):
+        spec = data.element_spec
+        if isinstance(spec, dict) and TFDS_ID in spec:
+            return _tfds_ids(data, info, split)
+        if info is not None:
+            raise ValueError(
+                "`info` names a tfds dataset, but its elements carry no "
+                "'tfds_id' to key the ids by. Load it with "
+                "`read_config=tfds.ReadConfig(add_tfds_id=True)` and without "
+                f"`as_supervised`. Received: element_spec={spec}"
+            )
 
         def attach(index, element):
             if isinstance(element, tuple):
-                return (_with_id(element[0], index),) + element[1:]
-            return _with_id(element, index)
+                x = element[0]
+                return (_with_id(x, index, fingerprint(x)),) + element[1:]
+            return _with_id(element, index, fingerprint(element))
 
         return data.enumerate().map(attach)
     if isinstance(data, dict):
@@ -77,4 +186,9 @@ def with_sample_ids(data):
             "All input arrays must hold the same number of samples. "
             f"Received: sizes {sorted(sizes)}"
         )
-    return _with_id(data, np.arange(sizes.pop(), dtype="int64"))
+    size = sizes.pop()
+    return _with_id(
+        data,
+        np.arange(size, dtype="int64"),
+        _array_fingerprints(data, size),
+    )

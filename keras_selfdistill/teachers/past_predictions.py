@@ -3,6 +3,7 @@ import numpy as np
 from keras import ops
 
 from keras_selfdistill import _internals
+from keras_selfdistill.teachers.teacher import FINGERPRINT
 from keras_selfdistill.teachers.teacher import SAMPLE_ID
 from keras_selfdistill.teachers.teacher import Teacher
 from keras_selfdistill.teachers.teacher import check_positive_int
@@ -90,6 +91,14 @@ class PastPredictions(Teacher):
     the mixed target equals `(1 − α_t)·CE(y) + α_t·KL(p_prev ‖ p)` up to the
     constant entropy of `p_prev`, so the gradients are PS-KD's exactly.
 
+    Each row also keeps the fingerprint of the example it was written
+    from (a hash of its inputs that `with_sample_ids` takes before any
+    augmentation). An id that later names another example (ids attached
+    after a reshuffling `shuffle`, arrays re-sliced between `fit` calls, a
+    tfds split read with shuffled files without `tfds_id`) gets no target
+    and trains on its label, and the epoch's end raises a `ValueError`
+    with the count: never a target from the wrong example.
+
     Memory: the bank stores log-probabilities, `num_samples × num_classes`
     values in `dtype` (float16 by default, 2 bytes each). ImageNet-1k
     (1,281,167 × 1,000) takes 2.56 GB in float16, 5.12 GB in float32. A
@@ -161,6 +170,24 @@ class PastPredictions(Teacher):
             trainable=False,
             name="bank",
         )
+        # The fingerprint of the example each row was written from (0: not
+        # known), and how many rows this epoch found another example under
+        # their id.
+        self.fingerprints = self.add_weight(
+            shape=(num_samples,),
+            initializer="zeros",
+            dtype="int32",
+            trainable=False,
+            name="fingerprints",
+        )
+        self.mismatches = self.add_weight(
+            shape=(),
+            initializer="zeros",
+            dtype="int32",
+            trainable=False,
+            aggregation="sum",
+            name="mismatches",
+        )
 
     def attach(self, student):
         classes = num_classes(student)
@@ -205,16 +232,45 @@ class PastPredictions(Teacher):
         )
         ids = _check_ids(ids, self.num_samples)
         stored = ops.cast(ops.take(self.bank, ids, axis=0), "float32")
-        seen = ops.less(stored[:, :1], float("inf"))
-        log_probs = ops.where(seen, stored, current)
+        seen = ops.less(stored[:, 0], float("inf"))
+        if FINGERPRINT in x:
+            fingerprint = ops.cast(x[FINGERPRINT], "int32")
+            known = ops.take(self.fingerprints, ids, axis=0)
+            # A row written from another example is no target: it trains
+            # on its label, and the epoch's end reports it.
+            moved = ops.logical_and(
+                seen, ops.logical_and(known != 0, known != fingerprint)
+            )
+            seen = ops.logical_and(seen, ops.logical_not(moved))
+            self.mismatches.assign_add(ops.sum(ops.cast(moved, "int32")))
+            _write_rows(self.fingerprints, ids, fingerprint, self.num_samples)
+        log_probs = ops.where(seen[:, None], stored, current)
         _write_rows(
             self.bank,
             ids,
             ops.cast(current, self.bank.dtype),
             self.num_samples,
         )
-        mask = ops.cast(ops.squeeze(seen, axis=-1), "float32")
+        mask = ops.cast(seen, "float32")
         return ops.cast(temperature, "float32") * log_probs, mask
+
+    def on_epoch_end(self, epoch):
+        moved = int(ops.convert_to_numpy(self.mismatches))
+        if moved:
+            self.mismatches.assign(0)
+            raise ValueError(
+                f"PastPredictions '{self.name}': in epoch {epoch}, {moved} "
+                "sample ids named another example than the one their past "
+                "prediction was stored from (the inputs' fingerprints "
+                "differ), so those samples trained on their labels only. "
+                "Ids must follow the example: attach them with "
+                "`with_sample_ids` to the unshuffled source, before "
+                "`shuffle`, augmentation and batching; for a tfds split read "
+                "with `shuffle_files=True`, load it with `read_config=tfds."
+                "ReadConfig(add_tfds_id=True)` and pass `info` and `split`; "
+                "arrays re-sliced between `fit` calls need a new teacher. "
+                f"Received: {moved} moved ids"
+            )
 
     def get_config(self):
         config = super().get_config()

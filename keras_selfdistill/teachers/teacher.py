@@ -7,18 +7,21 @@ from keras_selfdistill import _arguments
 from keras_selfdistill import _internals
 
 SAMPLE_ID = "sample_id"
+FINGERPRINT = "sample_fingerprint"
 INPUTS = "inputs"
+_ID_KEYS = (SAMPLE_ID, FINGERPRINT)
 
 
 def select_input(x, input_key, owner):
     """Returns a model's own inputs from the batch inputs `x`.
 
     `x[input_key]` when `input_key` is set, otherwise `x` itself, in both
-    cases without the sample ids that `keras_selfdistill.data.
-    with_sample_ids` adds (`{"inputs": x, "sample_id": ids}` gives `x`).
+    cases without the sample ids and fingerprints that
+    `keras_selfdistill.data.with_sample_ids` adds (`{"inputs": x,
+    "sample_id": ids, "sample_fingerprint": f}` gives `x`).
     """
     if isinstance(x, dict) and SAMPLE_ID in x:
-        x = {key: value for key, value in x.items() if key != SAMPLE_ID}
+        x = {key: value for key, value in x.items() if key not in _ID_KEYS}
         if input_key is None and set(x) == {INPUTS}:
             return x[INPUTS]
     if input_key is None:
