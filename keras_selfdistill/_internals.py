@@ -87,3 +87,19 @@ def sync_training_state(model):
     sync = getattr(model, "jax_state_sync", None)
     if sync is not None and getattr(model, "_jax_state", None):
         sync()
+
+
+def to_numpy(value):
+    """A tensor's or variable's value as a NumPy array, with no warning.
+
+    `keras.ops.convert_to_numpy` calls `np.array(x)`, and TensorFlow's
+    tensors and variables lack NumPy 2's `__array__(copy=...)`: NumPy
+    warns (DeprecationWarning) on every call. Their `.numpy()` does not.
+    """
+    import numpy as np
+
+    if isinstance(value, keras.Variable):
+        value = value.value
+    if keras.backend.backend() == "tensorflow" and hasattr(value, "numpy"):
+        return np.asarray(value.numpy())
+    return keras.ops.convert_to_numpy(value)

@@ -255,7 +255,7 @@ def _checked_batches(generator, num_classes, num_samples, loss):
 def _probability_rows(outputs):
     if not hasattr(outputs, "shape"):
         return False
-    outputs = np.asarray(keras.ops.convert_to_numpy(outputs), "float64")
+    outputs = np.asarray(_internals.to_numpy(outputs), "float64")
     return (
         outputs.ndim >= 2
         and outputs.shape[-1] > 1

@@ -459,6 +459,18 @@ class Distiller(keras.Model):
                     f"'val_accuracy'. Received: monitor={monitor!r}"
                 )
 
+    def save(self, filepath, *args, **kwargs):
+        if str(filepath).endswith((".h5", ".hdf5")):
+            raise ValueError(
+                "A distiller cannot be saved in Keras's legacy HDF5 format: "
+                "the file would not load back (its terms and teachers are "
+                "not HDF5 layers). Save it as `.keras`, save the student "
+                "alone (`distiller.student.save(...)`), or only the weights "
+                f"(`save_weights('*.weights.h5')`). Received: "
+                f"filepath={str(filepath)!r}"
+            )
+        return super().save(filepath, *args, **kwargs)
+
     def get_config(self):
         return {
             "name": self.name,

@@ -509,9 +509,9 @@ class EarlyExit:
         for index, segment in enumerate(self._segments):
             hidden = segment(hidden, training=False)
             if index == len(self._heads):
-                logits[remaining] = ops.convert_to_numpy(hidden)
+                logits[remaining] = _internals.to_numpy(hidden)
                 break
-            exit_logits = ops.convert_to_numpy(
+            exit_logits = _internals.to_numpy(
                 self._heads[index](hidden, training=False)
             )
             confidence = _max_softmax(exit_logits)

@@ -30,6 +30,54 @@ def check_writable(path, overwrite=False):
             f"{path} exists and may not be ours to replace. Choose another "
             "path, remove it, or pass `overwrite=True` (`--overwrite`)."
         )
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(
+            f"The folder {folder} does not exist, so {path} cannot be "
+            "written. Create it first (`os.makedirs`). "
+            f"Received: path={path!r}"
+        )
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(
+            f"The folder {folder} is not writable, so {path} cannot be "
+            "written. Choose a writable folder or change its permissions. "
+            f"Received: path={path!r}"
+        )
+
+
+_TEMPORARY_PREFIX = ".saving-"
+
+
+def _remove_stale_temporaries(folder, name):
+    # A process killed mid-save leaves its full-size temporary behind; the
+    # pid in its name tells whether its writer is gone.
+    prefix = f"{_TEMPORARY_PREFIX}{name}-"
+    for entry in os.listdir(folder):
+        if not (entry.startswith(prefix) and entry.endswith(".keras")):
+            continue
+        pid = entry[len(prefix) :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            try:
+                os.remove(os.path.join(folder, entry))
+            except FileNotFoundError:
+                pass
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _default_mode():
+    # What `open(path, "w")`, and so Keras's own `save`, gives a new file.
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def save_model(model, path, overwrite=False):
@@ -39,7 +87,9 @@ def save_model(model, path, overwrite=False):
     renamed over `path` (`os.replace`, atomic on POSIX and Windows), so a
     process killed mid-write leaves either the old file or the new one,
     never a truncated archive. The temporary file is removed if saving
-    fails.
+    fails, and one left by a killed process is removed by the next save to
+    the same path. The file gets the permissions Keras's own `save` gives
+    under the same umask.
 
     Args:
         model: The `keras.Model` to save.
@@ -57,12 +107,17 @@ def save_model(model, path, overwrite=False):
     path = os.fspath(path)
     check_writable(path, overwrite)
     folder = os.path.dirname(os.path.abspath(path))
+    name = os.path.basename(path)
+    _remove_stale_temporaries(folder, name)
     descriptor, temporary = tempfile.mkstemp(
-        suffix=".keras", prefix=".saving-", dir=folder
+        suffix=".keras",
+        prefix=f"{_TEMPORARY_PREFIX}{name}-{os.getpid()}-",
+        dir=folder,
     )
     os.close(descriptor)
     try:
         model.save(temporary)
+        os.chmod(temporary, _default_mode())
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):

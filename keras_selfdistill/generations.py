@@ -28,6 +28,8 @@ References:
 
 import numpy as np
 
+from keras_selfdistill import _internals
+
 
 def kernel_ridge_generations(
     kernel, y, regularization, label_weights, eval_kernel=None
@@ -293,7 +295,7 @@ def fit_generations(
                 model, _ = train(teacher, candidate)
                 logits = model.predict(x_val, verbose=0)
                 probabilities.append(
-                    keras.ops.convert_to_numpy(keras.ops.softmax(logits))
+                    _internals.to_numpy(keras.ops.softmax(logits))
                 )
             reference = np.eye(probabilities[0].shape[-1])[np.asarray(y_val)]
             alpha = estimate_label_weight(*probabilities, reference)

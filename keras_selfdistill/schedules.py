@@ -23,6 +23,7 @@ import keras
 from keras import ops
 
 from keras_selfdistill import _arguments
+from keras_selfdistill import _internals
 
 
 class Schedule(abc.ABC):
@@ -212,7 +213,7 @@ class _StepFunction(Schedule):
         return ops.cast(self.function(step), "float32")
 
     def value_range(self):
-        first = float(ops.convert_to_numpy(self(0, 0)))
+        first = float(_internals.to_numpy(self(0, 0)))
         return first, first
 
     def get_config(self):

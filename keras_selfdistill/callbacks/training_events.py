@@ -1,5 +1,7 @@
 import keras
 
+from keras_selfdistill import _internals
+
 NO_STEP = (
     "`fit` ran no training step: the training data yielded no batch. Check "
     "filters, `take`/`skip`, and `drop_remainder` with a batch size larger "
@@ -32,14 +34,14 @@ class TrainingEvents(keras.callbacks.Callback):
             teacher.on_train_begin()
 
     def on_epoch_begin(self, epoch, logs=None):
-        counted = int(keras.ops.convert_to_numpy(self.distiller.epoch))
+        counted = int(_internals.to_numpy(self.distiller.epoch))
         self.distiller.epoch.assign(max(counted, epoch))
 
     def on_epoch_end(self, epoch, logs=None):
         if self.first_epoch and not logs:
             raise ValueError(NO_STEP)
         self.first_epoch = False
-        counted = int(keras.ops.convert_to_numpy(self.distiller.epoch))
+        counted = int(_internals.to_numpy(self.distiller.epoch))
         for teacher in self.distiller.teachers:
             teacher.on_epoch_end(counted)
         # Counted as done before BackupAndRestore or ModelCheckpoint save

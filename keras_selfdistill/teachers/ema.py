@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_selfdistill import _arguments
+from keras_selfdistill import _internals
 from keras_selfdistill.teachers.teacher import Teacher
 from keras_selfdistill.teachers.teacher import clone_student
 from keras_selfdistill.teachers.teacher import copy_variables
@@ -73,7 +74,7 @@ class EMA(Teacher):
         return zip(self.model.variables, self._student.variables)
 
     def on_train_begin(self):
-        if int(self.updates.numpy()) == 0:
+        if int(_internals.to_numpy(self.updates)) == 0:
             copy_variables(self.model.variables, self._student.variables)
 
     def update(self, data):

@@ -2,6 +2,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_selfdistill import _internals
 from keras_selfdistill.teachers.teacher import Teacher
 from keras_selfdistill.teachers.teacher import final_activation
 from keras_selfdistill.teachers.teacher import num_classes
@@ -118,7 +119,7 @@ class FrozenModel(Teacher):
         # A diverged or half-loaded checkpoint would give NaN targets and a
         # NaN loss from the first step; one pass over the weights is cheap.
         for variable in self.model.variables:
-            value = keras.ops.convert_to_numpy(variable)
+            value = _internals.to_numpy(variable)
             bad = np.size(value) - np.isfinite(value).sum()
             if value.dtype.kind == "f" and bad:
                 raise ValueError(

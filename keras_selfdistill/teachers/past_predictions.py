@@ -255,7 +255,7 @@ class PastPredictions(Teacher):
         return ops.cast(temperature, "float32") * log_probs, mask
 
     def on_epoch_end(self, epoch):
-        moved = int(ops.convert_to_numpy(self.mismatches))
+        moved = int(_internals.to_numpy(self.mismatches))
         if moved:
             self.mismatches.assign(0)
             raise ValueError(

@@ -1,6 +1,7 @@
 import keras
 from keras import ops
 
+from keras_selfdistill import _internals
 from keras_selfdistill.teachers.teacher import Teacher
 from keras_selfdistill.teachers.teacher import check_positive_int
 from keras_selfdistill.teachers.teacher import clone_student
@@ -78,7 +79,7 @@ class Snapshot(Teacher):
     def on_epoch_end(self, epoch):
         if (epoch + 1) % self.freq:
             return
-        taken = int(self.taken.numpy())
+        taken = int(_internals.to_numpy(self.taken))
         slot = self.models[taken % self.keep]
         copy_variables(slot.variables, self._student.variables)
         self.taken.assign(taken + 1)

@@ -252,6 +252,6 @@ def clone_student(student, owner, copy_weights=True):
             f"Received: {type(error).__name__}: {error}"
         ) from error
     if copy_weights:
-        clone.set_weights(student.get_weights())
+        copy_variables(clone.variables, student.variables)
     clone.trainable = False
     return clone

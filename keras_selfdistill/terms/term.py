@@ -138,7 +138,7 @@ class Term(keras.layers.Layer, metaclass=abc.ABCMeta):
         self._sync()
         value = self._hyperparameters.get(name)
         if isinstance(value, keras.Variable):
-            return float(ops.convert_to_numpy(value))
+            return float(_internals.to_numpy(value))
         return value
 
     def _set_hyperparameter(self, name, value):
