@@ -5,6 +5,7 @@ from keras import ops
 
 from keras_selfdistill import _internals
 from keras_selfdistill import checks
+from keras_selfdistill import data
 from keras_selfdistill.callbacks.training_events import NO_STEP
 from keras_selfdistill.callbacks.training_events import TrainingEvents
 from keras_selfdistill.exits import OUTPUT
@@ -419,6 +420,21 @@ class Distiller(keras.Model):
             self,
             min(id_limits) if id_limits else None,
         )
+        if arguments.get("y") is None and "sample_weight" in arguments:
+            # Keras drops the weights of label-free NumPy data.
+            batches = data.label_free_with_weights(
+                arguments["x"],
+                arguments["sample_weight"],
+                arguments.get("batch_size"),
+                arguments.get("shuffle", True),
+            )
+            if batches is not None:
+                arguments["x"], steps = batches
+                arguments.setdefault("steps_per_epoch", steps)
+                # The batches are shuffled already; Keras would warn.
+                arguments["shuffle"] = False
+                for name in ("sample_weight", "batch_size"):
+                    arguments.pop(name, None)
         callbacks = arguments.get("callbacks") or []
         if not isinstance(callbacks, (list, tuple)):
             callbacks = [callbacks]

@@ -644,3 +644,25 @@ class MonitoredCallbacksTest(parameterized.TestCase):
             ],
         ).history
         self.assertLen(history["loss"], 2)
+
+
+class LabelFreeWeightsTest(parameterized.TestCase):
+    def test_numpy_sample_weight_reaches_the_terms(self):
+        # Zero learning rate, one batch: the logged term is the weighted
+        # mean Σ w·kd / n of the per-sample KD.
+        x, _ = tiny.data(n=12)
+        w = np.linspace(0.0, 2.0, 12).astype("float32")
+        teacher, student = tiny.mlp(seed=3), tiny.mlp()
+        distiller = ksd.Distiller(
+            student, [ksd.terms.Distillation(teacher, temperature=2.0)]
+        )
+        distiller.compile(optimizer=keras.optimizers.SGD(0.0))
+        history = distiller.fit(
+            x, sample_weight=w, batch_size=12, verbose=0
+        ).history
+        per_sample = tiny.kd(teacher(x), student(x), 2.0)
+        self.assertAlmostEqual(
+            history["distillation_loss"][0],
+            float(np.mean(w * per_sample)),
+            places=5,
+        )

@@ -241,6 +241,14 @@ def check_positive_int(owner, arg, value):
 
 def clone_student(student, owner, copy_weights=True):
     """A frozen copy of the student's architecture, for self-teachers."""
+    if not student.built or not student.variables:
+        raise ValueError(
+            f"{owner} copies the student's weights, but the student "
+            f"'{student.name}' is not built yet (a subclassed model gets its "
+            "weights on its first call), so the copy would start from other "
+            "random weights. Build it first: `student.build(input_shape)` or "
+            "`student(x[:1])`. Received: a student with no variables"
+        )
     try:
         clone = keras.models.clone_model(student)
     except Exception as error:

@@ -3,10 +3,18 @@ from keras import ops
 
 from keras_selfdistill import ops as ksd_ops
 from keras_selfdistill.teachers.frozen_model import as_teacher
+from keras_selfdistill.teachers.teacher import num_classes
 from keras_selfdistill.terms.term import Term
 from keras_selfdistill.terms.term import hyperparameter_property
 
 _LOSSES = ("kl", "reverse_kl", "jsd", "mse")
+_SINGLE_LOGIT = (
+    "The student returns a single logit (binary classification with a "
+    "sigmoid): a softmax over one output is always 1, so the distillation "
+    "loss would always be 0. Give the student and the teacher two logits: "
+    "`[0, z]` has the softmax `[1 - sigmoid(z), sigmoid(z)]`, so nothing "
+    "else changes. Or use loss='mse'. Received: outputs with 1 class"
+)
 
 
 @keras.saving.register_keras_serializable(package="keras_selfdistill")
@@ -124,6 +132,8 @@ class Distillation(Term):
         return [self.teacher]
 
     def attach(self, student):
+        if self.loss != "mse" and num_classes(student) == 1:
+            raise ValueError(_SINGLE_LOGIT)
         self.teacher.attach(student)
 
     def compute_loss(self, x, y, y_pred, sample_weight, step, epoch):
@@ -157,6 +167,8 @@ class Distillation(Term):
                 f"Received: teacher shape {tuple(teacher_logits.shape)}, "
                 f"student shape {tuple(y_pred.shape)}"
             )
+        if student_shape[-1:] == (1,) and self.loss != "mse":
+            raise ValueError(_SINGLE_LOGIT)
         if self.loss == "kl":
             values = ksd_ops.kl_divergence(teacher_logits, y_pred, temperature)
         elif self.loss == "reverse_kl":

@@ -171,3 +171,44 @@ class MidEpochAssignmentTest(parameterized.TestCase):
         )
         self.assertEqual(seen, [1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125])
         self.assertAlmostEqual(term.weight, 0.015625)
+
+
+class MisuseTest(parameterized.TestCase):
+    def test_single_logit_binary_models_are_refused(self):
+        binary = tiny.mlp(classes=1)
+        with self.assertRaisesRegex(ValueError, "single logit"):
+            ksd.Distiller(binary, [ksd.terms.Distillation(tiny.mlp(classes=1))])
+        term = ksd.terms.Distillation(tiny.mlp(classes=1))
+        logits = np.zeros((4, 1), "float32")
+        with self.assertRaisesRegex(ValueError, "single logit"):
+            term.compute_loss(np.zeros((4, 4)), None, logits, None, 0, 0)
+        ksd.Distiller(
+            tiny.mlp(classes=1),
+            [ksd.terms.Distillation(tiny.mlp(classes=1), loss="mse")],
+        )
+
+    def test_unbuilt_subclassed_student_is_refused_by_self_teachers(self):
+        class Subclassed(keras.Model):
+            def __init__(self, **kwargs):
+                super().__init__(**kwargs)
+                self.dense = keras.layers.Dense(3)
+
+            def call(self, x):
+                return self.dense(x)
+
+            def get_config(self):
+                return {"name": self.name}
+
+        for teacher in (
+            ksd.teachers.EMA(momentum=0.9),
+            ksd.teachers.Snapshot(),
+            ksd.teachers.RandomInit(),
+        ):
+            with self.assertRaisesRegex(ValueError, "student.build"):
+                ksd.Distiller(Subclassed(), [ksd.terms.Distillation(teacher)])
+        student = Subclassed()
+        student(np.zeros((1, 4), "float32"))
+        ema = ksd.teachers.EMA(momentum=0.9)
+        ksd.Distiller(student, [ksd.terms.Distillation(ema)])
+        for copy, original in zip(ema.model.weights, student.weights):
+            np.testing.assert_array_equal(copy, original)
