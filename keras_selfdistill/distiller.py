@@ -286,18 +286,20 @@ class Distiller(keras.Model):
             losses.append(
                 self._supervised_loss(y, y_pred, sample_weight, label_scale)
             )
-        total = losses[0]
+        # Terms compute in float32; a float64 student (floatx) sums in its
+        # own precision, as plain Keras does.
+        dtype = keras.backend.floatx()
+        total = ops.cast(losses[0], dtype)
         for loss in losses[1:]:
-            total = total + loss
+            total = total + ops.cast(loss, dtype)
         return total
 
     def _supervised_loss(self, y, y_pred, sample_weight, label_scale):
         if label_scale is None:
             return _internals.compiled_loss(self)(y, y_pred, sample_weight)
         if len(label_scale.shape) == 0:
-            return label_scale * _internals.compiled_loss(self)(
-                y, y_pred, sample_weight
-            )
+            loss = _internals.compiled_loss(self)(y, y_pred, sample_weight)
+            return ops.cast(label_scale, loss.dtype) * loss
         # Per sample: through the sample weights, so that the compiled
         # loss reduces it exactly as it reduces any other weighting.
         rank = len(y_pred.shape) - 1

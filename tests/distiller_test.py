@@ -666,3 +666,32 @@ class LabelFreeWeightsTest(parameterized.TestCase):
             float(np.mean(w * per_sample)),
             places=5,
         )
+
+
+class Float64Test(parameterized.TestCase):
+    def test_float64_student_trains_with_every_self_teacher(self):
+        keras.config.set_floatx("float64")
+        keras.config.set_dtype_policy("float64")
+        try:
+            x, y = tiny.data()
+            for teacher in (
+                tiny.mlp(seed=2),
+                ksd.teachers.PastPredictions(24, 3),
+                ksd.teachers.EMA(momentum=0.9),
+                ksd.teachers.Snapshot(),
+            ):
+                student = tiny.mlp()
+                distiller = ksd.Distiller(
+                    student, [ksd.terms.Distillation(teacher, xi=0.5)]
+                )
+                distiller.compile(optimizer="sgd", loss=tiny.sparse_ce())
+                history = distiller.fit(
+                    ksd.data.with_sample_ids(x.astype("float64")),
+                    y,
+                    epochs=2,
+                    verbose=0,
+                ).history
+                self.assertTrue(np.all(np.isfinite(history["loss"])))
+                self.assertEqual(student.weights[0].dtype, "float64")
+        finally:
+            keras.config.set_floatx("float32")
