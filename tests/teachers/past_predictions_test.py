@@ -137,3 +137,17 @@ class PastPredictionsTest(parameterized.TestCase):
             ksd.teachers.PastPredictions(4.0, 3)
         with self.assertRaisesRegex(ValueError, "dtype='int8'"):
             ksd.teachers.PastPredictions(4, 3, dtype="int8")
+
+
+class BankRangeTest(parameterized.TestCase):
+    def test_huge_logits_stay_finite_in_a_float16_bank(self):
+        # log-softmax of logits 1e5 apart is -1e5, below float16's -65504:
+        # stored as -inf, the next visit's KL was NaN.
+        teacher = ksd.teachers.PastPredictions(2, 3)
+        term = ksd.terms.Distillation(teacher)
+        logits = np.array([[1e5, 0.0, -1e5], [0.0, 1e5, 0.0]], "float32")
+        ids = {"sample_id": np.array([0, 1])}
+        term.compute_loss(ids, None, logits, None, 0, 0)
+        self.assertTrue(np.isfinite(np.asarray(teacher.bank)).all())
+        loss = term.compute_loss(ids, None, logits[::-1], None, 0, 0)
+        self.assertTrue(np.isfinite(float(loss)))
