@@ -365,3 +365,29 @@ def check_fit_data(x, y, distiller, num_samples):
     if distiller.check_data:
         check_arrays(x, y, classes, num_samples)
     return x
+
+
+def check_monitors(distiller, callbacks):
+    """Refuses a callback that monitors a loss against a moving target.
+
+    A self-teacher's term (past predictions, EMA, snapshots) starts at
+    0, when the teacher is the student, and grows as the two drift
+    apart: `EarlyStopping` on it stops a healthy run within epochs.
+    """
+    moving = {
+        name
+        for name, term in zip(distiller._term_metric_names, distiller.terms)
+        if any(t.follows_student for t in term.teachers)
+    }
+    for callback in callbacks:
+        monitor = getattr(callback, "monitor", None)
+        if monitor in moving:
+            raise ValueError(
+                f"{type(callback).__name__} monitors '{monitor}', the "
+                "loss against a teacher that follows the student (its "
+                "past predictions, moving average or snapshots): it "
+                "starts at 0 and grows as training moves the student, so "
+                "it does not measure progress. Monitor the student on "
+                "held-out data instead, e.g. `monitor='val_loss'` or "
+                f"'val_accuracy'. Received: monitor={monitor!r}"
+            )

@@ -6,66 +6,17 @@ from keras import ops
 from keras_selfdistill import _internals
 from keras_selfdistill import checks
 from keras_selfdistill import data
+from keras_selfdistill._term_metrics import ExitAccuracy
+from keras_selfdistill._term_metrics import LossMean
+from keras_selfdistill._term_metrics import TermMetrics
+from keras_selfdistill._term_metrics import unscale_for_distribution
 from keras_selfdistill.callbacks.training_events import NO_STEP
 from keras_selfdistill.callbacks.training_events import TrainingEvents
 from keras_selfdistill.exits import OUTPUT
-from keras_selfdistill.exits import one_hot_labels
 from keras_selfdistill.teachers.teacher import final_activation
 from keras_selfdistill.teachers.teacher import probability_message
 from keras_selfdistill.teachers.teacher import select_input
 from keras_selfdistill.terms.term import Term
-
-
-class _LossMean(keras.metrics.Mean):
-    def __init__(self, name):
-        super().__init__(name=name)
-        _internals.set_direction(self, "down")
-
-    def add_batch(self, value, batch_size):
-        # `update_state(value, sample_weight=batch_size)` broadcasts, casts
-        # and sums a scalar; two in-place adds keep the same mean in fewer
-        # ops, which is most of a small model's per-step term cost.
-        batch_size = ops.cast(batch_size, self.dtype)
-        self.total.assign_add(ops.cast(value, self.dtype) * batch_size)
-        self.count.assign_add(batch_size)
-
-
-class _ExitAccuracy(keras.metrics.Mean):
-    """Top-1 accuracy of one exit, for sparse or one-hot labels."""
-
-    def __init__(self, name):
-        super().__init__(name=name)
-        _internals.set_direction(self, "up")
-
-    def update_exit(self, y, logits, sample_weight):
-        if one_hot_labels(y, logits):
-            labels = ops.argmax(y, axis=-1)
-        else:
-            labels = ops.reshape(y, (-1,))
-        hits = ops.equal(
-            ops.cast(labels, "int32"),
-            ops.cast(ops.argmax(logits, axis=-1), "int32"),
-        )
-        self.update_state(ops.cast(hits, self.dtype), sample_weight)
-
-
-# Grouped in Keras's MetricsList, the term metrics need no `mode=` in
-# `EarlyStopping(monitor="distillation_loss")`.
-class _TermMetrics(_internals.MetricsList):
-    def result(self):
-        return self.get_result()
-
-
-def _unscale_for_distribution(value):
-    # Keras divides each replica's loss by the replica count; the metric
-    # reports the per-example value, as Keras's own loss tracker does.
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        if replicas > 1:
-            value = value * float(replicas)
-    return value
 
 
 def _index_of(variables, variable):
@@ -218,13 +169,13 @@ class Distiller(keras.Model):
                 metric_name, suffix = f"{term.name}_{suffix}_loss", suffix + 1
             names.add(metric_name)
             self._term_metric_names.append(metric_name)
-        self.term_metrics = _TermMetrics(
-            [_LossMean(n) for n in self._term_metric_names],
+        self.term_metrics = TermMetrics(
+            [LossMean(n) for n in self._term_metric_names],
             name="term_metrics",
         )
         exit_names = self.exits.exit_names if self.exits is not None else []
-        self.exit_metrics = _TermMetrics(
-            [_ExitAccuracy(f"{n}_accuracy") for n in exit_names],
+        self.exit_metrics = TermMetrics(
+            [ExitAccuracy(f"{n}_accuracy") for n in exit_names],
             name="exit_metrics",
         )
         self.built = True
@@ -276,7 +227,7 @@ class Distiller(keras.Model):
                 step,
                 self.epoch,
             )
-            tracker.add_batch(_unscale_for_distribution(value), batch_size)
+            tracker.add_batch(unscale_for_distribution(value), batch_size)
             weight = term.hyperparameter("weight", step, self.epoch)
             factor, scale = term.mixing(step, self.epoch, mask)
             if scale is not None:
@@ -440,7 +391,7 @@ class Distiller(keras.Model):
         callbacks = arguments.get("callbacks") or []
         if not isinstance(callbacks, (list, tuple)):
             callbacks = [callbacks]
-        self._check_monitors(callbacks)
+        checks.check_monitors(self, callbacks)
         # First, so that a snapshot taken at an epoch's end is in the state
         # that BackupAndRestore or ModelCheckpoint save at the same moment.
         arguments["callbacks"] = [TrainingEvents(self)] + list(callbacks)
@@ -451,31 +402,6 @@ class Distiller(keras.Model):
             # JAX's trainer builds from the first batch and lets an empty
             # iterator's StopIteration through.
             raise ValueError(NO_STEP) from error
-
-    def _check_monitors(self, callbacks):
-        """Refuses a callback that monitors a loss against a moving target.
-
-        A self-teacher's term (past predictions, EMA, snapshots) starts at
-        0, when the teacher is the student, and grows as the two drift
-        apart: `EarlyStopping` on it stops a healthy run within epochs.
-        """
-        moving = {
-            name
-            for name, term in zip(self._term_metric_names, self.terms)
-            if any(t.follows_student for t in term.teachers)
-        }
-        for callback in callbacks:
-            monitor = getattr(callback, "monitor", None)
-            if monitor in moving:
-                raise ValueError(
-                    f"{type(callback).__name__} monitors '{monitor}', the "
-                    "loss against a teacher that follows the student (its "
-                    "past predictions, moving average or snapshots): it "
-                    "starts at 0 and grows as training moves the student, so "
-                    "it does not measure progress. Monitor the student on "
-                    "held-out data instead, e.g. `monitor='val_loss'` or "
-                    f"'val_accuracy'. Received: monitor={monitor!r}"
-                )
 
     def save(self, filepath, *args, **kwargs):
         if str(filepath).endswith((".h5", ".hdf5")):
