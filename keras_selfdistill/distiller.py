@@ -254,12 +254,18 @@ class Distiller(keras.Model):
         # Per sample: through the sample weights, so that the compiled
         # loss reduces it exactly as it reduces any other weighting.
         rank = len(y_pred.shape) - 1
-        scale = ops.reshape(
-            label_scale, ops.shape(label_scale) + (1,) * (rank - 1)
-        )
-        weights = ops.ones(ops.shape(y_pred)[:-1], "float32") * scale
+        weights = label_scale
+        if rank > 1:
+            # Sequences: one scale per sample, on every position.
+            weights = ops.ones(ops.shape(y_pred)[:-1], "float32") * (
+                ops.reshape(
+                    label_scale, ops.shape(label_scale) + (1,) * (rank - 1)
+                )
+            )
         if sample_weight is not None:
             sample_weight = ops.cast(sample_weight, "float32")
+            while len(sample_weight.shape) > rank:
+                sample_weight = ops.squeeze(sample_weight, -1)
             while len(sample_weight.shape) < rank:
                 sample_weight = ops.expand_dims(sample_weight, -1)
             weights = weights * sample_weight

@@ -107,6 +107,23 @@ class BadInputTest(parameterized.TestCase):
         with self.assertRaisesRegex(ValueError, "num_samples=24.*1 to 24"):
             _bank_distiller().fit(inputs, self.y, verbose=0)
 
+    def test_bank_inside_an_ensemble_gets_the_id_checks(self):
+        # The bank holds 12 rows, the data 24 ids: under XLA an
+        # out-of-range id would gather silently, so the pipeline refuses it.
+        ensemble = ksd.teachers.Ensemble(
+            [tiny.mlp(seed=4), ksd.teachers.PastPredictions(12, 3)]
+        )
+        distiller = _distiller(
+            [ksd.terms.Distillation(ensemble, xi=0.5)], jit_compile=True
+        )
+        dataset = ksd.data.with_sample_ids(
+            tf.data.Dataset.from_tensor_slices((self.x, self.y))
+        ).batch(8)
+        with self.assertRaisesRegex(PIPELINE, "num_samples=12"):
+            distiller.fit(dataset, verbose=0)
+        with self.assertRaisesRegex(ValueError, "num_samples=12"):
+            distiller.fit(ksd.data.with_sample_ids(self.x), self.y, verbose=0)
+
     def test_sample_ids_repeated_in_arrays(self):
         inputs = {"inputs": self.x, "sample_id": np.arange(24) % 12}
         with self.assertRaisesRegex(ValueError, "repeated"):

@@ -695,3 +695,35 @@ class Float64Test(parameterized.TestCase):
                 self.assertEqual(student.weights[0].dtype, "float64")
         finally:
             keras.config.set_floatx("float32")
+
+
+class PerSampleLabelScaleTest(parameterized.TestCase):
+    @parameterized.named_parameters(("flat", (24,)), ("column", (24, 1)))
+    def test_unseen_samples_keep_full_label_weight(self, weight_shape):
+        # Zero learning rate: the first fit stores rows 0–11; the second
+        # sees all 24 with weights. Seen rows have p_prev = p (KL 0) and
+        # label weight 1 − ξ; unseen rows keep weight 1:
+        # loss = Σ w·(1 − ξ·seen)·CE / 24.
+        x, y = tiny.data(n=24)
+        w = np.linspace(0.5, 1.5, 24).astype("float32")
+        student = tiny.mlp()
+        bank = ksd.teachers.PastPredictions(24, 3, dtype="float32")
+        distiller = ksd.Distiller(
+            student, [ksd.terms.Distillation(bank, xi=0.4)]
+        )
+        inputs = ksd.data.with_sample_ids(x)
+        first = {key: value[:12] for key, value in inputs.items()}
+        _fit_without_learning(distiller, first, y[:12], batch_size=12)
+        history = _fit_without_learning(
+            distiller,
+            inputs,
+            y,
+            batch_size=24,
+            sample_weight=w.reshape(weight_shape),
+        ).history
+        per_sample = -np.log(
+            tiny.softmax(np.asarray(student(x)))[np.arange(24), y]
+        )
+        seen = np.arange(24) < 12
+        expected = np.mean(w * (1 - 0.4 * seen) * per_sample)
+        self.assertAlmostEqual(history["loss"][0], expected, places=5)

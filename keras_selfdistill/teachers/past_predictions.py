@@ -100,8 +100,9 @@ class PastPredictions(Teacher):
     with the count: never a target from the wrong example.
 
     Memory: the bank stores log-probabilities, `num_samples × num_classes`
-    values in `dtype` (float16 by default, 2 bytes each). ImageNet-1k
-    (1,281,167 × 1,000) takes 2.56 GB in float16, 5.12 GB in float32. A
+    values in `dtype` (float16 by default, 2 bytes each), plus 4 bytes of
+    fingerprint per sample. ImageNet-1k
+    (1,281,167 × 1,000) takes 2.57 GB in float16, 5.13 GB in float32. A
     bank over `max_bytes` fails at construction with its size.
 
     Reference:
@@ -129,6 +130,7 @@ class PastPredictions(Teacher):
     """
 
     keyed_by_id = True
+    follows_student = True
 
     def __init__(
         self,
@@ -146,7 +148,10 @@ class PastPredictions(Teacher):
                 "PastPredictions `dtype` must be 'float16' or 'float32'. "
                 f"Received: dtype={dtype!r}"
             )
-        size = num_samples * num_classes * (2 if dtype == "float16" else 4)
+        # The rows, and an int32 fingerprint per sample.
+        size = num_samples * (
+            num_classes * (2 if dtype == "float16" else 4) + 4
+        )
         if size > max_bytes:
             raise ValueError(
                 f"The prediction bank would take {size / 1e9:.2f} GB "
@@ -197,8 +202,6 @@ class PastPredictions(Teacher):
                 f"but the student '{student.name}' predicts {classes}. "
                 f"Received: num_classes={self.num_classes}"
             )
-
-    follows_student = True
 
     def targets(self, x, y_pred, temperature):
         return self.targets_and_mask(x, y_pred, temperature)[0]

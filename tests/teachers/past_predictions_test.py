@@ -124,11 +124,11 @@ class PastPredictionsTest(parameterized.TestCase):
             teacher.targets({"sample_id": np.zeros((2, 1))}, logits, 1.0)
 
     def test_rejects_bank_over_budget(self):
-        with self.assertRaisesRegex(ValueError, "5.12 GB.*1,281,167"):
+        with self.assertRaisesRegex(ValueError, "5.13 GB.*1,281,167"):
             ksd.teachers.PastPredictions(1_281_167, 1000, dtype="float32")
-        ksd.teachers.PastPredictions(1000, 10, max_bytes=20_000)
-        with self.assertRaisesRegex(ValueError, "max_bytes=19,999"):
-            ksd.teachers.PastPredictions(1000, 10, max_bytes=19_999)
+        ksd.teachers.PastPredictions(1000, 10, max_bytes=24_000)
+        with self.assertRaisesRegex(ValueError, "max_bytes=23,999"):
+            ksd.teachers.PastPredictions(1000, 10, max_bytes=23_999)
 
     def test_rejects_class_mismatch_and_bad_arguments(self):
         with self.assertRaisesRegex(ValueError, "built for 5 classes"):
