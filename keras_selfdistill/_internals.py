@@ -103,3 +103,22 @@ def to_numpy(value):
     if keras.backend.backend() == "tensorflow" and hasattr(value, "numpy"):
         return np.asarray(value.numpy())
     return keras.ops.convert_to_numpy(value)
+
+
+def concrete_scalar(value):
+    """`value` as a Python float when it is known now, else `None`.
+
+    Known: a number, or a tensor outside any trace (TensorFlow eager, JAX
+    without `jit`). Lets an eagerly run step branch in Python instead of
+    building a `cond`, which eager JAX compiles anew on every call.
+    """
+    if isinstance(value, (int, float)):
+        return float(value)
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        if not tf.executing_eagerly():
+            return None
+    elif is_jax_tracer(value):
+        return None
+    return float(to_numpy(value))

@@ -9,6 +9,8 @@ weights) is left to the caller, so that it can match Keras's own.
 
 from keras import ops
 
+from keras_selfdistill import _internals
+
 
 def _log_softmax(logits, temperature):
     logits = ops.cast(logits, "float32")
@@ -49,9 +51,13 @@ def _log_ratio(teacher_logits, student_logits, temperature):
         ratio = shifted - ops.log1p(ops.maximum(mean, -0.9))
         return ops.where(narrow, ratio, log_p - log_q)
 
-    ratio = ops.cond(
-        temperature >= _PRECISE_FROM, precise, lambda: log_p - log_q
-    )
+    known = _internals.concrete_scalar(temperature)
+    if known is not None:
+        ratio = precise() if known >= _PRECISE_FROM else log_p - log_q
+    else:
+        ratio = ops.cond(
+            temperature >= _PRECISE_FROM, precise, lambda: log_p - log_q
+        )
     return log_p, log_q, ratio
 
 

@@ -212,3 +212,22 @@ class MisuseTest(parameterized.TestCase):
         ksd.Distiller(student, [ksd.terms.Distillation(ema)])
         for copy, original in zip(ema.model.weights, student.weights):
             np.testing.assert_array_equal(copy, original)
+
+
+class LargeTemperatureTest(parameterized.TestCase):
+    def test_compiled_step_is_precise_at_large_temperature(self):
+        # Inside the compiled step the temperature is a traced value, so
+        # the precise branch runs under a cond; one batch, no learning.
+        x, y = tiny.data(n=12)
+        teacher, student = tiny.mlp(seed=3), tiny.mlp()
+        distiller = ksd.Distiller(
+            student, [ksd.terms.Distillation(teacher, temperature=1e3)]
+        )
+        distiller.compile(
+            optimizer=keras.optimizers.SGD(0.0), loss=tiny.sparse_ce()
+        )
+        history = distiller.fit(x, y, batch_size=12, verbose=0).history
+        expected = tiny.kd(teacher(x), student(x), 1e3).mean()
+        self.assertAlmostEqual(
+            history["distillation_loss"][0] / expected, 1.0, places=3
+        )
