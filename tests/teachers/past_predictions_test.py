@@ -151,3 +151,23 @@ class BankRangeTest(parameterized.TestCase):
         self.assertTrue(np.isfinite(np.asarray(teacher.bank)).all())
         loss = term.compute_loss(ids, None, logits[::-1], None, 0, 0)
         self.assertTrue(np.isfinite(float(loss)))
+
+
+class OddBatchesTest(parameterized.TestCase):
+    @parameterized.named_parameters(("five", 5), ("one", 1))
+    def test_uneven_last_batch_fills_every_row(self, batch_size):
+        x, y = tiny.data(n=24)
+        teacher = ksd.teachers.PastPredictions(24, 3)
+        distiller = ksd.Distiller(
+            tiny.mlp(), [ksd.terms.Distillation(teacher, xi=0.5)]
+        )
+        distiller.compile(optimizer="sgd", loss=tiny.sparse_ce())
+        history = distiller.fit(
+            ksd.data.with_sample_ids(x),
+            y,
+            batch_size=batch_size,
+            epochs=2,
+            verbose=0,
+        ).history
+        self.assertTrue(np.isfinite(np.asarray(teacher.bank)).all())
+        self.assertTrue(np.all(np.isfinite(history["loss"])))

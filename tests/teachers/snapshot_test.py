@@ -45,6 +45,36 @@ class SnapshotTest(parameterized.TestCase):
         for a, b in zip(teacher.models[1].get_weights(), recorder.weights[3]):
             np.testing.assert_array_equal(a, b)
 
+    def test_fit_in_a_loop_keeps_the_period(self):
+        # One `fit(epochs=1)` per epoch: the distiller counts the epochs, so
+        # freq=2 still snapshots after every second one.
+        x, y = tiny.data(n=8)
+        teacher = ksd.teachers.Snapshot(freq=2)
+        distiller = ksd.Distiller(
+            tiny.mlp(seed=2), [ksd.terms.Distillation(teacher)]
+        )
+        distiller.compile(optimizer="sgd", loss=tiny.sparse_ce())
+        for _ in range(5):
+            distiller.fit(x, y, batch_size=4, epochs=1, verbose=0)
+        self.assertEqual(int(keras.ops.convert_to_numpy(teacher.taken)), 2)
+
+    def test_labels_keep_full_weight_before_the_first_snapshot(self):
+        # No snapshot yet: ξ does not scale the labels, so the run equals
+        # plain cross-entropy weight for weight.
+        x, y = tiny.data(n=8)
+        runs = []
+        for terms in (
+            [ksd.terms.Distillation(ksd.teachers.Snapshot(freq=5), xi=0.7)],
+            [],
+        ):
+            student = tiny.mlp(seed=2)
+            distiller = ksd.Distiller(student, terms)
+            distiller.compile(optimizer="sgd", loss=tiny.sparse_ce())
+            distiller.fit(x, y, batch_size=4, shuffle=False, verbose=0)
+            runs.append(student.get_weights())
+        for a, b in zip(*runs):
+            np.testing.assert_allclose(a, b, atol=1e-6)
+
     def test_no_snapshot_means_no_loss(self):
         x, y = tiny.data(n=8)
         teacher = ksd.teachers.Snapshot(freq=5)
