@@ -14,35 +14,13 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_selfdistill as ksd  # noqa: E402
 from tests import tiny  # noqa: E402
-from tests.recipes_test import BATCH  # noqa: E402
 from tests.recipes_test import EPOCHS  # noqa: E402
-from tests.recipes_test import LEARNING_RATE  # noqa: E402
 from tests.recipes_test import _pskd_trajectory  # noqa: E402
-
-
-def _train(term, x, y, permutations):
-    keras.utils.set_random_seed(0)
-    student = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
-    start = [np.asarray(w) for w in student.get_weights()]
-    distiller = ksd.Distiller(student, [term])
-    distiller.compile(
-        optimizer=keras.optimizers.SGD(LEARNING_RATE), loss=tiny.sparse_ce()
-    )
-    for order in permutations:
-        distiller.fit(
-            {"inputs": x[order], "sample_id": order},
-            y[order],
-            batch_size=BATCH,
-            shuffle=False,
-            epochs=1,
-            verbose=0,
-        )
-    return start, student.get_weights()
+from tests.recipes_test import fit_epochs  # noqa: E402
 
 
 def main():
@@ -58,7 +36,7 @@ def main():
             ),
         }
         for name, term in terms.items():
-            (kernel, bias), weights = _train(term, x, y, permutations)
+            (kernel, bias), weights = fit_epochs(term, x, y, permutations)
             expected = _pskd_trajectory(x, y, kernel, bias, permutations)
             gap = max(np.max(np.abs(w - e)) for w, e in zip(weights, expected))
             print(f"{dtype} bank, {name}: max |w - w_official| = {gap:.2e}")

@@ -274,24 +274,14 @@ def check_logits(distiller, x):
     """
     student_x = teacher.select_input(x, distiller.input_key, "The student")
     if _probability_rows(distiller.student(student_x, training=False)):
-        raise ValueError(
-            teacher.probability_message(
-                "student",
-                distiller.student.name,
-                "softmax",
-                "and compile with `from_logits=True` losses",
-            )
+        teacher.refuse_probabilities(
+            "student", distiller.student.name, "softmax"
         )
     for frozen in distiller.teachers:
         if isinstance(frozen, FrozenModel) and frozen.from_logits:
             if _probability_rows(frozen.targets(x, None, 1.0)):
-                raise ValueError(
-                    teacher.probability_message(
-                        "teacher",
-                        frozen.model.name,
-                        "softmax",
-                        "or pass `FrozenModel(model, from_logits=False)`",
-                    )
+                teacher.refuse_probabilities(
+                    "teacher", frozen.model.name, "softmax"
                 )
 
 

@@ -14,7 +14,7 @@ from keras_selfdistill.callbacks.training_events import NO_STEP
 from keras_selfdistill.callbacks.training_events import TrainingEvents
 from keras_selfdistill.exits import OUTPUT
 from keras_selfdistill.teachers.teacher import final_activation
-from keras_selfdistill.teachers.teacher import probability_message
+from keras_selfdistill.teachers.teacher import refuse_probabilities
 from keras_selfdistill.teachers.teacher import select_input
 from keras_selfdistill.terms.term import Term
 
@@ -135,14 +135,7 @@ class Distiller(keras.Model):
             )
         activation = final_activation(student)
         if terms and activation is not None:
-            raise ValueError(
-                probability_message(
-                    "student",
-                    student.name,
-                    activation,
-                    "and compile with `from_logits=True` losses",
-                )
-            )
+            refuse_probabilities("student", student.name, activation)
         for term in terms:
             term.attach(student)
             term._bind(self)

@@ -1,5 +1,6 @@
 """Writing files: atomically, and never over a file we did not create."""
 
+import contextlib
 import os
 import tempfile
 
@@ -57,10 +58,9 @@ def _remove_stale_temporaries(folder, name):
             continue
         pid = entry[len(prefix) :].split("-", 1)[0]
         if pid.isdigit() and not _alive(int(pid)):
-            try:
+            # Another save may have removed it first.
+            with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(folder, entry))
-            except FileNotFoundError:
-                pass
 
 
 def _alive(pid):

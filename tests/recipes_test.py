@@ -33,6 +33,33 @@ def _pskd_trajectory(x, y, kernel, bias, permutations):
     return kernel, bias
 
 
+def fit_epochs(term, x, y, permutations):
+    """Trains softmax regression with `term`, one `fit` per permutation.
+
+    Returns the initial `(kernel, bias)` and the trained weights.
+    """
+    keras.utils.set_random_seed(0)
+    student = keras.Sequential(
+        [keras.Input((x.shape[1],)), keras.layers.Dense(tiny.NUM_CLASSES)]
+    )
+    start = [np.asarray(w) for w in student.get_weights()]
+    distiller = ksd.Distiller(student, [term])
+    distiller.compile(
+        optimizer=keras.optimizers.SGD(LEARNING_RATE), loss=tiny.sparse_ce()
+    )
+    # One `fit` per epoch: the epoch counter, and so α_t, goes on.
+    for order in permutations:
+        distiller.fit(
+            {"inputs": x[order], "sample_id": order},
+            y[order],
+            batch_size=BATCH,
+            shuffle=False,
+            epochs=1,
+            verbose=0,
+        )
+    return start, student.get_weights()
+
+
 class PSKDTest(parameterized.TestCase):
     def test_config(self):
         term = ksd.recipes.ps_kd(10, 3, epochs=5, alpha=0.6)
@@ -55,32 +82,16 @@ class PSKDTest(parameterized.TestCase):
     )
     def test_matches_numpy_pskd_over_shuffled_epochs(self, dtype, tolerance):
         x, y = tiny.data(n=24)
-        keras.utils.set_random_seed(0)
-        student = keras.Sequential(
-            [keras.Input((4,)), keras.layers.Dense(tiny.NUM_CLASSES)]
-        )
-        kernel, bias = (np.asarray(w) for w in student.get_weights())
-        distiller = ksd.Distiller(
-            student,
-            [ksd.recipes.ps_kd(24, 3, epochs=EPOCHS, dtype=dtype)],
-        )
-        distiller.compile(
-            optimizer=keras.optimizers.SGD(LEARNING_RATE), loss=tiny.sparse_ce()
-        )
         rng = np.random.default_rng(3)
         permutations = [rng.permutation(24) for _ in range(EPOCHS)]
-        # One `fit` per epoch: the epoch counter, and so α_t, goes on.
-        for order in permutations:
-            distiller.fit(
-                {"inputs": x[order], "sample_id": order},
-                y[order],
-                batch_size=BATCH,
-                shuffle=False,
-                epochs=1,
-                verbose=0,
-            )
+        (kernel, bias), weights = fit_epochs(
+            ksd.recipes.ps_kd(24, 3, epochs=EPOCHS, dtype=dtype),
+            x,
+            y,
+            permutations,
+        )
         expected = _pskd_trajectory(x, y, kernel, bias, permutations)
-        for got, want in zip(student.get_weights(), expected):
+        for got, want in zip(weights, expected):
             np.testing.assert_allclose(got, want, atol=tolerance)
 
     def test_first_epoch_is_plain_cross_entropy(self):

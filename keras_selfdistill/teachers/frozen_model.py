@@ -6,7 +6,7 @@ from keras_selfdistill import _internals
 from keras_selfdistill.teachers.teacher import Teacher
 from keras_selfdistill.teachers.teacher import final_activation
 from keras_selfdistill.teachers.teacher import num_classes
-from keras_selfdistill.teachers.teacher import probability_message
+from keras_selfdistill.teachers.teacher import refuse_probabilities
 
 
 @keras.saving.register_keras_serializable(package="keras_selfdistill")
@@ -63,14 +63,7 @@ class FrozenModel(Teacher):
             )
         activation = final_activation(model)
         if from_logits and activation is not None:
-            raise ValueError(
-                probability_message(
-                    "teacher",
-                    model.name,
-                    activation,
-                    "or say so with `FrozenModel(model, from_logits=False)`",
-                )
-            )
+            refuse_probabilities("teacher", model.name, activation)
         if not from_logits and activation == "sigmoid":
             raise ValueError(
                 f"The teacher '{model.name}' ends in a sigmoid: independent "

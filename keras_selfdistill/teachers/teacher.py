@@ -64,14 +64,22 @@ def final_activation(model):
     return name if name in _PROBABILITY_ACTIVATIONS else None
 
 
-def probability_message(role, model_name, activation, fix):
-    return (
+_PROBABILITY_FIXES = {
+    "student": "and compile with `from_logits=True` losses",
+    "teacher": "or pass `FrozenModel(model, from_logits=False)`",
+}
+
+
+def refuse_probabilities(role, model_name, activation):
+    """Raises the error for a `role` model whose outputs are probabilities."""
+    raise ValueError(
         f"The {role} '{model_name}' ends in a {activation}, so its outputs "
         "are probabilities, but distillation reads logits (a softmax of "
         "probabilities gives near-uniform targets and a wrong loss). Build "
         "it without the final activation (`classifier_activation=None` for "
-        f"`keras.applications` models, `activation=None` on the last Dense) "
-        f"{fix}. Received: outputs that are {activation} probabilities"
+        "`keras.applications` models, `activation=None` on the last Dense) "
+        f"{_PROBABILITY_FIXES[role]}. Received: outputs that are "
+        f"{activation} probabilities"
     )
 
 
