@@ -16,15 +16,33 @@ trained once; then, for each seed, the demo's MLP student is trained with:
   (`born_again`), and with `ξ` estimated per generation by the closed form
   on the 500-image held-out split (`born_again_estimated`; trains on 3,500).
 
+With `--data fashion_mnist` (Debian's `dataset-fashion-mnist`), the recipe
+of `fashion_recipe.py` instead: a ResNet-8-style student and a
+ResNet-14-style teacher, SGD with Nesterov momentum and a cosine schedule,
+random shifts and flips, on the first `--train-size` training images (the
+full 10,000-image test set), and three more methods:
+
+- the last 3 epoch snapshots vote, `ξ = 0.5` (`snapshot_vote`),
+- BYOT exits after stages 1 and 2, bottleneck heads, `α = 0.3`, `T = 3`
+  as in the official code's defaults (`byot`),
+- born-again: one generation distilled from this seed's `ce` student,
+  `ξ = 0.5` (`born_again`; its time includes generation 0's).
+
 Reported: mean ± standard error over seeds of test accuracy and of ECE
-(15 bins), and of their paired (same seed) differences to `ce`.
+(15 bins), of their paired (same seed) differences to `ce`, and the mean
+wall time per run.
 
     python benchmarks/accuracy.py [--seeds 5] [--epochs 30] [--label-noise 0]
+    python benchmarks/accuracy.py --data fashion_mnist --seeds 3 \
+        --epochs 12 --teacher-epochs 12 --train-size 10000 [--label-noise 0.4]
 """
 
 import argparse
 import math
 import os
+import platform
+import sys
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -33,6 +51,9 @@ import numpy as np  # noqa: E402
 
 import keras_selfdistill as ksd  # noqa: E402
 from keras_selfdistill import demo  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import fashion_recipe  # noqa: E402
 
 _BATCH = 64
 _METHODS = (
@@ -44,6 +65,17 @@ _METHODS = (
     "ema",
     "born_again",
     "born_again_estimated",
+)
+_FASHION_METHODS = (
+    "ce",
+    "ce_early_stop",
+    "label_smoothing",
+    "teacher_kd",
+    "pskd",
+    "ema",
+    "snapshot_vote",
+    "byot",
+    "born_again",
 )
 
 
@@ -154,6 +186,93 @@ def _run(method, teacher, data, seed, epochs):
     return _evaluate(model, x_test, y_test, one_hot)
 
 
+def _fashion_compile(model, steps, smoothing=0.0):
+    if smoothing:
+        loss = keras.losses.CategoricalCrossentropy(
+            from_logits=True, label_smoothing=smoothing
+        )
+    else:
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(
+        optimizer=fashion_recipe.optimizer(steps),
+        loss=loss,
+        metrics=[
+            "accuracy",
+            ksd.metrics.ExpectedCalibrationError(from_logits=True),
+        ],
+    )
+
+
+def _fashion_terms(method, teacher, size, epochs, steps, ce_student):
+    if method == "teacher_kd":
+        return [ksd.terms.Distillation(teacher, temperature=4.0, xi=0.9)]
+    if method == "pskd":
+        return [ksd.recipes.ps_kd(size, 10, epochs=epochs)]
+    if method == "ema":
+        return [_self_term("ema", size, epochs)]
+    if method == "snapshot_vote":
+        snapshots = ksd.teachers.Snapshot(freq=1, keep=3, combine="vote")
+        return [ksd.terms.Distillation(snapshots, xi=0.5)]
+    if method == "byot":
+        return [
+            ksd.terms.AuxiliaryExits(
+                fashion_recipe.EXITS,
+                alpha=0.3,
+                temperature=3.0,
+                head="bottleneck",
+            )
+        ]
+    if method == "born_again":
+        return [ksd.terms.Distillation(ce_student, xi=0.5)]
+    return []
+
+
+def _fashion_run(method, teacher, data, seed, epochs, ce_students):
+    (x, y), (x_test, y_test) = data
+    one_hot = method == "label_smoothing"
+    labels = keras.utils.to_categorical(y, 10) if one_hot else y
+    fit_kwargs = {}
+    if method == "ce_early_stop":
+        held, kept = _split(seed, len(y))
+        size = len(kept)
+        train = fashion_recipe.dataset(x[kept], labels[kept], seed)
+        fit_kwargs = dict(
+            validation_data=(x[held], labels[held]),
+            callbacks=[
+                keras.callbacks.EarlyStopping(
+                    monitor="val_accuracy",
+                    patience=3,
+                    restore_best_weights=True,
+                )
+            ],
+        )
+    else:
+        size = len(y)
+        train = fashion_recipe.dataset(
+            x, labels, seed, with_ids=method == "pskd"
+        )
+    steps = math.ceil(size / fashion_recipe.BATCH)
+    student = fashion_recipe.student(seed)
+    terms = _fashion_terms(
+        method, teacher, size, epochs, steps, ce_students.get(seed)
+    )
+    model = ksd.Distiller(student, terms)
+    _fashion_compile(model, steps * epochs, smoothing=0.1 if one_hot else 0)
+    model.fit(train, epochs=epochs, verbose=0, **fit_kwargs)
+    if method == "ce":
+        ce_students[seed] = student
+    return _evaluate(model, x_test, y_test, one_hot)
+
+
+def _fashion_teacher(data, epochs):
+    (x, y), _ = data
+    teacher = fashion_recipe.teacher(0)
+    steps = math.ceil(len(y) / fashion_recipe.BATCH)
+    _fashion_compile(teacher, steps * epochs)
+    teacher.fit(fashion_recipe.dataset(x, y, 0), epochs=epochs, verbose=0)
+    return teacher
+
+
 def _summary(values):
     values = np.asarray(values, dtype="float64") * 100
     error = values.std(ddof=1) / math.sqrt(len(values))
@@ -161,48 +280,116 @@ def _summary(values):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--teacher-epochs", type=int, default=15)
-    parser.add_argument("--label-noise", type=float, default=0.0)
-    parser.add_argument("--methods", default=",".join(_METHODS))
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[1:]),
+    )
+    parser.add_argument(
+        "--data",
+        choices=("mnist", "fashion_mnist"),
+        default="mnist",
+        help="the bundled MNIST subset (default) or the full Fashion-MNIST",
+    )
+    parser.add_argument("--seeds", type=int, default=5, help="default 5")
+    parser.add_argument(
+        "--epochs", type=int, default=30, help="student epochs; default 30"
+    )
+    parser.add_argument(
+        "--teacher-epochs", type=int, default=15, help="default 15"
+    )
+    parser.add_argument(
+        "--train-size",
+        type=int,
+        default=10_000,
+        help="Fashion-MNIST training images used (the first N); default 10000",
+    )
+    parser.add_argument(
+        "--label-noise",
+        type=float,
+        default=0.0,
+        help="fraction of training labels flipped symmetrically; default 0",
+    )
+    parser.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated; default: all of the chosen data's methods",
+    )
     args = parser.parse_args(argv)
 
-    data = ksd.datasets.load_mnist(label_noise=args.label_noise, seed=0)
-    (x, y), (x_test, y_test) = data
-    keras.utils.set_random_seed(0)
-    teacher = demo.teacher_model()
-    _compile(teacher)
-    teacher.fit(x, y, epochs=args.teacher_epochs, batch_size=_BATCH, verbose=0)
-    teacher_accuracy, teacher_ece = _evaluate(teacher, x_test, y_test)
-    methods = args.methods.split(",")
-    unknown = set(methods) - set(_METHODS)
+    fashion = args.data == "fashion_mnist"
+    known = _FASHION_METHODS if fashion else _METHODS
+    methods = (args.methods or ",".join(known)).split(",")
+    unknown = set(methods) - set(known)
     if unknown or "ce" not in methods:
         raise SystemExit(
-            f"--methods: choose from {_METHODS} (with ce, the baseline); "
+            f"--methods: choose from {known} (with ce, the baseline); "
             f"unknown: {sorted(unknown)}"
         )
+    if fashion:
+        (x, y), test = ksd.datasets.load_fashion_mnist(
+            label_noise=args.label_noise, seed=0
+        )
+        data = (x[: args.train_size], y[: args.train_size]), test
+    else:
+        data = ksd.datasets.load_mnist(label_noise=args.label_noise, seed=0)
+    (x, y), (x_test, y_test) = data
+    start = time.perf_counter()
+    if fashion:
+        teacher = _fashion_teacher(data, args.teacher_epochs)
+    else:
+        keras.utils.set_random_seed(0)
+        teacher = demo.teacher_model()
+        _compile(teacher)
+        teacher.fit(
+            x, y, epochs=args.teacher_epochs, batch_size=_BATCH, verbose=0
+        )
+    teacher_time = time.perf_counter() - start
+    teacher_accuracy, teacher_ece = _evaluate(teacher, x_test, y_test)
+    print(
+        f"teacher: accuracy {teacher_accuracy:.4f} ECE {teacher_ece:.4f} "
+        f"({teacher_time:.0f} s)",
+        flush=True,
+    )
     results = {m: [] for m in methods}
+    seconds = {m: [] for m in methods}
+    ce_students = {}
+    progress = keras.utils.Progbar(
+        args.seeds * len(methods), stateful_metrics=["accuracy", "ECE"]
+    )
     for seed in range(args.seeds):
         for method in methods:
-            results[method].append(
-                _run(method, teacher, data, seed, args.epochs)
-            )
-            accuracy, ece = results[method][-1]
+            start = time.perf_counter()
+            if fashion:
+                result = _fashion_run(
+                    method, teacher, data, seed, args.epochs, ce_students
+                )
+            else:
+                result = _run(method, teacher, data, seed, args.epochs)
+            seconds[method].append(time.perf_counter() - start)
+            if method == "born_again" and fashion:
+                seconds[method][-1] += seconds["ce"][-1]
+            results[method].append(result)
+            accuracy, ece = result
             print(
-                f"seed {seed} {method}: accuracy {accuracy:.4f} ECE {ece:.4f}"
+                f"\nseed {seed} {method}: accuracy {accuracy:.4f} "
+                f"ECE {ece:.4f} ({seconds[method][-1]:.0f} s)",
+                flush=True,
             )
+            progress.add(1, [("accuracy", accuracy), ("ECE", ece)])
     print(
-        f"\nteacher: accuracy {teacher_accuracy * 100:.2f}%, "
-        f"ECE {teacher_ece * 100:.2f}%; label noise {args.label_noise}; "
-        f"{args.seeds} seeds; {args.epochs} epochs\n"
+        f"\n{args.data}, {len(y)} training images; teacher: accuracy "
+        f"{teacher_accuracy * 100:.2f}%, ECE {teacher_ece * 100:.2f}% "
+        f"({teacher_time:.0f} s); label noise {args.label_noise}; "
+        f"{args.seeds} seeds; {args.epochs} epochs; "
+        f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}"
+        "\n"
     )
     print(
         "| method | test accuracy % | Δ accuracy vs ce (paired) | ECE % | "
-        "Δ ECE vs ce (paired) |"
+        "Δ ECE vs ce (paired) | s per run |"
     )
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
     base = np.asarray(results["ce"])
     for method in methods:
         runs = np.asarray(results[method])
@@ -210,7 +397,8 @@ def main(argv=None):
             f"| {method} | {_summary(runs[:, 0])} | "
             f"{_summary(runs[:, 0] - base[:, 0]) if method != 'ce' else ''} | "
             f"{_summary(runs[:, 1])} | "
-            f"{_summary(runs[:, 1] - base[:, 1]) if method != 'ce' else ''} |"
+            f"{_summary(runs[:, 1] - base[:, 1]) if method != 'ce' else ''} | "
+            f"{np.mean(seconds[method]):.0f} |"
         )
     return results
 

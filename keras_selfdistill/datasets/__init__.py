@@ -1,7 +1,8 @@
-"""Small real datasets that ship with the package (no download)."""
+"""Real datasets without a download: bundled, or installed from a registry."""
 
+from keras_selfdistill.datasets.fashion_mnist import load_fashion_mnist
 from keras_selfdistill.datasets.handwritten_digits import load_digits
 from keras_selfdistill.datasets.handwritten_digits import load_mnist
 from keras_selfdistill.datasets.label_noise import add_label_noise
 
-__all__ = ["add_label_noise", "load_digits", "load_mnist"]
+__all__ = ["add_label_noise", "load_digits", "load_fashion_mnist", "load_mnist"]
