@@ -5,9 +5,16 @@ import numpy as np
 from keras_selfdistill.datasets.label_noise import add_label_noise
 
 _SPLIT_SEED = 20240
+MNIST_FILE = "mnist_5k.npz"
+DIGITS_FILE = "digits.npz"
 
 
-def _load(filename, test_size, label_noise, seed):
+def read_bundled(filename, test_size):
+    """The raw uint8 images and labels of a bundled file, split as loaded.
+
+    Returns `{"train": (images, labels), "test": (images, labels)}`, images
+    of shape `(n, height, width)`, the fixed split every loader uses.
+    """
     with (
         importlib.resources.files(__package__)
         .joinpath("data", filename)
@@ -17,9 +24,20 @@ def _load(filename, test_size, label_noise, seed):
             images, labels = data["images"], data["labels"].astype("int64")
     order = np.random.default_rng(_SPLIT_SEED).permutation(len(labels))
     test, train = order[:test_size], order[test_size:]
-    x = (images.astype("float32") / images.max())[..., None]
-    y_train = add_label_noise(labels[train], label_noise, 10, seed)
-    return (x[train], y_train), (x[test], labels[test])
+    return {
+        "train": (images[train], labels[train]),
+        "test": (images[test], labels[test]),
+    }
+
+
+def _load(filename, test_size, label_noise, seed):
+    splits = read_bundled(filename, test_size)
+    scale = max(splits["train"][0].max(), splits["test"][0].max())
+    (x, y), (x_test, y_test) = (
+        ((images.astype("float32") / scale)[..., None], labels)
+        for images, labels in (splits["train"], splits["test"])
+    )
+    return (x, add_label_noise(y, label_noise, 10, seed)), (x_test, y_test)
 
 
 def load_mnist(label_noise=0.0, seed=0):
@@ -49,7 +67,7 @@ def load_mnist(label_noise=0.0, seed=0):
         keras_selfdistill.datasets.load_mnist(label_noise=0.4, seed=1))
     ```
     """
-    return _load("mnist_5k.npz", 1000, label_noise, seed)
+    return _load(MNIST_FILE, 1000, label_noise, seed)
 
 
 def load_digits(label_noise=0.0, seed=0):
@@ -80,4 +98,4 @@ def load_digits(label_noise=0.0, seed=0):
         keras_selfdistill.datasets.load_digits())
     ```
     """
-    return _load("digits.npz", 450, label_noise, seed)
+    return _load(DIGITS_FILE, 450, label_noise, seed)
