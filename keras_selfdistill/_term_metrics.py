@@ -1,4 +1,5 @@
-"""The metrics the `Distiller` logs: each term's loss, each exit's accuracy.
+"""The metrics the `Distiller` logs: each term's loss, each exit's accuracy,
+the supervised loss and the scheduled hyperparameters.
 
 Internal: the `Distiller` creates them; users read them in the progress
 bar, History and `EarlyStopping(monitor=...)`.
@@ -12,9 +13,12 @@ from keras_selfdistill.exits import one_hot_labels
 
 
 class LossMean(keras.metrics.Mean):
-    def __init__(self, name):
+    """The epoch's mean of a per-batch scalar, weighted by batch size."""
+
+    def __init__(self, name, direction="down"):
         super().__init__(name=name)
-        _internals.set_direction(self, "down")
+        if direction is not None:
+            _internals.set_direction(self, direction)
 
     def add_batch(self, value, batch_size):
         # `update_state(value, sample_weight=batch_size)` broadcasts, casts

@@ -28,6 +28,9 @@ def _current_value(scope, variable, value):
     return value if updated is None else updated
 
 
+SUPERVISED_LOSS = "supervised_loss"
+
+
 def _first_leaf(structure):
     return next(
         leaf for leaf in keras.tree.flatten(structure) if leaf is not None
@@ -50,7 +53,12 @@ class Distiller(keras.Model):
 
     - Each term's unweighted loss is a metric `<term name>_loss` (progress
       bar, History, TensorBoard, `EarlyStopping(monitor=...)`), averaged
-      over the epoch like Keras's `loss`.
+      over the epoch like Keras's `loss`. With terms and a compiled loss,
+      `supervised_loss` is the supervised part as it enters `loss`
+      (already multiplied by `1 − ξ` where a term sets `xi`), and every
+      hyperparameter given as a schedule logs its effective value as
+      `<term name>_<hyperparameter>` (`distillation_xi`,
+      `distillation_temperature`), the epoch's mean over its steps.
     - `evaluate` and `predict` run the student alone: no teacher runs at
       validation, and validation metrics measure the student. With
       auxiliary exits, `evaluate` also runs the heads (same forward pass)
@@ -155,7 +163,7 @@ class Distiller(keras.Model):
         self.epoch = keras.Variable(
             0, dtype="int32", trainable=False, name="epoch"
         )
-        names, self._term_metric_names = set(), []
+        names, self._term_metric_names = {SUPERVISED_LOSS}, []
         for term in terms:
             metric_name, suffix = f"{term.name}_loss", 1
             while metric_name in names:
@@ -165,6 +173,19 @@ class Distiller(keras.Model):
         self.term_metrics = TermMetrics(
             [LossMean(n) for n in self._term_metric_names],
             name="term_metrics",
+        )
+        self._schedules = [
+            (term, name, f"{metric[: -len('_loss')]}_{name}")
+            for term, metric in zip(terms, self._term_metric_names)
+            for name in term.scheduled_hyperparameters
+        ]
+        self.schedule_metrics = TermMetrics(
+            [LossMean(n, direction=None) for _, _, n in self._schedules],
+            name="schedule_metrics",
+        )
+        self.supervised_metrics = TermMetrics(
+            [LossMean(SUPERVISED_LOSS)] if terms else [],
+            name="supervised_metrics",
         )
         exit_names = self.exits.exit_names if self.exits is not None else []
         self.exit_metrics = TermMetrics(
@@ -226,10 +247,20 @@ class Distiller(keras.Model):
             if scale is not None:
                 label_scale = scale
             losses.append(weight * factor * value)
+        for (term, name, _), tracker in zip(
+            self._schedules if terms else [], self.schedule_metrics.metrics
+        ):
+            tracker.add_batch(
+                term.hyperparameter(name, step, self.epoch), batch_size
+            )
         if supervised:
             losses.append(
                 self._supervised_loss(y, y_pred, sample_weight, label_scale)
             )
+            if terms:
+                self.supervised_metrics.metrics[0].add_batch(
+                    unscale_for_distribution(losses[-1]), batch_size
+                )
         # Terms compute in float32; a float64 student (floatx) sums in its
         # own precision, as plain Keras does.
         dtype = keras.backend.floatx()
@@ -278,12 +309,30 @@ class Distiller(keras.Model):
             for leaf in teacher.walk()
         ]
 
+    def _training_only_metrics(self):
+        return (
+            set(self._term_metric_names)
+            | {name for _, _, name in self._schedules}
+            | {SUPERVISED_LOSS}
+        )
+
+    @staticmethod
+    def _without(logs, names):
+        return {k: v for k, v in logs.items() if k not in names}
+
     def train_step(self, *args, **kwargs):
         if keras.backend.backend() == "jax":
-            return self._stateless_train_step(*args, **kwargs)
+            logs, state = self._stateless_train_step(*args, **kwargs)
+            return self._hide_supervised(logs), state
         logs = super().train_step(*args, **kwargs)
         for teacher in self.teachers:
             teacher.update(args[-1] if args else kwargs.get("data"))
+        return self._hide_supervised(logs)
+
+    def _hide_supervised(self, logs):
+        # Label-free distillation has no supervised part to report.
+        if _internals.compiled_loss(self) is None:
+            return self._without(logs, {SUPERVISED_LOSS})
         return logs
 
     def _stateless_train_step(self, state, data):
@@ -330,8 +379,7 @@ class Distiller(keras.Model):
         result = super().test_step(*args, **kwargs)
         # JAX returns `(logs, state)`.
         logs, state = result if isinstance(result, tuple) else (result, None)
-        hidden = set(self._term_metric_names)
-        logs = {k: v for k, v in logs.items() if k not in hidden}
+        logs = self._without(logs, self._training_only_metrics())
         return logs if state is None else (logs, state)
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):

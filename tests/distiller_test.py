@@ -32,6 +32,9 @@ class DistillerTest(parameterized.TestCase):
             temperature,
         )
 
+    def _kd_at(self, temperature):
+        return self._kd(temperature).mean()
+
     def _ce(self):
         probs = tiny.softmax(
             np.float64(self.student.predict(self.x, verbose=0))
@@ -122,6 +125,12 @@ class DistillerTest(parameterized.TestCase):
         # (1 − ξ) · CE + ξ · KD with ξ = 1.5: the labels get weight −0.5.
         expected = -0.5 * self._ce().mean() + 1.5 * self._kd().mean()
         self.assertAlmostEqual(history.history["loss"][0], expected, places=5)
+        self.assertAlmostEqual(
+            history.history["supervised_loss"][0],
+            -0.5 * self._ce().mean(),
+            places=5,
+        )
+        self.assertNotIn("distillation_xi", history.history)
 
     def test_epoch_schedule_and_callback_change_weight(self):
         term = ksd.terms.Distillation(
@@ -135,6 +144,12 @@ class DistillerTest(parameterized.TestCase):
         ce, kd = self._ce().mean(), self._kd().mean()
         np.testing.assert_allclose(
             history.history["loss"], [ce, ce + 0.5 * kd, ce + kd], rtol=1e-5
+        )
+        np.testing.assert_allclose(
+            history.history["distillation_weight"], [0.0, 0.5, 1.0]
+        )
+        np.testing.assert_allclose(
+            history.history["supervised_loss"], [ce] * 3, rtol=1e-5
         )
         constant = ksd.terms.Distillation(self.teacher, temperature=2.0)
         switch_off = keras.callbacks.LambdaCallback(
@@ -175,6 +190,69 @@ class DistillerTest(parameterized.TestCase):
             rtol=1e-5,
         )
         self.assertGreater(abs(first - second), 1e-3)
+        # Logged: the mean over each epoch's steps of the weight in force.
+        np.testing.assert_allclose(
+            history.history["distillation_weight"], [0.25, 1.0]
+        )
+
+    def test_scheduled_values_reach_progress_bar_and_tensorboard(self):
+        xi = ksd.schedules.LinearRampUp(ramp_up_epochs=1, start=0.2, end=0.6)
+        temperature = ksd.schedules.LinearRampUp(
+            ramp_up_epochs=1, start=1.0, end=3.0
+        )
+        term = ksd.terms.Distillation(
+            self.teacher, temperature=temperature, xi=xi
+        )
+        distiller = ksd.Distiller(self.student, [term])
+        distiller.compile(optimizer="sgd", loss=tiny.sparse_ce())
+        log_dir = self.create_tempdir().full_path
+        seen = []
+        history = distiller.fit(
+            self.x,
+            self.y,
+            epochs=2,
+            verbose=0,
+            validation_data=(self.x, self.y),
+            callbacks=[
+                keras.callbacks.TensorBoard(log_dir),
+                keras.callbacks.LambdaCallback(
+                    on_train_batch_end=lambda batch, logs: seen.append(
+                        sorted(logs)
+                    )
+                ),
+            ],
+        )
+        np.testing.assert_allclose(
+            history.history["distillation_xi"], [0.2, 0.6]
+        )
+        np.testing.assert_allclose(
+            history.history["distillation_temperature"], [1.0, 3.0]
+        )
+        self.assertIn("distillation_xi", seen[0])
+        self.assertIn("supervised_loss", seen[0])
+        for name in ("val_distillation_xi", "val_supervised_loss"):
+            self.assertNotIn(name, history.history)
+        tags = set()
+        for root, _, files in os.walk(os.path.join(log_dir, "train")):
+            for name in files:
+                for event in tf.compat.v1.train.summary_iterator(
+                    os.path.join(root, name)
+                ):
+                    tags.update(value.tag for value in event.summary.value)
+        self.assertIn("epoch_distillation_xi", tags)
+        self.assertIn("epoch_supervised_loss", tags)
+
+    def test_no_supervised_loss_metric_without_terms_or_labels(self):
+        plain = ksd.Distiller(self.student)
+        history = _fit_without_learning(plain, self.x, self.y)
+        self.assertNotIn("supervised_loss", history.history)
+        label_free = ksd.Distiller(
+            tiny.mlp(name="other", seed=3),
+            [ksd.terms.Distillation(self.teacher)],
+        )
+        history = _fit_without_learning(label_free, self.x)
+        self.assertNotIn("supervised_loss", history.history)
+        self.assertIn("distillation_loss", history.history)
 
     def test_backup_and_restore_resumes_schedules_exactly(self):
         def train(callbacks):
@@ -304,6 +382,20 @@ class DistillerTest(parameterized.TestCase):
                     event = tf.compat.v1.Event.FromString(record.numpy())
                     tags.update(value.tag for value in event.summary.value)
         self.assertIn("epoch_distillation_loss", tags)
+
+    def test_term_named_supervised_keeps_its_own_metric(self):
+        term = ksd.terms.Distillation(self.teacher, name="supervised")
+        history = _fit_without_learning(
+            ksd.Distiller(self.student, [term]), self.x, self.y
+        )
+        np.testing.assert_allclose(
+            history.history["supervised_1_loss"],
+            [self._kd_at(1.0)],
+            rtol=1e-5,
+        )
+        np.testing.assert_allclose(
+            history.history["supervised_loss"], [self._ce().mean()], rtol=1e-5
+        )
 
     def test_duplicate_term_names_get_distinct_metrics(self):
         distiller = ksd.Distiller(

@@ -177,6 +177,15 @@ class Term(keras.layers.Layer, metaclass=abc.ABCMeta):
     weight = hyperparameter_property("weight")
 
     @property
+    def scheduled_hyperparameters(self):
+        """Names of the hyperparameters given as schedules, in order."""
+        return [
+            name
+            for name, value in self._hyperparameters.items()
+            if isinstance(value, schedules.Schedule)
+        ]
+
+    @property
     def mixes_labels(self):
         """Whether the term rescales the supervised loss (`xi` is set)."""
         return "xi" in self._hyperparameters
