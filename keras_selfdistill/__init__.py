@@ -7,6 +7,7 @@ from keras_selfdistill import files
 from keras_selfdistill import generations
 from keras_selfdistill import metrics
 from keras_selfdistill import ops
+from keras_selfdistill import plots
 from keras_selfdistill import recipes
 from keras_selfdistill import schedules
 from keras_selfdistill import teachers
@@ -24,6 +25,7 @@ __all__ = [
     "generations",
     "metrics",
     "ops",
+    "plots",
     "recipes",
     "schedules",
     "teachers",

@@ -20,7 +20,7 @@ def main(argv=None):
 
     try:
         demo.main(argv[1:])
-    except FileExistsError as error:
+    except (FileExistsError, FileNotFoundError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

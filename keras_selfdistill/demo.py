@@ -3,13 +3,16 @@
 Trains a small CNN teacher, then the same MLP student without and with
 distillation from it, over several seeds, and prints test accuracy,
 expected calibration error, parameter count and training time. The last
-distilled student is saved as a plain Keras model.
+distilled student is saved as a plain Keras model; with `--plot DIR`,
+the last seed's training history and both students' reliability diagrams
+are saved there as PNG files.
 
 Run it with `python -m keras_selfdistill demo` (`--help` for options).
 """
 
 import argparse
 import math
+import os
 import time
 
 import keras
@@ -18,6 +21,7 @@ import numpy as np
 from keras_selfdistill import datasets
 from keras_selfdistill import files
 from keras_selfdistill import metrics
+from keras_selfdistill import plots
 from keras_selfdistill import terms
 from keras_selfdistill.distiller import Distiller
 
@@ -82,14 +86,52 @@ def _compile(model):
 def _train(model, x, y, x_test, y_test, epochs, batch_size):
     _compile(model)
     start = time.perf_counter()
-    model.fit(x, y, epochs=epochs, batch_size=batch_size, verbose=0)
+    history = model.fit(x, y, epochs=epochs, batch_size=batch_size, verbose=0)
     seconds = time.perf_counter() - start
     result = model.evaluate(x_test, y_test, verbose=0, return_dict=True)
+    calibration = metrics.ExpectedCalibrationError(from_logits=True)
+    calibration.update_state(y_test, model.predict(x_test, verbose=0))
     return {
         "accuracy": result["accuracy"],
         "ece": result["expected_calibration_error"],
         "seconds": seconds,
+        "history": history,
+        "calibration": calibration,
     }
+
+
+PLOTS = {
+    "history": "history_distilled.png",
+    "cross-entropy": "reliability_cross_entropy.png",
+    "distilled": "reliability_distilled.png",
+}
+
+
+def _plot_paths(folder, overwrite):
+    """Checks, before training, that the plots can be drawn and written."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as error:
+        raise ImportError(plots.INSTALL_HINT) from error
+    os.makedirs(folder, exist_ok=True)
+    paths = {k: os.path.join(folder, v) for k, v in PLOTS.items()}
+    for path in paths.values():
+        if os.path.exists(path) and not overwrite:
+            raise FileExistsError(
+                f"{path} exists. Choose another --plot folder, remove it, "
+                "or pass `overwrite=True` (`--overwrite`)."
+            )
+    return paths
+
+
+def _save_plots(paths, last):
+    plots.history(last["distilled"]["history"]).savefig(paths["history"])
+    for variant in ("cross-entropy", "distilled"):
+        plots.reliability_diagram(
+            last[variant]["calibration"], title=f"Student, {variant}"
+        ).savefig(paths[variant])
+    for path in paths.values():
+        print(f"Saved {path}")
 
 
 def _mean_and_error(values):
@@ -115,11 +157,13 @@ def run(
     output="distilled_student.keras",
     limit=None,
     overwrite=False,
+    plot=None,
 ):
     """Runs the demo and returns its rows as a list of dicts."""
+    # Before training, not after it.
     if output:
-        # Before training, not after it.
         files.check_writable(output, overwrite)
+    plot_paths = _plot_paths(plot, overwrite) if plot else None
     (x, y), (x_test, y_test) = datasets.load_mnist()
     if limit:
         x, y, x_test, y_test = (
@@ -139,6 +183,7 @@ def run(
         f"{teacher_epochs} epochs ({teacher_result['seconds']:.1f} s)"
     )
     results = {"cross-entropy": [], "distilled": []}
+    last = {}
     student = None
     for seed in range(seeds):
         for variant in results:
@@ -154,6 +199,7 @@ def run(
             )
             result = _train(distiller, x, y, x_test, y_test, epochs, batch_size)
             results[variant].append(result)
+            last[variant] = result
             print(
                 f"seed {seed} {variant:>13}: accuracy "
                 f"{result['accuracy']:.4f}, ECE {result['ece']:.4f}"
@@ -187,6 +233,8 @@ def run(
     )
     if output:
         print(f"Saved the last distilled student to {output}")
+    if plot_paths:
+        _save_plots(plot_paths, last)
     return rows
 
 
@@ -210,20 +258,59 @@ def _print_table(rows, seeds, epochs, temperature, xi):
         )
 
 
-def main(argv=None):
+def parser():
+    """The demo's command-line parser."""
     parser = argparse.ArgumentParser(
-        prog="python -m keras_selfdistill demo", description=__doc__
+        prog="python -m keras_selfdistill demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--teacher-epochs", type=int, default=15)
-    parser.add_argument("--temperature", type=float, default=4.0)
-    parser.add_argument("--xi", type=float, default=0.9)
-    parser.add_argument("--output", default="distilled_student.keras")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=3,
+        help="students trained per variant, paired by seed (default 3)",
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=30, help="student epochs (default 30)"
+    )
+    parser.add_argument(
+        "--teacher-epochs",
+        type=int,
+        default=15,
+        help="teacher epochs (default 15)",
+    )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=4.0,
+        help="distillation temperature T (default 4)",
+    )
+    parser.add_argument(
+        "--xi",
+        type=float,
+        default=0.9,
+        help="weight of the teacher's soft targets; the labels get 1 - xi "
+        "(default 0.9)",
+    )
+    parser.add_argument(
+        "--output",
+        default="distilled_student.keras",
+        help="where to save the last distilled student, a .keras file "
+        "(default distilled_student.keras; '' to skip)",
+    )
     parser.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace an existing --output file",
+        help="replace an existing --output file or plots",
+    )
+    parser.add_argument(
+        "--plot",
+        metavar="DIR",
+        default=None,
+        help="save the training history and reliability diagrams as PNG "
+        "files in DIR (needs matplotlib: pip install "
+        '"keras-selfdistill[plots]")',
     )
     parser.add_argument(
         "--limit",
@@ -231,7 +318,11 @@ def main(argv=None):
         default=None,
         help="use only the first N train and test images (smoke tests)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     run(
         seeds=args.seeds,
         epochs=args.epochs,
@@ -241,4 +332,5 @@ def main(argv=None):
         output=args.output,
         limit=args.limit,
         overwrite=args.overwrite,
+        plot=args.plot,
     )

@@ -531,3 +531,119 @@ def _max_softmax(logits):
     shifted = logits - logits.max(axis=-1, keepdims=True)
     probs = np.exp(shifted)
     return (probs / probs.sum(axis=-1, keepdims=True)).max(axis=-1)
+
+
+def early_exit_tradeoff(
+    exits,
+    x,
+    y,
+    thresholds=(0.5, 0.8, 0.9, 0.95, 0.99, 1.0),
+    batch_size=256,
+    repeats=3,
+):
+    """Measures accuracy, exit depth and latency of early exit per threshold.
+
+    For each threshold, `EarlyExit` answers `x` batch by batch; the full
+    student (one compiled call per batch on TensorFlow, as `EarlyExit`)
+    is the reference row. Timings are interleaved (full, each threshold,
+    then again) and the median of `repeats` passes over `x` is kept, so a
+    drift in machine speed hits every row alike.
+
+    Args:
+        exits: An `Exits` model (`distiller.exits` after training).
+        x: Test inputs (an array).
+        y: Integer test labels.
+        thresholds: Softmax confidences at which an exit answers. Defaults
+            to `(0.5, 0.8, 0.9, 0.95, 0.99, 1.0)`.
+        batch_size: Samples per call; `1` measures per-request latency.
+            Defaults to `256`.
+        repeats: Timed passes per row. Defaults to `3`.
+
+    Returns:
+        A list of dicts, the full student first (`threshold` `None`), with
+        `threshold`, `accuracy`, `mean_depth` (mean exit index: 0 for the
+        first exit, `len(exit_names)` for the student's output),
+        `exit_counts` (samples answered by each exit, then by the output)
+        and `latency` (seconds per sample).
+
+    Example:
+
+    ```python
+    table = keras_selfdistill.exits.early_exit_tradeoff(
+        distiller.exits, x_test, y_test, thresholds=(0.9, 0.99))
+    keras_selfdistill.plots.early_exit_tradeoff(table)
+    ```
+    """
+    import statistics
+    import time
+
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(
+            f"`repeats` must be an int >= 1. Received: repeats={repeats!r}"
+        )
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, int)
+        or (batch_size < 1)
+    ):
+        raise ValueError(
+            "`batch_size` must be an int >= 1. "
+            f"Received: batch_size={batch_size!r}"
+        )
+    y = np.asarray(y).reshape(-1)
+    if len(y) != len(x):
+        raise ValueError(
+            f"`x` and `y` must hold as many samples. Received: {len(x)} "
+            f"inputs and {len(y)} labels"
+        )
+    runners = [None] + [EarlyExit(exits, t) for t in thresholds]
+    student = exits.student
+
+    def full(batch):
+        return _internals.to_numpy(student(batch, training=False)), None
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        compiled = tf.function(
+            lambda batch: student(batch, training=False),
+            reduce_retracing=True,
+        )
+
+        def full(batch):  # noqa: F811
+            return compiled(batch).numpy(), None
+
+    calls = [full if r is None else r for r in runners]
+    batches = [x[i : i + batch_size] for i in range(0, len(x), batch_size)]
+    outputs = []
+    for call in calls:
+        # Also the warm-up: every function traced on every batch shape.
+        results = [call(batch) for batch in batches]
+        logits = np.concatenate([r[0] for r in results])
+        which = (
+            np.full(len(y), len(exits.exit_names))
+            if results[0][1] is None
+            else np.concatenate([r[1] for r in results])
+        )
+        outputs.append((logits, which))
+    seconds = [[] for _ in calls]
+    for _ in range(repeats):
+        for index, call in enumerate(calls):
+            start = time.perf_counter()
+            for batch in batches:
+                call(batch)
+            seconds[index].append(time.perf_counter() - start)
+    table = []
+    for runner, (logits, which), times in zip(runners, outputs, seconds):
+        table.append(
+            {
+                "threshold": None if runner is None else runner.threshold,
+                "accuracy": float(np.mean(np.argmax(logits, -1) == y)),
+                "mean_depth": float(np.mean(which)),
+                "exit_counts": np.bincount(
+                    which, minlength=len(exits.exit_names) + 1
+                ).tolist(),
+                "latency": statistics.median(times) / len(y),
+            }
+        )
+    return table

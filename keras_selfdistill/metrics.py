@@ -1,6 +1,7 @@
 """Metrics for distilled models."""
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_selfdistill import _internals
@@ -107,6 +108,31 @@ class ExpectedCalibrationError(keras.metrics.Metric):
         hits = ops.sum(one_hot * hit[:, None], axis=0)
         # NaN when traced JAX code saw rows that are not probabilities.
         self.hits.assign_add(hits + 0.0 * ops.sum(probs[:1, :1]))
+
+    def bins(self):
+        """The numbers behind the metric and its reliability diagram.
+
+        Returns:
+            A dict of NumPy arrays, one entry per bin: `lower` and `upper`
+            confidence edges, `counts` (sample weight in the bin),
+            `accuracy` and `confidence` (their means in the bin, NaN for an
+            empty bin).
+        """
+        counts = _internals.to_numpy(self.counts).astype("float64")
+        edges = np.linspace(0.0, 1.0, self.num_bins + 1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            accuracy = _internals.to_numpy(self.hits) / counts
+            confidence = _internals.to_numpy(self.confidences) / counts
+        empty = counts == 0
+        accuracy[empty] = np.nan
+        confidence[empty] = np.nan
+        return {
+            "lower": edges[:-1],
+            "upper": edges[1:],
+            "counts": counts,
+            "accuracy": accuracy,
+            "confidence": confidence,
+        }
 
     def result(self):
         gaps = ops.sum(ops.abs(self.hits - self.confidences))

@@ -11,9 +11,18 @@ from keras_selfdistill import demo
 class DemoTest(parameterized.TestCase):
     def test_runs_and_saves_student(self):
         path = os.path.join(self.create_tempdir().full_path, "s.keras")
+        plots = os.path.join(self.create_tempdir().full_path, "plots")
         rows = demo.run(
-            seeds=2, epochs=1, teacher_epochs=1, output=path, limit=200
+            seeds=2,
+            epochs=1,
+            teacher_epochs=1,
+            output=path,
+            limit=200,
+            plot=plots,
         )
+        for name in demo.PLOTS.values():
+            with open(os.path.join(plots, name), "rb") as file:
+                self.assertEqual(file.read(8), b"\x89PNG\r\n\x1a\n")
         self.assertEqual(
             [row["model"] for row in rows],
             ["teacher (CNN)", "student, cross-entropy", "student, distilled"],
@@ -25,6 +34,8 @@ class DemoTest(parameterized.TestCase):
         # An existing output is refused before any training.
         with self.assertRaisesRegex(FileExistsError, "--overwrite"):
             demo.run(seeds=1, epochs=1, output=path, limit=10)
+        with self.assertRaisesRegex(FileExistsError, "--plot"):
+            demo.run(seeds=1, epochs=1, output="", plot=plots, limit=10)
 
     def test_command_line_refuses_an_existing_output(self):
         path = os.path.join(self.create_tempdir().full_path, "s.keras")
@@ -41,6 +52,17 @@ class DemoTest(parameterized.TestCase):
         self.assertNotIn("Traceback", result.stderr)
         with open(path) as file:
             self.assertEqual(file.read(), "not ours")
+
+    def test_help_describes_every_option(self):
+        for action in demo.parser()._actions:
+            self.assertTrue(action.help, msg=action.option_strings)
+        result = subprocess.run(
+            [sys.executable, "-m", "keras_selfdistill", "demo", "--help"],
+            capture_output=True,
+            text=True,
+        )
+        self.assertEqual(result.returncode, 0)
+        self.assertIn("--plot DIR", result.stdout)
 
     def test_command_line_usage(self):
         result = subprocess.run(

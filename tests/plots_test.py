@@ -1,0 +1,146 @@
+import keras
+import numpy as np
+from absl.testing import parameterized
+from matplotlib.figure import Figure
+
+import keras_selfdistill as ksd
+from keras_selfdistill import demo
+
+
+def _lines(axes):
+    return {line.get_label(): line.get_ydata() for line in axes.lines}
+
+
+class HistoryTest(parameterized.TestCase):
+    def test_draws_every_logged_value(self):
+        logs = {
+            "loss": [1.0, 0.5],
+            "supervised_loss": [0.6, 0.3],
+            "distillation_loss": [0.4, 0.2],
+            "val_loss": [1.1, 0.7],
+            "accuracy": [0.5, 0.8],
+            "distillation_xi": [0.4, 0.8],
+        }
+        figure = ksd.plots.history(logs)
+        self.assertIsInstance(figure, Figure)
+        losses, others = figure.axes
+        self.assertEqual(
+            set(_lines(losses)),
+            {"loss", "supervised_loss", "distillation_loss", "val_loss"},
+        )
+        np.testing.assert_array_equal(
+            _lines(others)["distillation_xi"], [0.4, 0.8]
+        )
+        np.testing.assert_array_equal(losses.lines[0].get_xdata(), [1, 2])
+        chosen = ksd.plots.history(logs, hyperparameters=["distillation_xi"])
+        self.assertEqual(list(_lines(chosen.axes[1])), ["distillation_xi"])
+
+    def test_rejects_what_is_not_a_history(self):
+        with self.assertRaisesRegex(TypeError, "History"):
+            ksd.plots.history([1, 2])
+        with self.assertRaisesRegex(ValueError, "not in the history"):
+            ksd.plots.history({"loss": [1.0]}, hyperparameters=["xi"])
+
+
+class ReliabilityDiagramTest(parameterized.TestCase):
+    def test_bars_are_each_bins_accuracy(self):
+        metric = ksd.metrics.ExpectedCalibrationError(
+            num_bins=4, from_logits=False
+        )
+        # Confidences 0.9, 0.9, 0.6 (bins 3, 3, 2); hits 1, 0, 1.
+        probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.4, 0.6]], "float32")
+        metric.update_state(np.array([0, 1, 1]), probs)
+        bins = metric.bins()
+        np.testing.assert_array_equal(bins["counts"], [0, 0, 1, 2])
+        np.testing.assert_allclose(bins["accuracy"][2:], [1.0, 0.5])
+        np.testing.assert_allclose(bins["confidence"][2:], [0.6, 0.9])
+        self.assertTrue(np.isnan(bins["accuracy"][:2]).all())
+        figure = ksd.plots.reliability_diagram(metric)
+        heights = [patch.get_height() for patch in figure.axes[0].patches]
+        np.testing.assert_allclose(heights, [0.0, 0.0, 1.0, 0.5])
+        # ECE = (|1 − 0.6|·1 + |0.5 − 0.9|·2) / 3 = 0.4.
+        self.assertEqual(figure.axes[0].get_title(), "ECE 40.00%")
+
+    def test_rejects_an_empty_metric_or_another_kind(self):
+        with self.assertRaisesRegex(ValueError, "no samples"):
+            ksd.plots.reliability_diagram(
+                ksd.metrics.ExpectedCalibrationError()
+            )
+        with self.assertRaisesRegex(TypeError, "ExpectedCalibrationError"):
+            ksd.plots.reliability_diagram(keras.metrics.Accuracy())
+
+
+class ExitAccuracyTest(parameterized.TestCase):
+    def test_bars_in_depth_order(self):
+        results = {
+            "loss": 0.3,
+            "accuracy": 0.9,
+            "block1_accuracy": 0.6,
+            "block2_accuracy": 0.8,
+        }
+        figure = ksd.plots.exit_accuracy(results)
+        axes = figure.axes[0]
+        heights = [patch.get_height() for patch in axes.patches]
+        np.testing.assert_allclose(heights, [60.0, 80.0, 90.0])
+        labels = [tick.get_text() for tick in axes.get_xticklabels()]
+        self.assertEqual(labels, ["block1", "block2", "output"])
+
+    def test_rejects_results_without_exits(self):
+        with self.assertRaisesRegex(ValueError, "No accuracy for exits"):
+            ksd.plots.exit_accuracy({"accuracy": 0.9})
+        with self.assertRaisesRegex(ValueError, "accuracy"):
+            ksd.plots.exit_accuracy({"block1_accuracy": 0.9})
+
+
+class EarlyExitTradeoffTest(parameterized.TestCase):
+    def test_table_and_plot_from_a_trained_student(self):
+        (x, y), (x_test, y_test) = ksd.datasets.load_mnist()
+        student = demo.blocks_model()
+        distiller = ksd.Distiller(
+            student, [ksd.terms.AuxiliaryExits(["block1", "block2"])]
+        )
+        distiller.compile(
+            optimizer="adam",
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        distiller.fit(x[:512], y[:512], epochs=1, batch_size=64, verbose=0)
+        table = ksd.exits.early_exit_tradeoff(
+            distiller.exits,
+            x_test[:200],
+            y_test[:200],
+            thresholds=(0.0001, 1.0),
+            batch_size=100,
+            repeats=1,
+        )
+        self.assertEqual([row["threshold"] for row in table], [None, 1e-4, 1.0])
+        full = np.argmax(student.predict(x_test[:200], verbose=0), -1)
+        self.assertAlmostEqual(
+            table[0]["accuracy"], np.mean(full == y_test[:200])
+        )
+        # Any confidence passes 1e-4: every sample leaves at the first exit.
+        self.assertEqual(table[1]["mean_depth"], 0.0)
+        self.assertEqual(table[1]["exit_counts"], [200, 0, 0])
+        self.assertEqual(table[0]["mean_depth"], 2.0)
+        self.assertGreater(table[0]["latency"], 0.0)
+        figure = ksd.plots.early_exit_tradeoff(table)
+        by_depth = figure.axes[0]
+        np.testing.assert_allclose(
+            by_depth.lines[0].get_xdata(),
+            [table[1]["mean_depth"], table[2]["mean_depth"]],
+        )
+        np.testing.assert_allclose(
+            by_depth.lines[1].get_ydata(), [table[0]["accuracy"] * 100]
+        )
+
+    def test_rejects_bad_rows_and_arguments(self):
+        with self.assertRaisesRegex(ValueError, "early_exit_tradeoff"):
+            ksd.plots.early_exit_tradeoff([{"threshold": 0.5}])
+        exits = ksd.exits.attach_exits(demo.blocks_model(), ["block1"])
+        with self.assertRaisesRegex(ValueError, "repeats"):
+            ksd.exits.early_exit_tradeoff(
+                exits, np.zeros((2, 28, 28, 1)), [0, 1], repeats=0
+            )
+        with self.assertRaisesRegex(ValueError, "as many samples"):
+            ksd.exits.early_exit_tradeoff(
+                exits, np.zeros((2, 28, 28, 1)), [0, 1, 2]
+            )
