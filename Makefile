@@ -10,13 +10,17 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
+# constraints.txt pins the exact versions the suite runs on; setup.cfg
+# declares the ranges users install into (Colab keeps its TensorFlow).
+PIP_INSTALL := $(BIN)/python -m pip install -q -c constraints.txt
+
 demo: $(BIN)/python
-	$(BIN)/python -m pip install -q -e .
-	$(BIN)/python -m keras_selfdistill demo --overwrite
+	$(PIP_INSTALL) -e ".[plots]"
+	$(BIN)/python -m keras_selfdistill demo --overwrite --plot plots
 
 # The suite runs once per backend.
 test: $(BIN)/python
-	$(BIN)/python -m pip install -q -e ".[test,jax]"
+	$(PIP_INSTALL) -e ".[test,jax,plots,tuning]"
 	$(BIN)/ruff check keras_selfdistill tests examples benchmarks
 	$(BIN)/ruff format --check keras_selfdistill tests examples benchmarks
 	KERAS_BACKEND=tensorflow $(BIN)/python -m pytest -m "not slow" -p no:cacheprovider
@@ -30,5 +34,5 @@ format:
 	$(BIN)/ruff check --fix keras_selfdistill tests examples benchmarks
 
 benchmark: $(BIN)/python
-	$(BIN)/python -m pip install -q -e .
+	$(PIP_INSTALL) -e .
 	$(BIN)/python benchmarks/overhead.py

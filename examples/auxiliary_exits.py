@@ -1,7 +1,7 @@
 """Auxiliary exits on MNIST: Be Your Own Teacher, then early-exit inference.
 
-    python examples/auxiliary_exits.py --data bundled
-    python examples/auxiliary_exits.py --data tfds --head linear
+    python examples/auxiliary_exits.py
+    python examples/auxiliary_exits.py --data fashion_mnist --head linear
 
 A four-block CNN gets a classifier head after blocks 1–3. Each head learns
 from the labels and from the network's own final output (BYOT); the
@@ -23,20 +23,7 @@ EXITS = ["block1", "block2", "block3"]
 
 
 def load(source, limit):
-    if source == "tfds":
-        import tensorflow_datasets as tfds
-
-        def arrays(split):
-            images, labels = tfds.as_numpy(
-                tfds.load(
-                    "mnist", split=split, as_supervised=True, batch_size=-1
-                )
-            )
-            return images.astype("float32") / 255.0, labels.astype("int64")
-
-        (x, y), (x_test, y_test) = arrays("train"), arrays("test")
-    else:
-        (x, y), (x_test, y_test) = ksd.datasets.load_mnist()
+    (x, y), (x_test, y_test) = ksd.datasets.load(source)
     if limit:
         x, y, x_test, y_test = (
             x[:limit],
@@ -61,17 +48,51 @@ def student_model():
     return keras.Model(inputs, logits, name="student")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", choices=["tfds", "bundled"], default="tfds")
-    parser.add_argument(
-        "--head", choices=["bottleneck", "linear"], default="bottleneck"
+def build_parser():
+    """The command line, every option described."""
+    parser = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--threshold", type=float, default=0.99)
-    parser.add_argument("--limit", type=int, default=None)
-    parser.add_argument("--output-dir", default="outputs")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--data",
+        choices=ksd.datasets.sources.NAMES,
+        default="bundled_mnist",
+        help="bundled_mnist (offline, default), fashion_mnist (Debian "
+        "files) or mnist (downloads)",
+    )
+    parser.add_argument(
+        "--head",
+        choices=["bottleneck", "linear"],
+        default="bottleneck",
+        help="exit head: BYOT's bottleneck or pooling + Dense (default "
+        "bottleneck)",
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=15, help="epochs (default 15)"
+    )
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=0.99,
+        help="softmax confidence at which an exit answers (default 0.99)",
+    )
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="use only the first N train and test images (smoke tests)",
+    )
+    parser.add_argument(
+        "--output-dir",
+        default="outputs",
+        help="where the models are saved (default outputs)",
+    )
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     os.makedirs(args.output_dir, exist_ok=True)
     keras.utils.set_random_seed(0)
     (x, y), (x_test, y_test) = load(args.data, args.limit)

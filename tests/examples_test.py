@@ -16,6 +16,17 @@ def _load(name):
     return script
 
 
+class CommandLineTest(parameterized.TestCase):
+    @parameterized.parameters(
+        "teacher_student", "auxiliary_exits", "self_distillation"
+    )
+    def test_offline_default_and_every_option_described(self, name):
+        parser = _load(name).build_parser()
+        for action in parser._actions:
+            self.assertTrue(action.help, msg=(name, action.option_strings))
+        self.assertEqual(parser.parse_args([]).data, "bundled_mnist")
+
+
 class TeacherStudentScriptTest(parameterized.TestCase):
     def test_runs_on_bundled_data(self):
         script = _load("teacher_student")
@@ -23,7 +34,7 @@ class TeacherStudentScriptTest(parameterized.TestCase):
         result = script.main(
             [
                 "--data",
-                "bundled",
+                "bundled_mnist",
                 "--epochs",
                 "1",
                 "--teacher-epochs",
@@ -44,7 +55,7 @@ class AuxiliaryExitsScriptTest(parameterized.TestCase):
         result = _load("auxiliary_exits").main(
             [
                 "--data",
-                "bundled",
+                "bundled_mnist",
                 "--epochs",
                 "1",
                 "--limit",
@@ -76,7 +87,7 @@ class SelfDistillationScriptTest(parameterized.TestCase):
                 "--method",
                 method,
                 "--data",
-                "bundled",
+                "bundled_mnist",
                 "--epochs",
                 "1",
                 "--limit",

@@ -4,5 +4,12 @@ from keras_selfdistill.datasets.fashion_mnist import load_fashion_mnist
 from keras_selfdistill.datasets.handwritten_digits import load_digits
 from keras_selfdistill.datasets.handwritten_digits import load_mnist
 from keras_selfdistill.datasets.label_noise import add_label_noise
+from keras_selfdistill.datasets.sources import load
 
-__all__ = ["add_label_noise", "load_digits", "load_fashion_mnist", "load_mnist"]
+__all__ = [
+    "add_label_noise",
+    "load",
+    "load_digits",
+    "load_fashion_mnist",
+    "load_mnist",
+]
