@@ -13,6 +13,8 @@ References:
   (BranchyNet early exits)
 """
 
+import weakref
+
 import keras
 import numpy as np
 from keras import ops
@@ -418,11 +420,49 @@ class EarlyExit:
             )
         self.exits = exits
         self.threshold = float(threshold)
+        self._cut = _cut(exits)
+
+    def __call__(self, x):
+        """Returns `(logits, exit_index)` as NumPy arrays.
+
+        `exit_index[i]` is the exit that answered sample `i`: `0` for the
+        shallowest, `len(exit_names)` for the student's own output.
+        """
+        if self._cut.fused is not None:
+            logits, which = self._cut.fused(x, self._threshold_tensor())
+            return logits.numpy(), which.numpy()
+        return self._run_eager(x)
+
+    def _threshold_tensor(self):
+        import tensorflow as tf
+
+        return tf.constant(self.threshold, "float32")
+
+    def _run_eager(self, x):
+        return self._cut.run_eager(x, self.threshold)
+
+
+# One cut per exits model, shared by every threshold: the threshold is an
+# argument of the compiled function, so comparing thresholds traces once.
+_CUTS = weakref.WeakKeyDictionary()
+
+
+def _cut(exits):
+    if exits not in _CUTS:
+        _CUTS[exits] = _Cut(exits)
+    return _CUTS[exits]
+
+
+class _Cut:
+    """The student cut into segments at its exits, and the exits' heads."""
+
+    def __init__(self, exits):
         student = exits.student
         tensors = [student.get_layer(n).output for n in exits.exit_names]
         starts = [student.input] + tensors
         ends = tensors + [student.outputs[0]]
-        self._segments = []
+        self.num_classes = exits.num_classes
+        self.segments = []
         for index, (start, end) in enumerate(zip(starts, ends)):
             try:
                 segment = keras.Model(start, end)
@@ -436,50 +476,39 @@ class EarlyExit:
                     "layers from before the cut (a skip connection across "
                     "an exit). Put exits at block boundaries."
                 ) from error
-            self._segments.append(segment)
-        self._heads = [exits.heads[n] for n in exits.exit_names]
-        self._fused = None
+            self.segments.append(segment)
+        self.heads = [exits.heads[n] for n in exits.exit_names]
+        self.fused = None
         if keras.backend.backend() == "tensorflow":
             import tensorflow as tf
 
             # One compiled call per batch: Python round trips between the
             # segments would cost more than a small network's layers.
-            self._fused = tf.function(self._run_graph, reduce_retracing=True)
+            self.fused = tf.function(self.run_graph, reduce_retracing=True)
 
-    def __call__(self, x):
-        """Returns `(logits, exit_index)` as NumPy arrays.
-
-        `exit_index[i]` is the exit that answered sample `i`: `0` for the
-        shallowest, `len(exit_names)` for the student's own output.
-        """
-        if self._fused is not None:
-            logits, which = self._fused(x)
-            return logits.numpy(), which.numpy()
-        return self._run_eager(x)
-
-    def _run_graph(self, x):
+    def run_graph(self, x, threshold):
         import tensorflow as tf
 
         count = tf.shape(tf.nest.flatten(x)[0])[0]
-        logits = tf.zeros((count, self.exits.num_classes), "float32")
-        which = tf.fill((count,), tf.constant(len(self._heads), "int64"))
-        return self._stage(0, x, tf.range(count), logits, which)
+        logits = tf.zeros((count, self.num_classes), "float32")
+        which = tf.fill((count,), tf.constant(len(self.heads), "int64"))
+        return self._stage(0, x, tf.range(count), logits, which, threshold)
 
-    def _stage(self, index, hidden, remaining, logits, which):
+    def _stage(self, index, hidden, remaining, logits, which, threshold):
         import tensorflow as tf
 
-        hidden = self._segments[index](hidden, training=False)
-        if index == len(self._heads):
+        hidden = self.segments[index](hidden, training=False)
+        if index == len(self.heads):
             final = tf.cast(hidden, "float32")
             logits = tf.tensor_scatter_nd_update(
                 logits, remaining[:, None], final
             )
             return logits, which
         exit_logits = tf.cast(
-            self._heads[index](hidden, training=False), "float32"
+            self.heads[index](hidden, training=False), "float32"
         )
         confidence = tf.reduce_max(tf.nn.softmax(exit_logits), axis=-1)
-        done = confidence >= self.threshold
+        done = confidence >= threshold
         rows = tf.boolean_mask(remaining, done)[:, None]
         logits = tf.tensor_scatter_nd_update(
             logits, rows, tf.boolean_mask(exit_logits, done)
@@ -495,27 +524,29 @@ class EarlyExit:
         # The next segment runs only if a sample is left.
         return tf.cond(
             tf.size(remaining) > 0,
-            lambda: self._stage(index + 1, hidden, remaining, logits, which),
+            lambda: self._stage(
+                index + 1, hidden, remaining, logits, which, threshold
+            ),
             lambda: (logits, which),
         )
 
-    def _run_eager(self, x):
+    def run_eager(self, x, threshold):
         first = x[0] if isinstance(x, (list, tuple)) else x
         count = int(np.shape(first)[0])
-        logits = np.zeros((count, self.exits.num_classes), "float32")
-        which = np.full(count, len(self._heads), "int64")
+        logits = np.zeros((count, self.num_classes), "float32")
+        which = np.full(count, len(self.heads), "int64")
         remaining = np.arange(count)
         hidden = x
-        for index, segment in enumerate(self._segments):
+        for index, segment in enumerate(self.segments):
             hidden = segment(hidden, training=False)
-            if index == len(self._heads):
+            if index == len(self.heads):
                 logits[remaining] = _internals.to_numpy(hidden)
                 break
             exit_logits = _internals.to_numpy(
-                self._heads[index](hidden, training=False)
+                self.heads[index](hidden, training=False)
             )
             confidence = _max_softmax(exit_logits)
-            done = confidence >= self.threshold
+            done = confidence >= threshold
             logits[remaining[done]] = exit_logits[done]
             which[remaining[done]] = index
             if done.all():

@@ -1,8 +1,8 @@
 """Plots of what distillation changes: losses, calibration, exits.
 
 Each function returns a `matplotlib.figure.Figure` built without pyplot,
-so it works headless (a script, CI) and shows in a notebook
-(`IPython.display.display(figure)`) or saves with `figure.savefig(path)`.
+so it works headless (a script, CI), shows in a notebook as a cell's
+value, and saves with `figure.savefig(path)`.
 matplotlib is an optional dependency: `pip install
 "keras-selfdistill[plots]"`.
 """
@@ -20,7 +20,17 @@ def _figure(columns, width=4.8, height=3.6):
         from matplotlib.figure import Figure
     except ImportError as error:
         raise ImportError(INSTALL_HINT) from error
-    figure = Figure(figsize=(width * columns, height), layout="constrained")
+
+    class _Figure(Figure):
+        # A figure made without pyplot has no notebook display of its own.
+        def _repr_png_(self):
+            import io
+
+            buffer = io.BytesIO()
+            self.savefig(buffer, format="png")
+            return buffer.getvalue()
+
+    figure = _Figure(figsize=(width * columns, height), layout="constrained")
     return figure, figure.subplots(1, columns, squeeze=False)[0]
 
 

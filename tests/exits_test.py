@@ -151,6 +151,11 @@ class EarlyExitTest(parameterized.TestCase):
         self.x = rng.normal(size=(200, 6, 6, 1)).astype("float32") * 4.0
         self.outputs = {k: np.asarray(v) for k, v in self.exits(self.x).items()}
 
+    def test_comparing_thresholds_does_not_warn_of_retracing(self):
+        with self.assertNoLogs("tensorflow", level="WARNING"):
+            for threshold in (0.3, 0.5, 0.7, 0.9, 0.95, 0.99, 1.0):
+                ksd.exits.EarlyExit(self.exits, threshold)(self.x)
+
     @parameterized.parameters(0.2, 0.5, 0.8)
     def test_each_sample_takes_its_first_confident_exit(self, quantile):
         stages = [

@@ -23,6 +23,7 @@ class HistoryTest(parameterized.TestCase):
         }
         figure = ksd.plots.history(logs)
         self.assertIsInstance(figure, Figure)
+        self.assertEqual(figure._repr_png_()[:4], b"\x89PNG")
         losses, others = figure.axes
         self.assertEqual(
             set(_lines(losses)),
