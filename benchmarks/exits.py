@@ -93,9 +93,11 @@ def main(argv=None):
     results = {"ce": [], "byot": []}
     exit_accuracy = {name: [] for name in _EXITS}
     distiller = None
+    progress = keras.utils.Progbar(args.seeds * len(results), unit_name="run")
     for seed in range(args.seeds):
         for method in results:
             model, logs = _train(method, seed, data, args.epochs)
+            progress.add(1, [("accuracy", logs["accuracy"])])
             results[method].append(logs["accuracy"])
             if method == "byot":
                 distiller = model

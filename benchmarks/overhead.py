@@ -196,6 +196,7 @@ def main(argv=None):
     times = {name: [] for name in variants}
     eval_times = {name: [] for name in variants}
     forwards = {"teacher": [], "student": []}
+    progress = keras.utils.Progbar(args.rounds + 1, unit_name="round")
     for round_index in range(args.rounds + 1):
         for name, (model, ids, _) in variants.items():
             seconds = _time_fit(model, train_ids if ids else train)
@@ -207,6 +208,7 @@ def main(argv=None):
             seconds = _time_call(lambda: model.evaluate(train, verbose=0))
             if round_index:
                 forwards[key].append(seconds)
+        progress.add(1)
 
     median = {name: statistics.median(v) for name, v in times.items()}
     eval_median = {name: statistics.median(v) for name, v in eval_times.items()}

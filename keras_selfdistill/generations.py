@@ -208,7 +208,8 @@ def fit_generations(
             optimizer instance is copied for each student. Defaults to Adam
             with sparse categorical cross-entropy from logits.
         **fit_kwargs: Passed to every `fit` (`epochs`, `batch_size`,
-            `callbacks`, ...).
+            `callbacks`, ...). Unless `verbose=0`, a progress bar counts the
+            trainings (generation, last epoch's loss).
 
     Returns:
         A list of `generations + 1` dicts with keys `"student"`, `"xi"`
@@ -284,15 +285,29 @@ def fit_generations(
         )
         return student, history
 
+    trainings = 1 + sum(3 if w == "estimate" else 1 for w in schedule)
+    progress = None
+    if fit_kwargs.get("verbose", "auto") != 0:
+        progress = keras.utils.Progbar(
+            trainings, unit_name="training", stateful_metrics=["generation"]
+        )
+
+    def done(generation, history):
+        if progress is not None:
+            loss = history.history.get("loss", [float("nan")])[-1]
+            progress.add(1, [("generation", generation), ("loss", loss)])
+
     student, history = train(None, None)
+    done(0, history)
     results = [{"student": student, "xi": None, "history": history}]
-    for weight in schedule:
+    for generation, weight in enumerate(schedule, start=1):
         teacher = results[-1]["student"]
         if weight == "estimate":
             x_val, y_val = validation_data
             probabilities = []
             for candidate in (0.0, 1.0):
-                model, _ = train(teacher, candidate)
+                model, candidate_history = train(teacher, candidate)
+                done(generation, candidate_history)
                 logits = model.predict(x_val, verbose=0)
                 probabilities.append(
                     _internals.to_numpy(keras.ops.softmax(logits))
@@ -301,5 +316,6 @@ def fit_generations(
             alpha = estimate_label_weight(*probabilities, reference)
             weight = max(0.0, 1.0 - alpha)
         student, history = train(teacher, float(weight))
+        done(generation, history)
         results.append({"student": student, "xi": weight, "history": history})
     return results

@@ -20,7 +20,7 @@ def _load(name):
 
 class CommandLineTest(parameterized.TestCase):
     @parameterized.parameters(
-        "teacher_student", "auxiliary_exits", "self_distillation"
+        "teacher_student", "auxiliary_exits", "self_distillation", "tuning"
     )
     def test_offline_default_and_every_option_described(self, name):
         parser = _load(name).build_parser()
@@ -103,6 +103,23 @@ class SelfDistillationScriptTest(parameterized.TestCase):
         self.assertIn("accuracy", result)
         self.assertTrue(
             os.path.exists(os.path.join(out, f"student_{method}.keras"))
+        )
+
+
+class TuningScriptTest(parameterized.TestCase):
+    def test_searches_temperature_and_xi(self):
+        out = self.create_tempdir().full_path
+        result = _load("tuning").main(
+            ["--max-trials", "2", "--epochs", "1", "--teacher-epochs", "1"]
+            + ["--limit", "300", "--output-dir", out]
+        )
+        self.assertLen(result["trials"], 2)
+        self.assertNotEqual(result["trials"][0], result["trials"][1])
+        self.assertIn(result["best"]["temperature"], [1.0, 2.0, 4.0, 8.0])
+        self.assertBetween(result["best"]["xi"], 0.1, 0.9)
+        self.assertEqual(result["best"], result["trials"][0])
+        self.assertTrue(
+            os.path.exists(os.path.join(out, "tuned_student.keras"))
         )
 
 

@@ -189,6 +189,29 @@ class FitGenerationsTest(parameterized.TestCase):
         teacher = results[2]["student"]
         self.assertIsNot(teacher, results[1]["student"])
 
+    def test_progress_bar_counts_trainings(self):
+        import contextlib
+        import io
+
+        from tests import tiny
+
+        x, y = tiny.data(n=20)
+        seeds = iter(range(10))
+        output = io.StringIO()
+        with contextlib.redirect_stdout(output):
+            generations.fit_generations(
+                lambda: tiny.mlp(seed=next(seeds)),
+                x,
+                y,
+                generations=2,
+                epochs=1,
+                batch_size=10,
+                verbose=2,
+            )
+        text = output.getvalue()
+        self.assertIn("3/3", text)
+        self.assertRegex(text, r"generation: 2")
+
     def test_estimated_weight(self):
         from tests import tiny
 
