@@ -36,6 +36,14 @@ class HistoryTest(parameterized.TestCase):
         chosen = ksd.plots.history(logs, hyperparameters=["distillation_xi"])
         self.assertEqual(list(_lines(chosen.axes[1])), ["distillation_xi"])
 
+    def test_without_matplotlib_says_how_to_install_it(self):
+        import sys
+        from unittest import mock
+
+        with mock.patch.dict(sys.modules, {"matplotlib.figure": None}):
+            with self.assertRaisesRegex(ImportError, r"\[plots\]"):
+                ksd.plots.history({"loss": [1.0]})
+
     def test_rejects_what_is_not_a_history(self):
         with self.assertRaisesRegex(TypeError, "History"):
             ksd.plots.history([1, 2])
