@@ -6,8 +6,10 @@ import keras
 from absl.testing import parameterized
 
 from keras_selfdistill import demo
+from tests import tiny
 
 
+@tiny.ONCE
 class DemoTest(parameterized.TestCase):
     def test_runs_and_saves_student(self):
         path = os.path.join(self.create_tempdir().full_path, "s.keras")

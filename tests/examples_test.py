@@ -2,11 +2,11 @@ import importlib.util
 import os
 import pathlib
 
-import keras
 import nbclient
 import nbformat
-import pytest
 from absl.testing import parameterized
+
+from tests import tiny
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 
@@ -18,6 +18,7 @@ def _load(name):
     return script
 
 
+@tiny.ONCE
 class CommandLineTest(parameterized.TestCase):
     @parameterized.parameters(
         "teacher_student", "auxiliary_exits", "self_distillation", "tuning"
@@ -29,6 +30,7 @@ class CommandLineTest(parameterized.TestCase):
         self.assertEqual(parser.parse_args([]).data, "bundled_mnist")
 
 
+@tiny.ONCE
 class TeacherStudentScriptTest(parameterized.TestCase):
     def test_runs_on_bundled_data(self):
         script = _load("teacher_student")
@@ -51,6 +53,7 @@ class TeacherStudentScriptTest(parameterized.TestCase):
         self.assertTrue(os.path.exists(os.path.join(out, "student.keras")))
 
 
+@tiny.ONCE
 class AuxiliaryExitsScriptTest(parameterized.TestCase):
     def test_runs_on_bundled_data(self):
         out = self.create_tempdir().full_path
@@ -75,6 +78,7 @@ class AuxiliaryExitsScriptTest(parameterized.TestCase):
         self.assertIn("early_exit_accuracy", result)
 
 
+@tiny.ONCE
 class SelfDistillationScriptTest(parameterized.TestCase):
     @parameterized.named_parameters(
         ("pskd", "pskd"),
@@ -106,6 +110,7 @@ class SelfDistillationScriptTest(parameterized.TestCase):
         )
 
 
+@tiny.ONCE
 class TuningScriptTest(parameterized.TestCase):
     def test_searches_temperature_and_xi(self):
         out = self.create_tempdir().full_path
@@ -131,12 +136,8 @@ NOTEBOOKS = {
 }
 
 
-# The notebooks run on TensorFlow (scaling_out needs tf.distribute); once,
-# under the TensorFlow run of the suite.
-@pytest.mark.skipif(
-    keras.backend.backend() != "tensorflow",
-    reason="the notebooks run once, under the TensorFlow backend",
-)
+# scaling_out needs tf.distribute.
+@tiny.ONCE
 class NotebooksTest(parameterized.TestCase):
     @parameterized.parameters(*NOTEBOOKS)
     def test_executes_offline_on_tiny_settings(self, name):

@@ -5,9 +5,9 @@ import subprocess
 import sys
 import zipfile
 
-import keras
-import pytest
 from absl.testing import parameterized
+
+from tests import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCES = ("setup.cfg", "pyproject.toml", "README.md", "keras_selfdistill")
@@ -22,11 +22,7 @@ def _run(*args, cwd=None):
     return result.stdout
 
 
-# Backend-independent: built once, under the TensorFlow run of the suite.
-@pytest.mark.skipif(
-    keras.backend.backend() != "tensorflow",
-    reason="packaging does not depend on the backend",
-)
+@tiny.ONCE
 class PackagingTest(parameterized.TestCase):
     @classmethod
     def setUpClass(cls):

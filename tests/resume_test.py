@@ -3,6 +3,7 @@ import signal
 import subprocess
 import sys
 
+import keras
 import numpy as np
 from absl.testing import absltest
 
@@ -27,6 +28,11 @@ class ResumeTest(absltest.TestCase):
             )
 
         kinds = distributed_run.KINDS
+        if keras.backend.backend() == "jax":
+            # Within the suite's time budget: under JAX the kinds that keep
+            # state of their own besides the student's weights; all seven
+            # run under TensorFlow.
+            kinds = ("ema", "snapshot", "past_predictions", "exits")
         # A kill ends its process: one process per configuration.
         killed = [start("kill", kind) for kind in kinds]
         codes = [process.wait(timeout=600) for process in killed]

@@ -2,8 +2,16 @@
 
 import keras
 import numpy as np
+import pytest
 
 NUM_CLASSES = 3
+
+# Backend-independent tests (scripts, files, subprocesses): run once, under
+# the TensorFlow pass of the suite.
+ONCE = pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="backend-independent; runs in the TensorFlow pass",
+)
 
 
 def data(n=24, features=4, seed=0):

@@ -10,6 +10,7 @@ import keras_selfdistill as ksd
 import keras_selfdistill.datasets.builders  # noqa: F401
 from keras_selfdistill.datasets import fashion_mnist
 from keras_selfdistill.datasets import handwritten_digits
+from tests import tiny
 from tests.datasets.fashion_mnist_test import fake_fashion_mnist
 
 
@@ -24,6 +25,7 @@ def _arrays(dataset):
     return np.stack(images), np.asarray(labels)
 
 
+@tiny.ONCE
 class BundledMnistTest(parameterized.TestCase):
     def test_load_with_info_and_supervised(self):
         data_dir = self.create_tempdir().full_path
@@ -63,6 +65,7 @@ class BundledMnistTest(parameterized.TestCase):
         self.assertEqual(sorted(ids), list(range(1000)))
 
 
+@tiny.ONCE
 class BundledDigitsTest(parameterized.TestCase):
     def test_split_sizes_and_values(self):
         data_dir = self.create_tempdir().full_path
@@ -80,6 +83,7 @@ class BundledDigitsTest(parameterized.TestCase):
         self.assertEqual(images.max(), 16)
 
 
+@tiny.ONCE
 class LocalFashionMnistTest(parameterized.TestCase):
     def test_reads_the_manual_directory(self):
         folder = self.create_tempdir().full_path
