@@ -79,7 +79,7 @@ _FASHION_METHODS = (
 )
 
 
-def _compile(model, smoothing=0.0):
+def _compile(model, smoothing=0.0, optimizer=None):
     if smoothing:
         loss = keras.losses.CategoricalCrossentropy(
             from_logits=True, label_smoothing=smoothing
@@ -87,7 +87,7 @@ def _compile(model, smoothing=0.0):
     else:
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     model.compile(
-        optimizer=keras.optimizers.Adam(1e-3),
+        optimizer=optimizer or keras.optimizers.Adam(1e-3),
         loss=loss,
         metrics=[
             "accuracy",
@@ -187,20 +187,7 @@ def _run(method, teacher, data, seed, epochs):
 
 
 def _fashion_compile(model, steps, smoothing=0.0):
-    if smoothing:
-        loss = keras.losses.CategoricalCrossentropy(
-            from_logits=True, label_smoothing=smoothing
-        )
-    else:
-        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    model.compile(
-        optimizer=fashion_recipe.optimizer(steps),
-        loss=loss,
-        metrics=[
-            "accuracy",
-            ksd.metrics.ExpectedCalibrationError(from_logits=True),
-        ],
-    )
+    _compile(model, smoothing, fashion_recipe.optimizer(steps))
 
 
 def _fashion_terms(method, teacher, size, epochs, steps, ce_student):

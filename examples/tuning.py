@@ -26,33 +26,7 @@ import keras
 import numpy as np
 
 import keras_selfdistill as ksd
-
-
-def teacher_model():
-    return keras.Sequential(
-        [
-            keras.Input((28, 28, 1)),
-            keras.layers.Conv2D(32, 3, activation="relu"),
-            keras.layers.MaxPooling2D(),
-            keras.layers.Conv2D(64, 3, activation="relu"),
-            keras.layers.MaxPooling2D(),
-            keras.layers.Flatten(),
-            keras.layers.Dense(10),
-        ],
-        name="teacher",
-    )
-
-
-def student_model():
-    return keras.Sequential(
-        [
-            keras.Input((28, 28, 1)),
-            keras.layers.Flatten(),
-            keras.layers.Dense(64, activation="relu"),
-            keras.layers.Dense(10),
-        ],
-        name="student",
-    )
+from keras_selfdistill import demo
 
 
 def compile_model(model):
@@ -70,7 +44,7 @@ def hypermodel(teacher):
         temperature = hp.Choice("temperature", [1.0, 2.0, 4.0, 8.0])
         xi = hp.Float("xi", 0.1, 0.9, step=0.1)
         distiller = ksd.Distiller(
-            student_model(),
+            demo.student_model(),
             [ksd.terms.Distillation(teacher, temperature=temperature, xi=xi)],
         )
         compile_model(distiller)
@@ -147,7 +121,7 @@ def main(argv=None):
     held, kept = order[: len(y) // 5], order[len(y) // 5 :]
 
     keras.utils.set_random_seed(0)
-    teacher = teacher_model()
+    teacher = demo.teacher_model()
     compile_model(teacher)
     teacher.fit(
         x[kept], y[kept], epochs=args.teacher_epochs, batch_size=64, verbose=0
