@@ -23,8 +23,8 @@ test: $(BIN)/python
 	$(PIP_INSTALL) -e ".[test,jax,plots,tuning]"
 	$(BIN)/ruff check keras_selfdistill tests examples benchmarks
 	$(BIN)/ruff format --check keras_selfdistill tests examples benchmarks
-	KERAS_BACKEND=tensorflow $(BIN)/python -m pytest -m "not slow" -p no:cacheprovider
-	KERAS_BACKEND=jax $(BIN)/python -m pytest -m "not slow" -p no:cacheprovider
+	KERAS_BACKEND=tensorflow $(BIN)/python -m pytest -m "not slow" -p no:cacheprovider --durations=15
+	KERAS_BACKEND=jax $(BIN)/python -m pytest -m "not slow" -p no:cacheprovider --durations=15
 
 lint:
 	$(BIN)/ruff check keras_selfdistill tests examples benchmarks

@@ -506,6 +506,7 @@ class DistillerTest(parameterized.TestCase):
         restored.fit(self.x, self.y, epochs=1, verbose=0)
         self.assertEqual(int(restored.epoch), 3)
 
+    @tiny.ONCE
     def test_student_loads_without_the_library(self):
         distiller = ksd.Distiller(
             self.student, [ksd.terms.Distillation(self.teacher)]

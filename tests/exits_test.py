@@ -285,6 +285,10 @@ class DistillerWithExitsTest(parameterized.TestCase):
             atol=1e-6,
         )
         self.assertEqual(len(distiller.student.layers), len(tiny.cnn().layers))
+        if keras.backend.backend() != "tensorflow":
+            # The files are the same on every backend; the fresh processes
+            # that load them without the library run in the TensorFlow pass.
+            return
         for path, model in (
             (student_path, distiller.student),
             (exit_path, exit_model),

@@ -7,6 +7,8 @@ import sys
 
 from absl.testing import parameterized
 
+from tests import tiny
+
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "keras_selfdistill"
 ALLOWED = ROOT / "_internals.py"
 PRIVATE = re.compile(
@@ -45,6 +47,7 @@ class InternalsTest(parameterized.TestCase):
         self.assertLen(_uses(sample), 5)
         self.assertNotEmpty(_uses(ALLOWED))
 
+    @tiny.ONCE
     def test_package_imports_without_private_keras(self):
         # A Keras release without the private module: the import still
         # works (in a fresh process, so the registry here is untouched).
