@@ -1,3 +1,5 @@
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -5,6 +7,7 @@ import sys
 import keras
 from absl.testing import parameterized
 
+from keras_selfdistill import __main__
 from keras_selfdistill import demo
 from tests import tiny
 
@@ -58,13 +61,12 @@ class DemoTest(parameterized.TestCase):
     def test_help_describes_every_option(self):
         for action in demo.parser()._actions:
             self.assertTrue(action.help, msg=action.option_strings)
-        result = subprocess.run(
-            [sys.executable, "-m", "keras_selfdistill", "demo", "--help"],
-            capture_output=True,
-            text=True,
-        )
-        self.assertEqual(result.returncode, 0)
-        self.assertIn("--plot DIR", result.stdout)
+        output = io.StringIO()
+        with contextlib.redirect_stdout(output):
+            with self.assertRaises(SystemExit) as exit_:
+                __main__.main(["demo", "--help"])
+        self.assertEqual(exit_.exception.code, 0)
+        self.assertIn("--plot DIR", output.getvalue())
 
     def test_command_line_usage(self):
         result = subprocess.run(
