@@ -630,19 +630,19 @@ def early_exit_tradeoff(
     runners = [None] + [EarlyExit(exits, t) for t in thresholds]
     student = exits.student
 
-    def full(batch):
-        return _internals.to_numpy(student(batch, training=False)), None
+    def forward(batch):
+        return student(batch, training=False)
 
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
-        compiled = tf.function(
-            lambda batch: student(batch, training=False),
-            reduce_retracing=True,
-        )
+        # Compiled, as `EarlyExit` is: the reference pays no Python loop.
+        forward = tf.function(forward, reduce_retracing=True)
+    last = len(exits.exit_names)
 
-        def full(batch):  # noqa: F811
-            return compiled(batch).numpy(), None
+    def full(batch):
+        logits = _internals.to_numpy(forward(batch))
+        return logits, np.full(len(logits), last, "int64")
 
     calls = [full if r is None else r for r in runners]
     batches = [x[i : i + batch_size] for i in range(0, len(x), batch_size)]
@@ -650,13 +650,9 @@ def early_exit_tradeoff(
     for call in calls:
         # Also the warm-up: every function traced on every batch shape.
         results = [call(batch) for batch in batches]
-        logits = np.concatenate([r[0] for r in results])
-        which = (
-            np.full(len(y), len(exits.exit_names))
-            if results[0][1] is None
-            else np.concatenate([r[1] for r in results])
+        outputs.append(
+            tuple(np.concatenate([r[k] for r in results]) for k in (0, 1))
         )
-        outputs.append((logits, which))
     seconds = [[] for _ in calls]
     for _ in range(repeats):
         for index, call in enumerate(calls):

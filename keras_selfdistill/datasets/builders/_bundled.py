@@ -40,5 +40,10 @@ class Bundled(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         }
 
     def _generate_examples(self, images, labels):
-        for index, (image, label) in enumerate(zip(images, labels)):
-            yield index, {"image": image[..., None], "label": int(label)}
+        return examples(images, labels)
+
+
+def examples(images, labels):
+    """`(key, example)` pairs of `(n, height, width)` uint8 images."""
+    for index, (image, label) in enumerate(zip(images, labels)):
+        yield index, {"image": image[..., None], "label": int(label)}

@@ -1,6 +1,7 @@
 import tensorflow_datasets as tfds
 
 from keras_selfdistill.datasets import fashion_mnist
+from keras_selfdistill.datasets.builders import _bundled
 
 _CLASSES = [
     "t-shirt/top",
@@ -80,8 +81,7 @@ class LocalFashionMnist(tfds.core.GeneratorBasedBuilder):
         }
 
     def _generate_examples(self, images, labels):
-        for index, (image, label) in enumerate(zip(images, labels)):
-            yield index, {"image": image[..., None], "label": int(label)}
+        return _bundled.examples(images, labels)
 
 
 def _source_folder(dl_manager):
