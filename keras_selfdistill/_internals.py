@@ -59,6 +59,17 @@ def producing_operation(tensor):
     return None if history is None else history.operation
 
 
+def built_input_shape(model):
+    """The input shape a subclassed model was built with, or `None`."""
+    shapes = getattr(model, "_build_shapes_dict", None) or {}
+    shape = next(iter(shapes.values()), None)
+    if shape is None or not isinstance(shape, (tuple, list)):
+        return None
+    if not all(isinstance(s, (int, type(None))) for s in shape):
+        return None
+    return tuple(shape)
+
+
 def is_jax_tracer(value):
     """Whether `value` is an abstract JAX value inside a traced function."""
     import jax

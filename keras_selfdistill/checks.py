@@ -47,7 +47,17 @@ def _split(element):
     return element, None
 
 
-def check_arrays(x, y, num_classes, num_samples):
+def ignored_label(loss):
+    """The label a sparse loss skips (`ignore_class`), or `None`.
+
+    Semi-supervised batches mark unlabelled samples with it (e.g. -1 with
+    `SparseCategoricalCrossentropy(ignore_class=-1)`); the checks let it
+    through.
+    """
+    return getattr(loss, "ignore_class", None)
+
+
+def check_arrays(x, y, num_classes, num_samples, ignored=None):
     """Checks NumPy training data once, before the first step."""
     for leaf in keras.tree.flatten(x):
         if isinstance(leaf, np.ndarray) and leaf.shape[:1] == (0,):
@@ -87,8 +97,11 @@ def check_arrays(x, y, num_classes, num_samples):
         raise ValueError(
             f"{label_range_message(num_classes)} Received: NaN labels"
         )
-    low, high = y.min(), y.max()
-    if low < 0 or high >= num_classes or not np.all(np.mod(y, 1) == 0):
+    labelled = y if ignored is None else y[y != ignored]
+    if not labelled.size:
+        return
+    low, high = labelled.min(), labelled.max()
+    if low < 0 or high >= num_classes or not np.all(np.mod(labelled, 1) == 0):
         raise ValueError(
             f"{label_range_message(num_classes)} Received: labels from "
             f"{low} to {high}"
@@ -154,7 +167,7 @@ def check_batched(dataset, input_shape, select):
     )
 
 
-def check_dataset(dataset, num_classes, num_samples):
+def check_dataset(dataset, num_classes, num_samples, ignored=None):
     """`dataset` with each batch checked in the input pipeline.
 
     Returns `dataset` unchanged when nothing in it can be checked.
@@ -193,11 +206,14 @@ def check_dataset(dataset, num_classes, num_samples):
                 )
         if check_labels:
             labels = tf.cast(y, "float64")
-            valid = tf.reduce_all(
+            valid = (
                 (labels >= 0)
                 & (labels < num_classes)
                 & tf.equal(labels, tf.round(labels))
             )
+            if ignored is not None:
+                valid = valid | tf.equal(labels, float(ignored))
+            valid = tf.reduce_all(valid)
             checks.append(
                 tf.debugging.Assert(
                     valid,
@@ -248,6 +264,7 @@ def _checked_batches(generator, num_classes, num_samples, loss):
             y if isinstance(y, np.ndarray) else None,
             num_classes,
             num_samples,
+            ignored_label(loss),
         )
         yield element
 
@@ -350,10 +367,12 @@ def check_fit_data(x, y, distiller, num_samples):
         )
         if not distiller.check_data:
             return x
-        return check_dataset(x, classes, num_samples)
+        return check_dataset(
+            x, classes, num_samples, ignored_label(distiller.loss)
+        )
     check_label_encoding(getattr(y, "shape", None), classes, distiller.loss)
     if distiller.check_data:
-        check_arrays(x, y, classes, num_samples)
+        check_arrays(x, y, classes, num_samples, ignored_label(distiller.loss))
     return x
 
 

@@ -6,13 +6,13 @@ from keras import ops
 from keras_selfdistill import _internals
 from keras_selfdistill import checks
 from keras_selfdistill import data
-from keras_selfdistill._term_metrics import ExitAccuracy
+from keras_selfdistill._forward import OUTPUT
+from keras_selfdistill._forward import Forward
 from keras_selfdistill._term_metrics import LossMean
 from keras_selfdistill._term_metrics import TermMetrics
 from keras_selfdistill._term_metrics import unscale_for_distribution
 from keras_selfdistill.callbacks.training_events import NO_STEP
 from keras_selfdistill.callbacks.training_events import TrainingEvents
-from keras_selfdistill.exits import OUTPUT
 from keras_selfdistill.teachers.teacher import final_activation
 from keras_selfdistill.teachers.teacher import refuse_probabilities
 from keras_selfdistill.teachers.teacher import select_input
@@ -43,8 +43,9 @@ class Distiller(keras.Model):
 
     The distiller is a `keras.Model` wrapping the student. Its objective,
     in `compute_loss`, is the compiled supervised loss plus the losses of
-    every model that ran in the step (the student's and its exit heads'
-    `add_loss`, activity and weight regularizers, on both backends) plus
+    every model that ran in the step (the student's and the terms' own
+    layers' `add_loss`, activity and weight regularizers, on both
+    backends) plus
     `Σ weight · term`; a term with `xi` set scales the supervised loss by
     `1 − ξ` instead, except for samples its teacher has no target for yet,
     which keep their label at full weight. `train_step` is Keras's
@@ -60,10 +61,15 @@ class Distiller(keras.Model):
       `<term name>_<hyperparameter>` (`distillation_xi`,
       `distillation_temperature`), the epoch's mean over its steps.
     - `evaluate` and `predict` run the student alone: no teacher runs at
-      validation, and validation metrics measure the student. With
-      auxiliary exits, `evaluate` also runs the heads (same forward pass)
-      to report `<exit>_accuracy`, `distiller(x)` returns the dict of
-      outputs, and `distiller.exits` is the student with its heads.
+      validation, and validation metrics measure the student.
+    - Terms that read more than the final output (intermediate layers,
+      heads of their own, a second view of the batch) declare it through
+      `Term.taps`, `Term.view` and `Term.forward`; the student still runs
+      once per step. Then `distiller(x)` returns a dict with the logits
+      under `"output"` and what the terms' layers computed, a term's own
+      metrics (e.g. each exit's accuracy) show beside its loss, and the
+      models a term publishes are attributes (`distiller.exits` of
+      `AuxiliaryExits`). `predict` still runs the student alone.
     - `fit` without labels trains from the teachers alone (compile without
       a `loss` then).
     - `sample_weight` and `class_weight` weight every term as they weight
@@ -147,17 +153,28 @@ class Distiller(keras.Model):
         for term in terms:
             term.attach(student)
             term._bind(self)
-        with_exits = [t for t in terms if getattr(t, "exit_model", None)]
-        if len(with_exits) > 1:
-            raise ValueError(
-                "At most one term may add exits: the student runs once per "
-                "step, with one set of heads. Put every exit in one "
-                "`AuxiliaryExits`. Received: exits from "
-                f"{[t.name for t in with_exits]}"
-            )
         self.student = student
         self.terms = list(terms)
-        self.exits = with_exits[0].exit_model if with_exits else None
+        keys = {t.output_key for t in terms} - {None}
+        if len(keys) > 1:
+            raise ValueError(
+                "The terms disagree on the key of the logits in the "
+                f"student's output dict. Received: output keys {sorted(keys)}"
+            )
+        # Not tracked: it holds the student's own layers, saved with it.
+        object.__setattr__(
+            self, "_forward", Forward(student, terms, *keys or [OUTPUT])
+        )
+        for term in terms:
+            for name, model in term.exports.items():
+                if hasattr(self, name):
+                    raise ValueError(
+                        f"Term '{term.name}' publishes a model as "
+                        f"`distiller.{name}`, which the distiller (or another "
+                        "term) already has. Keep one such term per "
+                        f"distiller. Received: {name!r}"
+                    )
+                setattr(self, name, model)
         self.input_key = input_key
         self.check_data = bool(check_data)
         self.epoch = keras.Variable(
@@ -187,26 +204,27 @@ class Distiller(keras.Model):
             [LossMean(SUPERVISED_LOSS)] if terms else [],
             name="supervised_metrics",
         )
-        exit_names = self.exits.exit_names if self.exits is not None else []
-        self.exit_metrics = TermMetrics(
-            [ExitAccuracy(f"{n}_accuracy") for n in exit_names],
-            name="exit_metrics",
-        )
+        own = [m.name for t in terms for m in t.metrics]
+        taken = names | {n for _, _, n in self._schedules}
+        clashes = sorted({n for n in own if n in taken or own.count(n) > 1})
+        if clashes:
+            raise ValueError(
+                f"Two terms report metrics under the same names {clashes}; "
+                "give the terms distinct `name`s. Received: terms "
+                f"{[t.name for t in terms]}"
+            )
         self.built = True
 
     def call(self, inputs, training=None):
         if isinstance(inputs, dict):
             inputs = select_input(inputs, self.input_key, "The student")
-        if self.exits is not None:
-            # One forward: the student's output and every exit's.
-            return self.exits(inputs, training=training)
-        return self.student(inputs, training=training)
+        return self._forward(inputs, training=training)
 
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
     ):
         outputs = y_pred
-        if self.exits is not None:
+        if self._forward.extended:
             y_pred = outputs[OUTPUT]
         if y is None and _internals.compiled_loss(self) is not None:
             raise ValueError(
@@ -214,7 +232,7 @@ class Distiller(keras.Model):
                 "labels. For label-free distillation (teacher targets only) "
                 "compile without `loss`; otherwise pass labels to `fit`."
             )
-        # The losses of what ran in the forward pass (student, exit heads)
+        # The losses of what ran in the forward pass (student, terms' layers)
         # and the regularizers of every trainable weight (projections too),
         # read before the teachers run so that theirs stay out. On JAX
         # Keras hands the forward's losses over through `self.losses`.
@@ -236,7 +254,7 @@ class Distiller(keras.Model):
             value, mask = term.compute_loss_and_mask(
                 x,
                 y,
-                outputs if getattr(term, "reads_exits", False) else y_pred,
+                outputs if term.reads_forward else y_pred,
                 sample_weight,
                 step,
                 self.epoch,
@@ -314,6 +332,12 @@ class Distiller(keras.Model):
             set(self._term_metric_names)
             | {name for _, _, name in self._schedules}
             | {SUPERVISED_LOSS}
+            | {
+                m.name
+                for t in self.terms
+                for m in t.metrics
+                if m.name not in t.validation_metrics
+            }
         )
 
     @staticmethod
@@ -383,19 +407,19 @@ class Distiller(keras.Model):
         return logs if state is None else (logs, state)
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
-        if self.exits is not None:
-            if y is not None:
-                for name, metric in zip(
-                    self.exits.exit_names, self.exit_metrics.metrics
-                ):
-                    metric.update_exit(y, y_pred[name], sample_weight)
-            y_pred = y_pred[OUTPUT]
+        outputs = y_pred
+        if self._forward.extended:
+            y_pred = outputs[OUTPUT]
+        for term in self.terms:
+            term.update_metrics(
+                y, outputs if term.reads_forward else y_pred, sample_weight
+            )
         return super().compute_metrics(x, y, y_pred, sample_weight)
 
     def predict_step(self, *args):
-        if self.exits is None:
+        if not self._forward.extended:
             return super().predict_step(*args)
-        # The student's output alone: no head runs to predict.
+        # The student's output alone: no tap, view or head runs to predict.
         if keras.backend.backend() != "jax":
             return self._predict_final(*args)
         (trainable, non_trainable), data = args
@@ -408,7 +432,7 @@ class Distiller(keras.Model):
         x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
         if isinstance(x, dict):
             x = select_input(x, self.input_key, "The student")
-        return self.exits.final(x, training=False)
+        return self._forward.final(x, training=False)
 
     def fit(self, *args, **kwargs):
         bound = inspect.signature(keras.Model.fit).bind(self, *args, **kwargs)

@@ -20,9 +20,11 @@ import numpy as np
 from keras import ops
 
 from keras_selfdistill import _internals
+from keras_selfdistill._forward import DEEPEST_FEATURES
+from keras_selfdistill._forward import OUTPUT
+from keras_selfdistill._forward import graph_taps
+from keras_selfdistill._forward import is_graph
 
-OUTPUT = "output"
-DEEPEST_FEATURES = "deepest_features"
 _FEATURES = "_features"
 
 
@@ -167,7 +169,7 @@ class Exits(keras.Model):
         self.output_key = output_key
         self.head_kind = head if isinstance(head, str) else None
         self.graph = None
-        if _is_graph(student):
+        if is_graph(student):
             self._build_graph(head, num_classes)
         else:
             if num_classes is None:
@@ -223,16 +225,10 @@ class Exits(keras.Model):
             )
             outputs[name] = self.heads[name](tapped)
             if self.features:
-                outputs[features_key(name)] = _pool(tapped)
+                outputs[features_key(name)] = pool(tapped)
         if self.features:
-            final = _internals.producing_operation(output)
-            inputs = getattr(final, "input", None)
-            if not hasattr(inputs, "shape"):
-                raise ValueError(
-                    f"Feature hints use the input of the student's output "
-                    f"layer '{final.name}', which must be one tensor."
-                )
-            outputs[DEEPEST_FEATURES] = _pool(inputs)
+            deepest = graph_taps(student, [DEEPEST_FEATURES])
+            outputs[DEEPEST_FEATURES] = pool(deepest[DEEPEST_FEATURES])
         self.graph = keras.Model(student.input, outputs, name="graph")
 
     def call(self, inputs, training=None):
@@ -261,9 +257,9 @@ class Exits(keras.Model):
                 student_outputs[name], training=training
             )
             if self.features:
-                outputs[features_key(name)] = _pool(student_outputs[name])
+                outputs[features_key(name)] = pool(student_outputs[name])
         if self.features:
-            outputs[DEEPEST_FEATURES] = _pool(student_outputs[DEEPEST_FEATURES])
+            outputs[DEEPEST_FEATURES] = pool(student_outputs[DEEPEST_FEATURES])
         return outputs
 
     def final(self, inputs, training=None):
@@ -303,13 +299,6 @@ class Exits(keras.Model):
             self.heads[exit_name](tapped),
             name=f"{self.student.name}_{exit_name}",
         )
-
-
-def _is_graph(model):
-    try:
-        return bool(model.inputs) and bool(model.outputs)
-    except (AttributeError, ValueError):
-        return False
 
 
 def _make_head(head, name, feature_shape, num_classes):
@@ -362,13 +351,14 @@ class _Pool(keras.layers.Layer):
     """Global average pooling over every axis between batch and channels."""
 
     def call(self, inputs):
-        return _pool(inputs)
+        return pool(inputs)
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], input_shape[-1])
 
 
-def _pool(tensor):
+def pool(tensor):
+    """Global average pooling over every axis between batch and channels."""
     if len(tensor.shape) <= 2:
         return tensor
     return ops.mean(tensor, axis=tuple(range(1, len(tensor.shape) - 1)))

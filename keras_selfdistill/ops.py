@@ -200,3 +200,106 @@ def logits_mse(teacher_logits, student_logits):
         teacher_logits, "float32"
     )
     return ops.mean(ops.square(difference), axis=-1)
+
+
+def decoupled_kl(teacher_logits, student_logits, target, beta, temperature=1.0):
+    """Decoupled KD: `T² · (TCKD + β · NCKD)` per row.
+
+    TCKD is the KL between the binary distributions `[p_gt, 1 − p_gt]` of
+    teacher and student (how sure each is of the target class); NCKD the
+    KL between their distributions over the other classes, renormalised.
+    Both are computed in log space, so a teacher certain of the target
+    class (`1 − p_gt` below float32's resolution) gives finite values, and
+    with two classes NCKD is exactly 0 (one other class, probability 1) and
+    TCKD equals Hinton's KD. The official code (megvii-research/mdistiller,
+    `distillers/DKD.py`) computes the same quantities with `log` of
+    summed probabilities and a `−1000` mask on the target logit; its
+    `alpha · TCKD + beta · NCKD` is `alpha · (TCKD + (beta / alpha) ·
+    NCKD)` here.
+
+    Reference:
+    - [Zhao et al., 2022](https://arxiv.org/abs/2203.08679) (DKD)
+
+    Args:
+        teacher_logits: Tensor of shape `(..., num_classes)`.
+        student_logits: Tensor of the same shape.
+        target: Mask of the target class, same shape: 1 at the label, 0
+            elsewhere (a one-hot label).
+        beta: Weight of NCKD relative to TCKD.
+        temperature: Positive scalar. Defaults to `1.0`.
+
+    Returns:
+        Float32 tensor of shape `(...)`.
+
+    Example:
+
+    ```python
+    loss = keras_selfdistill.ops.decoupled_kl(
+        t, s, keras.ops.one_hot(y, 10), beta=8.0, temperature=4.0)
+    ```
+    """
+    log_p = _log_softmax(teacher_logits, temperature)
+    log_q = _log_softmax(student_logits, temperature)
+    is_target = ops.cast(target, "float32") > 0.5
+    parts = []
+    for log_probs in (log_p, log_q):
+        on_target = ops.sum(ops.where(is_target, log_probs, 0.0), axis=-1)
+        rest = ops.logsumexp(
+            ops.where(is_target, -float("inf"), log_probs), axis=-1
+        )
+        parts.append((on_target, rest))
+    (p_target, p_rest), (q_target, q_rest) = parts
+    tckd = ops.exp(p_target) * (p_target - q_target) + ops.exp(p_rest) * (
+        p_rest - q_rest
+    )
+    # The target class is zeroed before the exponential: `exp` of its
+    # renormalised log-probability overflows for a confident teacher, and
+    # the masked branch's infinite gradient would turn into NaN.
+    log_p_other = ops.where(is_target, 0.0, log_p - ops.expand_dims(p_rest, -1))
+    log_q_other = ops.where(is_target, 0.0, log_q - ops.expand_dims(q_rest, -1))
+    nckd = ops.sum(
+        ops.where(
+            is_target, 0.0, ops.exp(log_p_other) * (log_p_other - log_q_other)
+        ),
+        axis=-1,
+    )
+    value = ops.maximum(tckd, 0.0) + beta * ops.maximum(nckd, 0.0)
+    return ops.square(ops.cast(temperature, "float32")) * value
+
+
+def standardize_logits(logits):
+    """Z-scores each row of logits: `(z − mean(z)) / (std(z) + 1e-7)`.
+
+    Logit standardisation: the teacher's and the student's logits are
+    compared after removing each row's shift and scale, so a temperature
+    works as a base temperature and the student need not match the
+    teacher's logit range. The standard deviation is the unbiased one
+    (over `C − 1`), with `1e-7` added, as in the official code
+    (sunshangquan/logit-standardization-KD, `distillers/KD.py`,
+    `normalize`: `torch.std` is unbiased by default).
+
+    Reference:
+    - [Sun et al., 2024](https://arxiv.org/abs/2403.01427)
+
+    Args:
+        logits: Tensor of shape `(..., num_classes)`, at least 2 classes.
+
+    Returns:
+        Float32 tensor of the same shape.
+
+    Example:
+
+    ```python
+    z = keras_selfdistill.ops.standardize_logits(logits)
+    ```
+    """
+    logits = ops.cast(logits, "float32")
+    classes = logits.shape[-1]
+    mean = ops.mean(logits, axis=-1, keepdims=True)
+    centred = logits - mean
+    variance = ops.sum(ops.square(centred), axis=-1, keepdims=True) / (
+        classes - 1
+    )
+    # The floor keeps the gradient finite for a constant row (a zero-
+    # initialised head): the square root's derivative is infinite at 0.
+    return centred / (ops.sqrt(ops.maximum(variance, 1e-30)) + 1e-7)

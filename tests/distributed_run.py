@@ -21,6 +21,9 @@ KINDS = (
     "random_init",
     "past_predictions",
     "exits",
+    "dkd",
+    "features",
+    "consistency",
 )
 BATCH = 8
 
@@ -59,6 +62,37 @@ def distiller(keras, ksd, kind, jit_compile=False):
     }
     if kind == "exits":
         terms = [ksd.terms.AuxiliaryExits(["h1", "h2"], weight=0.5)]
+    elif kind == "features":
+        terms = [
+            ksd.terms.FeatureDistillation(
+                _model(keras, 1),
+                student_layer="h1",
+                teacher_layer="h2",
+                projector="orthogonal",
+                weight=0.5,
+            )
+        ]
+    elif kind == "consistency":
+        # A deterministic strong view: replicas draw different random
+        # augmentations, which one device would not reproduce.
+        terms = [
+            ksd.terms.Consistency(
+                keras.layers.Rescaling(0.5, offset=0.1),
+                temperature=0.5,
+                dynamic_weight=1.0,
+                weight=0.8,
+            )
+        ]
+    elif kind == "dkd":
+        terms = [
+            ksd.terms.Distillation(
+                _model(keras, 1),
+                loss="dkd",
+                temperature=2.0,
+                weight=ksd.schedules.LinearRampUp(ramp_up_epochs=2, start=0.5),
+                beta=2.0,
+            )
+        ]
     elif kind == "past_predictions":
         terms = [
             ksd.terms.Distillation(

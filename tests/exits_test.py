@@ -342,7 +342,7 @@ class DistillerWithExitsTest(parameterized.TestCase):
         )
 
     def test_two_exit_terms_are_refused(self):
-        with self.assertRaisesRegex(ValueError, "At most one term may add"):
+        with self.assertRaisesRegex(ValueError, "as `distiller.exits`"):
             ksd.Distiller(
                 tiny.cnn(),
                 [

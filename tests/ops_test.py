@@ -152,3 +152,105 @@ class LogitsMSETest(parameterized.TestCase):
         np.testing.assert_allclose(
             ksd_ops.logits_mse(t, s), [5.0 / 3.0], rtol=1e-6
         )
+
+
+def _dkd(teacher, student, labels, beta, temperature):
+    # DKD written from its definition in float64: binary target/other
+    # distributions for TCKD, the renormalised non-target ones for NCKD.
+    p = _softmax(teacher.astype("float64") / temperature)
+    q = _softmax(student.astype("float64") / temperature)
+    rows = np.arange(len(labels))
+    pt, qt = p[rows, labels], q[rows, labels]
+    tckd = pt * np.log(pt / qt) + (1 - pt) * np.log((1 - pt) / (1 - qt))
+    other = np.ones_like(p, bool)
+    other[rows, labels] = False
+    p_hat = np.where(other, p, 1) / (1 - pt)[:, None]
+    q_hat = np.where(other, q, 1) / (1 - qt)[:, None]
+    nckd = np.sum(np.where(other, p_hat * np.log(p_hat / q_hat), 0), -1)
+    return temperature**2 * (tckd + beta * nckd)
+
+
+class DecoupledKLTest(parameterized.TestCase):
+    def setUp(self):
+        rng = np.random.default_rng(3)
+        self.teacher = rng.normal(size=(6, 5)).astype("float32") * 3
+        self.student = rng.normal(size=(6, 5)).astype("float32") * 3
+        self.labels = np.array([0, 1, 2, 3, 4, 1])
+        self.target = np.eye(5, dtype="float32")[self.labels]
+
+    @parameterized.named_parameters(("t1", 1.0, 8.0), ("t4", 4.0, 0.5))
+    def test_matches_numpy(self, temperature, beta):
+        expected = _dkd(
+            self.teacher, self.student, self.labels, beta, temperature
+        )
+        got = ksd_ops.decoupled_kl(
+            self.teacher, self.student, self.target, beta, temperature
+        )
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+
+    def test_tckd_plus_nckd_weighted_by_target_mass_is_kl(self):
+        # The paper's identity KD = TCKD + (1 − p_t^teacher) · NCKD.
+        p = _softmax(self.teacher.astype("float64"))
+        rows = np.arange(6)
+        tckd = ksd_ops.decoupled_kl(self.teacher, self.student, self.target, 0)
+        full = ksd_ops.decoupled_kl(self.teacher, self.student, self.target, 1)
+        nckd = np.asarray(full) - np.asarray(tckd)
+        np.testing.assert_allclose(
+            np.asarray(tckd) + (1 - p[rows, self.labels]) * nckd,
+            ksd_ops.kl_divergence(self.teacher, self.student),
+            rtol=1e-4,
+        )
+
+    def test_two_classes_is_kd_without_a_division_by_zero(self):
+        teacher, student = self.teacher[:, :2], self.student[:, :2]
+        target = np.eye(2, dtype="float32")[self.labels % 2]
+        got = ksd_ops.decoupled_kl(teacher, student, target, 8.0, 2.0)
+        np.testing.assert_allclose(
+            got, ksd_ops.kl_divergence(teacher, student, 2.0), rtol=1e-5
+        )
+
+    def test_zero_at_equality_and_invariant_to_row_shift(self):
+        same = ksd_ops.decoupled_kl(self.teacher, self.teacher, self.target, 8)
+        np.testing.assert_allclose(same, np.zeros(6), atol=1e-5)
+        shift = np.arange(6, dtype="float32")[:, None] * 5.0
+        np.testing.assert_allclose(
+            ksd_ops.decoupled_kl(
+                self.teacher + shift, self.student - shift, self.target, 8.0
+            ),
+            ksd_ops.decoupled_kl(self.teacher, self.student, self.target, 8),
+            rtol=1e-4,
+        )
+
+    def test_finite_for_a_teacher_certain_of_the_target(self):
+        teacher = self.teacher.copy()
+        teacher[np.arange(6), self.labels] = 200.0
+        got = ksd_ops.decoupled_kl(teacher, self.student, self.target, 8.0)
+        self.assertTrue(np.all(np.isfinite(got)))
+
+
+class StandardizeLogitsTest(parameterized.TestCase):
+    def test_matches_numpy_and_is_invariant_to_scale_and_shift(self):
+        logits = np.random.default_rng(5).normal(size=(4, 7)).astype("f4")
+        x = logits.astype("float64")
+        # Unbiased standard deviation (ddof=1) plus 1e-7, as torch.std.
+        expected = (x - x.mean(-1, keepdims=True)) / (
+            x.std(-1, ddof=1, keepdims=True) + 1e-7
+        )
+        got = ksd_ops.standardize_logits(logits)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            ksd_ops.standardize_logits(3.0 * logits - 11.0), got, atol=1e-5
+        )
+
+    def test_constant_row_has_a_finite_gradient(self):
+        import keras
+
+        if keras.backend.backend() != "tensorflow":
+            self.skipTest("The gradient tape is TensorFlow's.")
+        import tensorflow as tf
+
+        logits = tf.zeros((2, 4))
+        with tf.GradientTape() as tape:
+            tape.watch(logits)
+            value = ops.sum(ksd_ops.standardize_logits(logits) * [1, 2, 3, 4])
+        self.assertTrue(np.all(np.isfinite(tape.gradient(value, logits))))

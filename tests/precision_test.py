@@ -74,7 +74,7 @@ class _FixedLogits(ksd.teachers.Teacher):
 
 class ExtremeLogitsTest(parameterized.TestCase):
     @parameterized.product(
-        loss=["kl", "reverse_kl", "jsd", "mse"],
+        loss=["kl", "reverse_kl", "jsd", "mse", "dkd", "standardized"],
         dtype=["float16", "bfloat16"],
     )
     def test_loss_and_gradient_finite_at_1e4(self, loss, dtype):
@@ -82,13 +82,18 @@ class ExtremeLogitsTest(parameterized.TestCase):
         teacher = np.array([[1e4, -1e4, 5e3], [-1e4, 0.0, 1e4]], dtype)
         student = np.array([[-1e4, 1e4, 0.0], [1e4, -1e4, 0.0]], "float32")
         temperature = 1.0 if loss == "mse" else 2.0
+        standardize = loss == "standardized"
         term = ksd.terms.Distillation(
-            _FixedLogits(teacher), loss=loss, temperature=temperature
+            _FixedLogits(teacher),
+            loss="kl" if standardize else loss,
+            temperature=temperature,
+            standardize=standardize,
         )
+        labels = np.array([0, 2])
 
         def loss_fn(outputs):
             logits = keras.ops.cast(outputs["student"], dtype)
-            return term.compute_loss(None, None, logits, None, 0, 0)
+            return term.compute_loss(None, labels, logits, None, 0, 0)
 
         value = keras.ops.convert_to_numpy(loss_fn({"student": student}))
         self.assertEqual(value.dtype, np.float32)

@@ -92,6 +92,9 @@ class EMA(Teacher):
     def targets(self, x, y_pred, temperature):
         return self._logits(self.model, x)
 
+    def feature_models(self):
+        return [self.model]
+
     def get_config(self):
         config = super().get_config()
         config["momentum"] = self.momentum

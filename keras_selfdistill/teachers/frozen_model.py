@@ -129,6 +129,9 @@ class FrozenModel(Teacher):
         # log p has the same softmax as the logits that gave p.
         return ops.log(ops.maximum(ops.cast(outputs, "float32"), 1e-30))
 
+    def feature_models(self):
+        return [self.model]
+
     def get_config(self):
         config = super().get_config()
         config["from_logits"] = self.from_logits

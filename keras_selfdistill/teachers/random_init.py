@@ -43,3 +43,6 @@ class RandomInit(Teacher):
 
     def targets(self, x, y_pred, temperature):
         return self._logits(self.model, x)
+
+    def feature_models(self):
+        return [self.model]

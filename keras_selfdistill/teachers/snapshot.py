@@ -6,6 +6,7 @@ from keras_selfdistill.teachers.teacher import Teacher
 from keras_selfdistill.teachers.teacher import check_positive_int
 from keras_selfdistill.teachers.teacher import clone_student
 from keras_selfdistill.teachers.teacher import copy_variables
+from keras_selfdistill.teachers.teacher import select_input
 
 _COMBINE = ("average", "vote")
 
@@ -118,6 +119,29 @@ class Snapshot(Teacher):
             ops.shape(own)[:1], "float32"
         )
         return logits, mask
+
+    def feature_models(self):
+        return self.models
+
+    def features_and_mask(self, x, layer_name):
+        # The mean over the snapshots taken so far; none before the first.
+        inputs = select_input(x, self.input_key, f"Teacher '{self.name}'")
+        values = ops.stack(
+            [
+                ops.cast(self._tapped(model, layer_name)(inputs), "float32")
+                for model in self.models
+            ]
+        )
+        available = ops.minimum(self.taken, self.keep)
+        mask = ops.cast(
+            ops.arange(self.keep, dtype="int32") < available, "float32"
+        )
+        mask = ops.reshape(mask, (-1,) + (1,) * (len(values.shape) - 1))
+        mean = ops.sum(mask * values, axis=0) / ops.maximum(ops.sum(mask), 1.0)
+        batch = ops.cast(available > 0, "float32") * ops.ones(
+            ops.shape(mean)[:1], "float32"
+        )
+        return ops.stop_gradient(mean), batch
 
     def get_config(self):
         config = super().get_config()

@@ -5,6 +5,9 @@ from keras import ops
 
 from keras_selfdistill import _arguments
 from keras_selfdistill import _internals
+from keras_selfdistill._forward import graph_taps
+from keras_selfdistill._forward import is_graph
+from keras_selfdistill._forward import tap_shapes
 
 SAMPLE_ID = "sample_id"
 FINGERPRINT = "sample_fingerprint"
@@ -206,6 +209,66 @@ class Teacher(keras.layers.Layer, metaclass=abc.ABCMeta):
                 f"tensor. Received: outputs of type {type(logits).__name__}"
             )
         return ops.stop_gradient(logits)
+
+    def feature_models(self):
+        """The models whose intermediate outputs are this teacher's features.
+
+        Feature terms (`keras_selfdistill.terms.FeatureDistillation`) read
+        a layer of each and average them. Defaults to `[]`: a teacher
+        without models (a prediction bank, an ensemble) has no features.
+        """
+        return []
+
+    def feature_shape(self, layer_name):
+        """The shape of the features at `layer_name`, batch axis `None`."""
+        models = self._models_with_features(layer_name)
+        return tap_shapes(models[0], [layer_name])[layer_name]
+
+    def features_and_mask(self, x, layer_name):
+        """Returns `(features, mask)` for the batch, without gradient.
+
+        The mean over `feature_models()` of their layer `layer_name`'s
+        output in inference mode; `mask` as in `targets_and_mask`.
+        """
+        inputs = select_input(x, self.input_key, f"Teacher '{self.name}'")
+        values = [
+            ops.cast(self._tapped(model, layer_name)(inputs), "float32")
+            for model in self._models_with_features(layer_name)
+        ]
+        mean = values[0]
+        for value in values[1:]:
+            mean = mean + value
+        return ops.stop_gradient(mean / float(len(values))), None
+
+    def _models_with_features(self, layer_name):
+        models = self.feature_models()
+        if not models:
+            raise TypeError(
+                f"The {type(self).__name__} teacher '{self.name}' holds no "
+                f"model whose layer '{layer_name}' could be read. Feature "
+                "distillation needs a FrozenModel, EMA, Snapshot or "
+                "RandomInit teacher. Received: "
+                f"teacher={type(self).__name__}"
+            )
+        return models
+
+    def _tapped(self, model, layer_name):
+        """A callable giving `model`'s output at `layer_name`, built once."""
+        cache = self.__dict__.setdefault("_tapped_models", {})
+        key = (id(model), layer_name)
+        if key not in cache:
+            if is_graph(model):
+                tapped = keras.Model(
+                    model.input,
+                    graph_taps(model, [layer_name])[layer_name],
+                    name=f"{model.name}_{layer_name}",
+                )
+                cache[key] = lambda inputs: tapped(inputs, training=False)
+            else:
+                cache[key] = lambda inputs: model(inputs, training=False)[
+                    layer_name
+                ]
+        return cache[key]
 
     def _follow(self, student):
         """Keeps the student for teachers that copy it; once per teacher."""

@@ -1,7 +1,15 @@
 """How to compare the student with a target: pieces of the objective."""
 
 from keras_selfdistill.terms.auxiliary_exits import AuxiliaryExits
+from keras_selfdistill.terms.consistency import Consistency
 from keras_selfdistill.terms.distillation import Distillation
+from keras_selfdistill.terms.feature_distillation import FeatureDistillation
 from keras_selfdistill.terms.term import Term
 
-__all__ = ["AuxiliaryExits", "Distillation", "Term"]
+__all__ = [
+    "AuxiliaryExits",
+    "Consistency",
+    "Distillation",
+    "FeatureDistillation",
+    "Term",
+]

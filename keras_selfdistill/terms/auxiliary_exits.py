@@ -4,6 +4,8 @@ from keras import ops
 from keras_selfdistill import exits as exits_module
 from keras_selfdistill import ops as ksd_ops
 from keras_selfdistill import schedules
+from keras_selfdistill._forward import DEEPEST_FEATURES
+from keras_selfdistill._term_metrics import ExitAccuracy
 from keras_selfdistill.terms.term import Term
 from keras_selfdistill.terms.term import hyperparameter_property
 
@@ -169,8 +171,47 @@ class AuxiliaryExits(Term):
         )
         self.exit_model = None
         self.projections = []
+        self.exit_accuracies = [
+            ExitAccuracy(f"{n}_accuracy") for n in self.exit_names
+        ]
 
-    reads_exits = True
+    @property
+    def taps(self):
+        return self.exit_names + ([DEEPEST_FEATURES] if self.hints else [])
+
+    @property
+    def output_key(self):
+        return None if self.exit_model is None else self.exit_model.output_key
+
+    @property
+    def exports(self):
+        return {"exits": self.exit_model}
+
+    @property
+    def validation_metrics(self):
+        return [m.name for m in self.exit_accuracies]
+
+    def forward(self, outputs, training=None):
+        extra = {}
+        for name in self.exit_names:
+            extra[name] = self.exit_model.heads[name](
+                outputs[name], training=training
+            )
+            if self.hints:
+                extra[exits_module.features_key(name)] = exits_module.pool(
+                    outputs[name]
+                )
+        if self.hints:
+            extra[DEEPEST_FEATURES] = exits_module.pool(
+                outputs[DEEPEST_FEATURES]
+            )
+        return extra
+
+    def update_metrics(self, y, y_pred, sample_weight):
+        if y is None:
+            return
+        for name, metric in zip(self.exit_names, self.exit_accuracies):
+            metric.update_exit(y, y_pred[name], sample_weight)
 
     @property
     def mixes_labels(self):
@@ -235,7 +276,7 @@ class AuxiliaryExits(Term):
                     "use feature_weight=0 or a Functional student."
                 )
             outputs = exit_model.graph.output
-            width = outputs[exits_module.DEEPEST_FEATURES].shape[-1]
+            width = outputs[DEEPEST_FEATURES].shape[-1]
             self.projections = []
             for name in self.exit_names:
                 exit_width = outputs[exits_module.features_key(name)].shape[-1]
@@ -271,7 +312,7 @@ class AuxiliaryExits(Term):
         if self.hints:
             feature_weight = self.hyperparameter("feature_weight", step, epoch)
             deepest = ops.stop_gradient(
-                ops.cast(y_pred[exits_module.DEEPEST_FEATURES], "float32")
+                ops.cast(y_pred[DEEPEST_FEATURES], "float32")
             )
         total = None
         for index, (name, logits) in enumerate(

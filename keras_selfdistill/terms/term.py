@@ -213,6 +213,83 @@ class Term(keras.layers.Layer, metaclass=abc.ABCMeta):
     def attach(self, student):
         """Checks the term against the student; called by the `Distiller`."""
 
+    # The forward-pass protocol. A term that reads more than the student's
+    # final output declares it here; the `Distiller` serves every such term
+    # from the student's one call per step and hands it, as `y_pred`, a
+    # dict with the logits under `"output"` and what the terms' `forward`
+    # returned.
+
+    @property
+    def taps(self):
+        """Names of the student's intermediate outputs the term reads.
+
+        Layer names of a Functional or Sequential student (the layer's
+        output), keys of a subclassed student's output dict, or
+        `"deepest_features"` (the input of the student's output layer).
+        Each is in the dict that `forward` receives, which returns what
+        `compute_loss` needs of them. Defaults to `()`.
+        """
+        return ()
+
+    def view(self, inputs, training=None):
+        """A second view of the batch that the student also runs on.
+
+        Returns a tensor (structure) like `inputs`, or `None` for no view.
+        The student runs once on the batch and its views, concatenated;
+        `forward` receives the outputs on this term's view under `"view"`,
+        a dict like its own. Defaults to `None`.
+        """
+        return None
+
+    def forward(self, outputs, training=None):
+        """Tensors the term's own layers compute inside the forward pass.
+
+        `outputs` holds the student's logits (`"output"`), the term's
+        taps and, with a view, `"view"`. Layers called here (exit heads,
+        projectors) run in the model's call, so their losses are
+        minimised and `distiller(x)` returns what they produce. Returns a
+        dict whose keys no other term uses; `compute_loss` finds it in
+        `y_pred`, beside `"output"`. Defaults to `{}`.
+        """
+        return {}
+
+    @property
+    def reads_forward(self):
+        """Whether the term's `y_pred` is the dict of the protocol."""
+        return (
+            bool(self.taps)
+            or type(self).view is not Term.view
+            or type(self).forward is not Term.forward
+        )
+
+    @property
+    def output_key(self):
+        """Key of the logits in a subclassed student's output dict."""
+        return None
+
+    def update_metrics(self, y, y_pred, sample_weight):
+        """Updates the term's own metrics; runs in training and validation.
+
+        `y_pred` is what `compute_loss` receives. The term's metrics are
+        Keras metrics held as its attributes, shown in the progress bar
+        and History; at validation only those named in
+        `validation_metrics` are reported.
+        """
+
+    @property
+    def validation_metrics(self):
+        """Names of the term's metrics that validation also reports."""
+        return ()
+
+    @property
+    def exports(self):
+        """Models the `Distiller` publishes as attributes of the same name.
+
+        For instance `AuxiliaryExits` publishes its student with heads as
+        `distiller.exits`. Defaults to `{}`.
+        """
+        return {}
+
     def _bind(self, model):
         # A weak reference: the model owns the term, and saving walks
         # attributes, which must not lead back to the model.
@@ -264,4 +341,10 @@ class Term(keras.layers.Layer, metaclass=abc.ABCMeta):
         for name in ("weight", "xi", "temperature"):
             if isinstance(config.get(name), dict):
                 config[name] = schedules._deserialize(config[name])
+        # The Keras objects a term holds: its teacher, an augmentation.
+        for name in ("teacher", "augment"):
+            if isinstance(config.get(name), dict):
+                config[name] = keras.saving.deserialize_keras_object(
+                    config[name]
+                )
         return cls(**config)

@@ -138,7 +138,7 @@ class DistillationTest(parameterized.TestCase):
             terms.Distillation(lambda x: x)
 
     def test_rejects_ignored_arguments(self):
-        with self.assertRaisesRegex(ValueError, "only applies to loss='jsd'"):
+        with self.assertRaisesRegex(ValueError, "applies to loss=.jsd. and"):
             terms.Distillation(self.teacher, beta=0.5)
         with self.assertRaisesRegex(ValueError, "no effect"):
             terms.Distillation(self.teacher, loss="mse", temperature=2.0)
@@ -231,3 +231,85 @@ class LargeTemperatureTest(parameterized.TestCase):
         self.assertAlmostEqual(
             history["distillation_loss"][0] / expected, 1.0, places=3
         )
+
+
+class LogitVariantsTest(parameterized.TestCase):
+    def setUp(self):
+        self.x, _ = tiny.data(n=5)
+        self.y = np.array([0, 1, 2, 1, 0])
+        self.teacher = tiny.mlp(name="teacher", seed=1)
+        self.t = keras.ops.convert_to_numpy(self.teacher(self.x))
+        self.s = np.random.default_rng(7).normal(size=(5, 3)).astype("f4")
+
+    def test_config(self):
+        term = terms.Distillation(
+            self.teacher, loss="dkd", beta=2.0, standardize=True
+        )
+        restored = keras.saving.deserialize_keras_object(
+            keras.saving.serialize_keras_object(term)
+        )
+        self.assertEqual((restored.loss, restored.beta), ("dkd", 2.0))
+        self.assertTrue(restored.standardize)
+
+    @parameterized.named_parameters(
+        ("sparse", lambda y: y), ("one_hot", lambda y: np.eye(3)[y])
+    )
+    def test_dkd_matches_numpy(self, labels):
+        term = terms.Distillation(self.teacher, loss="dkd", temperature=4.0)
+        got = term.compute_loss(self.x, labels(self.y), self.s, None, 0, 0)
+        # The default beta is DKD's 8; the float64 DKD is in ops_test.
+        expected = ksd_ops.decoupled_kl(
+            self.t, self.s, np.eye(3, dtype="f4")[self.y], 8.0, 4.0
+        )
+        self.assertAlmostEqual(float(got), float(np.mean(expected)), places=5)
+
+    def test_dkd_leaves_out_samples_without_a_label(self):
+        term = terms.Distillation(self.teacher, loss="dkd")
+        labels = np.array([0, 1, -1, 1, 0])
+        got = term.compute_loss(self.x, labels, self.s, None, 0, 0)
+        per_sample = ksd_ops.decoupled_kl(
+            self.t, self.s, np.eye(3, dtype="f4")[self.y], 8.0
+        )
+        expected = np.sum(np.delete(np.asarray(per_sample), 2)) / 5
+        self.assertAlmostEqual(float(got), expected, places=5)
+
+    def test_standardized_kd_matches_numpy_and_ignores_logit_scale(self):
+        term = terms.Distillation(
+            self.teacher, temperature=2.0, standardize=True
+        )
+
+        def z(v):
+            v = v.astype("float64")
+            centred = v - v.mean(-1, keepdims=True)
+            return centred / (v.std(-1, ddof=1, keepdims=True) + 1e-7)
+
+        got = term.compute_loss(self.x, None, self.s, None, 0, 0)
+        expected = tiny.kd(z(self.t), z(self.s), 2.0).mean()
+        self.assertAlmostEqual(float(got), expected, places=5)
+        scaled = term.compute_loss(self.x, None, 5.0 * self.s + 2, None, 0, 0)
+        self.assertAlmostEqual(float(scaled), float(got), places=5)
+
+    def test_dkd_without_labels_or_with_a_bad_beta_is_refused(self):
+        term = terms.Distillation(self.teacher, loss="dkd")
+        with self.assertRaisesRegex(ValueError, "needs labels"):
+            term.compute_loss(self.x, None, self.s, None, 0, 0)
+        with self.assertRaisesRegex(ValueError, "must be a number >= 0"):
+            terms.Distillation(self.teacher, loss="dkd", beta=-1.0)
+        with self.assertRaisesRegex(TypeError, "standardize="):
+            terms.Distillation(self.teacher, standardize="yes")
+
+
+class DKDRecipeTest(parameterized.TestCase):
+    def test_published_warm_up_and_weights(self):
+        term = ksd.recipes.dkd(tiny.mlp(seed=1), alpha=0.5, beta=4.0)
+        # mdistiller: min(epoch / 20, 1) · 0.5 with epochs counted from 1.
+        for epoch in (0, 9, 19, 30):
+            self.assertAlmostEqual(
+                float(term.hyperparameter("weight", 0, epoch)),
+                0.5 * min((epoch + 1) / 20, 1.0),
+                places=6,
+            )
+        self.assertEqual((term.loss, term.beta, term.name), ("dkd", 8.0, "dkd"))
+        self.assertAlmostEqual(term.temperature, 4.0)
+        with self.assertRaisesRegex(ValueError, "alpha=0"):
+            ksd.recipes.dkd(tiny.mlp(seed=1), alpha=0)
