@@ -9,6 +9,13 @@ forward for the EMA and snapshot teachers, each measured as an `evaluate`
 pass), and for teacher KD to `keras.distillation.Distiller` with its
 correct `KLDivergence` loss.
 
+With `--student blocks`, also: feature distillation (block2 to a trained
+copy's block2, no projector) against `keras.distillation.Distiller` with
+its `FeatureDistillation` on the same pair, and two-view consistency (an
+`Identity` strong view, so that only the library's work is timed) against
+its floor, plain `student.fit` on batches of twice the size (two student
+forwards and one backward per step).
+
     python benchmarks/overhead.py [--rounds 11] [--batch-size 64]
         [--student mlp|cnn|blocks]
 """
@@ -47,7 +54,7 @@ def _copy(model, name):
     return clone
 
 
-def _variants(student, teacher, num_samples):
+def _variants(student, teacher, num_samples, twin=None):
     def plain():
         model = _copy(student, "plain")
         model.compile("adam", _loss(), jit_compile=False)
@@ -132,7 +139,46 @@ def _variants(student, teacher, num_samples):
                 False,
                 None,
             )
+        variants.update(_feature_and_consistency_variants(student, twin))
     return variants
+
+
+def _feature_and_consistency_variants(student, twin):
+    ours = ksd.Distiller(
+        _copy(student, "s_features"),
+        [ksd.terms.FeatureDistillation(twin, "block2", projector=None, xi=0.5)],
+    )
+    ours.compile("adam", _loss(), jit_compile=False)
+    theirs = keras.distillation.Distiller(
+        teacher=twin,
+        student=_copy(student, "s_keras_features"),
+        distillation_losses=keras.distillation.FeatureDistillation(
+            teacher_layer_name="block2", student_layer_name="block2"
+        ),
+        student_loss_weight=0.5,
+    )
+    theirs.compile(optimizer="adam", loss=_loss(), jit_compile=False)
+    consistency = ksd.Distiller(
+        _copy(student, "s_consistency"),
+        [ksd.terms.Consistency(keras.layers.Identity())],
+    )
+    consistency.compile("adam", _loss(), jit_compile=False)
+    doubled = _copy(student, "doubled")
+    doubled.compile("adam", _loss(), jit_compile=False)
+    return {
+        "Distiller, feature distillation": (ours, False, "teacher"),
+        "keras.distillation.Distiller (FeatureDistillation)": (
+            theirs,
+            False,
+            "teacher",
+        ),
+        "Distiller, consistency (two views)": (consistency, False, None),
+        "student.fit on doubled batches (consistency floor)": (
+            doubled,
+            "doubled",
+            None,
+        ),
+    }
 
 
 def _time_fit(model, dataset):
@@ -189,7 +235,15 @@ def main(argv=None):
         "cnn": demo.teacher_model,
         "blocks": demo.blocks_model,
     }[args.student]()
-    variants = _variants(student, teacher, len(y))
+    twin = None
+    if args.student == "blocks":
+        twin = demo.blocks_model(name="twin")
+        twin.compile("adam", _loss(), jit_compile=False)
+        twin.fit(train, epochs=1, verbose=0)
+    variants = _variants(student, teacher, len(y), twin)
+    doubled = train.map(
+        lambda x, y: (tf.concat([x, x], 0), tf.concat([y, y], 0))
+    )
     forward = _copy(student, "forward")
     forward.compile(loss=_loss(), jit_compile=False)
 
@@ -199,7 +253,8 @@ def main(argv=None):
     progress = keras.utils.Progbar(args.rounds + 1, unit_name="round")
     for round_index in range(args.rounds + 1):
         for name, (model, ids, _) in variants.items():
-            seconds = _time_fit(model, train_ids if ids else train)
+            data = {True: train_ids, False: train, "doubled": doubled}[ids]
+            seconds = _time_fit(model, data)
             evaluation = _time_call(lambda: model.evaluate(test, verbose=0))
             if round_index:
                 times[name].append(seconds)
@@ -243,6 +298,16 @@ def main(argv=None):
     ours = median["Distiller, teacher KD"]
     theirs = median["keras.distillation.Distiller (KLDivergence)"]
     print(f"\nteacher KD vs keras.distillation.Distiller: {ours / theirs:.2f}×")
+    if args.student == "blocks":
+        ours = median["Distiller, feature distillation"]
+        theirs = median["keras.distillation.Distiller (FeatureDistillation)"]
+        print(
+            "feature distillation vs keras.distillation.Distiller: "
+            f"{ours / theirs:.2f}×"
+        )
+        ours = median["Distiller, consistency (two views)"]
+        floor = median["student.fit on doubled batches (consistency floor)"]
+        print(f"consistency vs its floor: {ours / floor:.2f}×")
     return median
 
 
