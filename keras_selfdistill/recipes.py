@@ -77,7 +77,7 @@ def dkd(teacher, alpha=1.0, beta=8.0, temperature=4.0, warmup_epochs=20):
     epoch `t`: the official code's `min(epoch / warmup, 1)`, whose epochs
     count from 1 (megvii-research/mdistiller, `distillers/DKD.py` and
     `engine/trainer.py`). The defaults are its CIFAR-100 configuration
-    (`configs/cifar100/dkd/`: α = 1, β = 8, T = 4, 20 warm-up epochs,
+    (`engine/cfg.py`: α = 1, β = 8, T = 4, 20 warm-up epochs,
     cross-entropy weight 1); for ImageNet it uses α = 0.5, β = 0.5, T = 1.
 
     The returned term is `Distillation(teacher, loss="dkd", weight=α·w_t,

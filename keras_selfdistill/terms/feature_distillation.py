@@ -55,6 +55,11 @@ class FeatureDistillation(Term):
     A `Snapshot` teacher gives no features before its first snapshot:
     those steps add nothing to this term.
 
+    The published setting (mdistiller's FitNets, `engine/cfg.py`): the
+    hint at the second stage, weight 100 against a cross-entropy weight
+    of 1, `"conv1x1"`, `"mse"`. `weight` defaults to 1 here, since the
+    scale of the features, and so of the loss, depends on the network.
+
     Reference:
     - [Romero et al., 2015](https://arxiv.org/abs/1412.6550) (FitNets)
     - [Miles et al., 2024](https://arxiv.org/abs/2403.06213) (V_kD)

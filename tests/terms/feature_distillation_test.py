@@ -246,3 +246,25 @@ class FeatureDistillationTest(parameterized.TestCase):
             ksd.terms.FeatureDistillation(teacher, "b2", normalize="whiten")
         with self.assertRaisesRegex(TypeError, "student_layer=3"):
             ksd.terms.FeatureDistillation(teacher, 3)
+
+    def test_the_projector_regularizer_is_minimised(self):
+        def projector(student_shape, teacher_shape):
+            return keras.layers.Dense(
+                teacher_shape[-1],
+                kernel_regularizer=keras.regularizers.L2(10.0),
+            )
+
+        term = ksd.terms.FeatureDistillation(
+            tiny.cnn(seed=3), "b2", projector=projector
+        )
+        distiller = _distiller(term)
+        logs = distiller.fit(self.x, self.y, batch_size=8, verbose=0).history
+        kernel = keras.ops.convert_to_numpy(term.projection.kernel)
+        penalty = 10.0 * np.sum(np.square(kernel))
+        self.assertAlmostEqual(
+            logs["loss"][0]
+            - logs["supervised_loss"][0]
+            - logs["feature_distillation_loss"][0],
+            penalty,
+            places=3,
+        )
