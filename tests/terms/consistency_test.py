@@ -143,6 +143,7 @@ class ConsistencyTest(parameterized.TestCase):
         self.assertNotIn("consistency_mask_rate", logs)
         self.assertEqual(float(counter.rows.numpy()), 48.0)
 
+    @tiny.ONCE
     def test_semi_supervised_batches_with_an_ignored_class(self):
         x, y = tiny.images(n=16)
         y = y.copy()
@@ -172,6 +173,7 @@ class ConsistencyTest(parameterized.TestCase):
         with self.assertRaisesRegex(ValueError, "Labels must be class"):
             plain.fit(x, y, verbose=0)
 
+    @tiny.ONCE
     def test_bad_arguments_are_refused(self):
         with self.assertRaisesRegex(TypeError, "augment="):
             ksd.terms.Consistency("flip")

@@ -145,6 +145,7 @@ class FeatureDistillationTest(parameterized.TestCase):
         )
         np.testing.assert_allclose(gram, np.eye(small), atol=1e-5)
 
+    @tiny.ONCE
     def test_one_student_forward_and_the_projector_stays_out(self):
         inputs = keras.Input((6, 6, 1))
         counter = _CountCalls(name="count")
@@ -216,6 +217,7 @@ class FeatureDistillationTest(parameterized.TestCase):
         self.assertGreater(history.history["feature_distillation_loss"][0], 0)
         self.assertEqual(distiller.predict(self.x, verbose=0).shape, (8, 3))
 
+    @tiny.ONCE
     def test_saves_and_loads_with_its_projector(self):
         term = ksd.terms.FeatureDistillation(
             tiny.cnn(seed=3), "b2", projector="conv1x1"
@@ -231,6 +233,7 @@ class FeatureDistillationTest(parameterized.TestCase):
             restored(self.x, training=True)[term._key], features, atol=1e-5
         )
 
+    @tiny.ONCE
     def test_bad_arguments_are_refused(self):
         teacher = tiny.cnn(seed=3)
         bank = ksd.teachers.PastPredictions(8, 3)
