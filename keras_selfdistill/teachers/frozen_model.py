@@ -31,7 +31,11 @@ class FrozenModel(Teacher):
         model: A built `keras.Model` returning logits with the student's
             number of classes.
         from_logits: Whether the model returns logits. `False` for a model
-            that returns softmax probabilities. Defaults to `True`.
+            that returns softmax probabilities; `None` for a model whose
+            outputs are not targets (a feature teacher: a
+            `keras.applications` backbone with any head or none), which
+            skips the output checks and serves only features. Defaults to
+            `True`.
         input_key: Key of the teacher's own input when the batch inputs are
             a dict (privileged information, as in prompt distillation).
             Defaults to `None` (same inputs as the student).
@@ -55,13 +59,13 @@ class FrozenModel(Teacher):
                 "logits. Wrap a bare layer or function in a Functional "
                 f"model first. Received: model={model!r}"
             )
-        if not isinstance(from_logits, bool):
+        if from_logits is not None and not isinstance(from_logits, bool):
             raise TypeError(
-                "`from_logits` must be True (the model returns logits) or "
-                "False (softmax probabilities). "
+                "`from_logits` must be True (the model returns logits), "
+                "False (softmax probabilities) or None (features only). "
                 f"Received: from_logits={from_logits!r}"
             )
-        activation = final_activation(model)
+        activation = None if from_logits is None else final_activation(model)
         if from_logits and activation is not None:
             refuse_probabilities("teacher", model.name, activation)
         if not from_logits and activation == "sigmoid":
@@ -93,6 +97,8 @@ class FrozenModel(Teacher):
                 "its own weights (e.g. `keras.models.clone_model` and "
                 f"`set_weights`). Received: shared variables {shared[:3]}"
             )
+        if self.from_logits is None:
+            return
         teacher_classes = num_classes(self.model)
         student_classes = num_classes(student)
         if None not in (teacher_classes, student_classes) and (
@@ -123,6 +129,13 @@ class FrozenModel(Teacher):
                 )
 
     def targets(self, x, y_pred, temperature):
+        if self.from_logits is None:
+            raise ValueError(
+                f"The teacher '{self.model.name}' was given for its features "
+                "(from_logits=None), so its outputs are not targets. Pass "
+                "the model itself, or `FrozenModel(model)`, to this term. "
+                "Received: from_logits=None"
+            )
         outputs = self._logits(self.model, x)
         if self.from_logits:
             return outputs
@@ -149,12 +162,16 @@ class FrozenModel(Teacher):
         return cls(**config)
 
 
-def as_teacher(teacher, owner):
-    """Returns `teacher` as a `Teacher`, wrapping a bare `keras.Model`."""
+def as_teacher(teacher, owner, features=False):
+    """Returns `teacher` as a `Teacher`, wrapping a bare `keras.Model`.
+
+    With `features`, a bare model serves features only: its outputs (a
+    softmax head, another number of classes) are not checked.
+    """
     if isinstance(teacher, Teacher):
         return teacher
     if isinstance(teacher, keras.Model):
-        return FrozenModel(teacher)
+        return FrozenModel(teacher, from_logits=None if features else True)
     raise TypeError(
         f"{owner} expects a teacher: a `keras.Model` (used frozen) or a "
         "`keras_selfdistill.teachers.Teacher`. "

@@ -67,8 +67,10 @@ class FeatureDistillation(Term):
       (the role of the projector)
 
     Args:
-        teacher: A `keras.Model` (used frozen) or a `FrozenModel`, `EMA`,
-            `Snapshot` or `RandomInit` teacher (self-feature distillation).
+        teacher: A `keras.Model` (used frozen, for its features only: its
+            head, a softmax or another number of classes, is not checked)
+            or a `FrozenModel`, `EMA`, `Snapshot` or `RandomInit` teacher
+            (self-feature distillation).
         student_layer: Name of the student's layer (a Functional student),
             key of a subclassed student's output dict, or
             `"deepest_features"` (the input of its output layer).
@@ -148,7 +150,7 @@ class FeatureDistillation(Term):
                 f"`normalize` must be None or one of {_NORMALIZATIONS}. "
                 f"Received: normalize={normalize!r}"
             )
-        self.teacher = as_teacher(teacher, "FeatureDistillation")
+        self.teacher = as_teacher(teacher, "FeatureDistillation", True)
         self.student_layer = student_layer
         self.teacher_layer = teacher_layer or student_layer
         self.projector = projector

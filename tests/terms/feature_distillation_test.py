@@ -271,3 +271,19 @@ class FeatureDistillationTest(parameterized.TestCase):
             penalty,
             places=3,
         )
+
+    def test_a_softmax_teacher_with_other_classes_gives_features(self):
+        inputs = keras.Input((6, 6, 1))
+        h = keras.layers.Conv2D(5, 3, name="stage")(inputs)
+        h = keras.layers.GlobalAveragePooling2D()(h)
+        backbone = keras.Model(
+            inputs, keras.layers.Dense(7, activation="softmax")(h)
+        )
+        term = ksd.terms.FeatureDistillation(backbone, "b1", "stage")
+        distiller = _distiller(term)
+        history = distiller.fit(self.x, self.y, batch_size=8, verbose=0)
+        self.assertGreater(history.history["feature_distillation_loss"][0], 0)
+        with self.assertRaisesRegex(ValueError, "ends in a softmax"):
+            ksd.terms.Distillation(backbone)
+        with self.assertRaisesRegex(ValueError, "not targets"):
+            term.teacher.targets(self.x, None, 1.0)
