@@ -98,11 +98,7 @@ class Snapshot(Teacher):
                 for model in self.models
             ]
         )
-        available = ops.minimum(self.taken, self.keep)
-        mask = ops.cast(
-            ops.arange(self.keep, dtype="int32") < available, "float32"
-        )
-        mask = ops.reshape(mask, (-1,) + (1,) * (len(logits.shape) - 1))
+        mask, batch = self._taken_masks(logits)
         count = ops.maximum(ops.sum(mask), 1.0)
         if self.combine == "average":
             probs = ops.softmax(logits / temperature, axis=-1)
@@ -114,11 +110,8 @@ class Snapshot(Teacher):
         smoothed = (mixture + 1e-6) / (1.0 + 1e-6 * logits.shape[-1])
         combined = temperature * ops.log(smoothed)
         own = ops.cast(y_pred, "float32")
-        logits = ops.stop_gradient(ops.where(available > 0, combined, own))
-        mask = ops.cast(available > 0, "float32") * ops.ones(
-            ops.shape(own)[:1], "float32"
-        )
-        return logits, mask
+        logits = ops.stop_gradient(ops.where(ops.sum(mask) > 0, combined, own))
+        return logits, batch
 
     def feature_models(self):
         return self.models
@@ -132,16 +125,22 @@ class Snapshot(Teacher):
                 for model in self.models
             ]
         )
+        mask, batch = self._taken_masks(values)
+        mean = ops.sum(mask * values, axis=0) / ops.maximum(ops.sum(mask), 1.0)
+        return ops.stop_gradient(mean), batch
+
+    def _taken_masks(self, stacked):
+        """Which slots hold a snapshot, shaped to broadcast over `stacked`
+        (slots first), and the `(batch,)` mask: 1 once any was taken."""
         available = ops.minimum(self.taken, self.keep)
-        mask = ops.cast(
+        slots = ops.cast(
             ops.arange(self.keep, dtype="int32") < available, "float32"
         )
-        mask = ops.reshape(mask, (-1,) + (1,) * (len(values.shape) - 1))
-        mean = ops.sum(mask * values, axis=0) / ops.maximum(ops.sum(mask), 1.0)
+        slots = ops.reshape(slots, (-1,) + (1,) * (len(stacked.shape) - 1))
         batch = ops.cast(available > 0, "float32") * ops.ones(
-            ops.shape(mean)[:1], "float32"
+            ops.shape(stacked)[1:2], "float32"
         )
-        return ops.stop_gradient(mean), batch
+        return slots, batch
 
     def get_config(self):
         config = super().get_config()

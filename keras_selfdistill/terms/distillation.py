@@ -37,7 +37,9 @@ class Distillation(Term):
     - `"mse"`: mean squared error between logits (temperature-free).
     - `"dkd"`: decoupled KD, `T² · (TCKD + beta · NCKD)`: the target
       class's part and the other classes' part of the KL weighted apart
-      (see `keras_selfdistill.ops.decoupled_kl`); needs labels. The
+      (see `keras_selfdistill.ops.decoupled_kl`); needs labels (with
+      soft or smoothed one-hot labels, the target class is their argmax).
+      The
       paper's `α · TCKD + β · NCKD` is `weight=α, beta=β/α`, and its
       warm-up `min(epoch / 20, 1)` (epochs counted from 1) a `weight`
       schedule; `keras_selfdistill.recipes.dkd` builds the published
