@@ -133,3 +133,17 @@ def concrete_scalar(value):
     elif is_jax_tracer(value):
         return None
     return float(to_numpy(value))
+
+
+def in_xla_function():
+    """Whether TensorFlow traces a function compiled with XLA.
+
+    `None` when this TensorFlow release does not say.
+    """
+    try:
+        import tensorflow as tf
+        from tensorflow.python.ops import control_flow_util
+    except ImportError:  # pragma: no cover - depends on the TF release
+        return None
+    graph = tf.compat.v1.get_default_graph()
+    return bool(control_flow_util.GraphOrParentsInXlaContext(graph))

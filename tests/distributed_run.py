@@ -22,8 +22,11 @@ KINDS = (
     "past_predictions",
     "exits",
     "families",
+    "sequence",
 )
 BATCH = 8
+VOCABULARY = 8
+SEQUENCE = 5
 
 
 def _split_devices(engine):
@@ -44,8 +47,16 @@ def _model(keras, seed):
     return keras.Model(inputs, keras.layers.Dense(3, name="logits")(h2))
 
 
+def _language_model(keras, seed):
+    keras.utils.set_random_seed(seed)
+    tokens = keras.Input((SEQUENCE,), dtype="int32")
+    h = keras.layers.Embedding(VOCABULARY, 6)(tokens)
+    h = keras.layers.Dense(8, activation="relu")(h)
+    return keras.Model(tokens, keras.layers.Dense(VOCABULARY)(h))
+
+
 def distiller(keras, ksd, kind, jit_compile=False):
-    student = _model(keras, 2)
+    student = (_language_model if kind == "sequence" else _model)(keras, 2)
     teachers = {
         "frozen": lambda: _model(keras, 1),
         "ensemble": lambda: ksd.teachers.Ensemble(
@@ -87,6 +98,19 @@ def distiller(keras, ksd, kind, jit_compile=False):
                 weight=0.8,
             ),
         ]
+    elif kind == "sequence":
+        # Token-level KD over padded sequences, the mean over real tokens
+        # of the global batch, evaluated three positions at a time (the
+        # chunked loop, whose last chunk overlaps on JAX).
+        term = ksd.terms.Distillation(
+            _language_model(keras, 1),
+            loss="jsd",
+            beta=0.3,
+            temperature=2.0,
+            reduction="mean_with_sample_weight",
+        )
+        term._chunk_elements = 3 * VOCABULARY
+        terms = [term]
     elif kind == "past_predictions":
         terms = [
             ksd.terms.Distillation(
@@ -116,6 +140,13 @@ def data(ksd, kind):
     x = rng.normal(size=(32, 4)).astype("float32")
     y = rng.integers(0, 3, size=32)
     w = rng.uniform(0.0, 2.0, size=32).astype("float32")
+    if kind == "sequence":
+        # Ragged lengths: each replica's half of a batch holds a different
+        # number of real tokens.
+        x = rng.integers(0, VOCABULARY, size=(32, SEQUENCE)).astype("int32")
+        y = rng.integers(0, VOCABULARY, size=(32, SEQUENCE))
+        lengths = rng.integers(1, SEQUENCE + 1, size=(32, 1))
+        w = (np.arange(SEQUENCE) < lengths).astype("float32")
     data = tf.data.Dataset.from_tensor_slices((x, y, w))
     if kind == "past_predictions":
         data = ksd.data.with_sample_ids(data)

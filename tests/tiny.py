@@ -113,3 +113,27 @@ def gradients(loss_fn, values):
         k: np.zeros_like(values[k]) if g is None else g.numpy()
         for k, g in grads.items()
     }
+
+
+def gradient(function, x):
+    """The gradient of the scalar `function(x)` with respect to `x`."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return np.asarray(jax.grad(function)(x))
+    import tensorflow as tf
+
+    x = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        value = function(x)
+    return tape.gradient(value, x).numpy()
+
+
+def language_model(vocabulary=11, length=6, name=None, seed=0):
+    """Token ids `[batch, length]` to logits `[batch, length, vocabulary]`."""
+    keras.utils.set_random_seed(seed)
+    tokens = keras.Input((length,), dtype="int32")
+    h = keras.layers.Embedding(vocabulary, 6)(tokens)
+    h = keras.layers.Dense(8, activation="relu")(h)
+    return keras.Model(tokens, keras.layers.Dense(vocabulary)(h), name=name)

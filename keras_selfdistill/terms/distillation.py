@@ -2,14 +2,18 @@ import keras
 from keras import ops
 
 from keras_selfdistill import _arguments
+from keras_selfdistill import _rows
 from keras_selfdistill import ops as ksd_ops
 from keras_selfdistill.exits import one_hot_labels
 from keras_selfdistill.teachers.frozen_model import as_teacher
 from keras_selfdistill.teachers.teacher import num_classes
 from keras_selfdistill.terms.term import Term
 from keras_selfdistill.terms.term import hyperparameter_property
+from keras_selfdistill.terms.term import replica_mean
+from keras_selfdistill.terms.term import scale_for_distribution
 
 _LOSSES = ("kl", "reverse_kl", "jsd", "mse", "dkd")
+_REDUCTIONS = ("sum_over_batch_size", "mean_with_sample_weight")
 _DEFAULT_BETA = {"jsd": 0.5, "dkd": 8.0}
 _SINGLE_LOGIT = (
     "The student returns a single logit (binary classification with a "
@@ -115,6 +119,8 @@ class Distillation(Term):
         xi=None,
         beta=None,
         standardize=False,
+        reduction="sum_over_batch_size",
+        vocabulary_size=None,
         name=None,
         **kwargs,
     ):
@@ -147,6 +153,21 @@ class Distillation(Term):
                 "`standardize` must be True (z-score both logits per row) "
                 f"or False. Received: standardize={standardize!r}"
             )
+        if reduction not in _REDUCTIONS:
+            raise ValueError(
+                "Unknown reduction. Expected 'sum_over_batch_size' (the "
+                "weighted sum over the number of positions, as the compiled "
+                "Keras loss reduces) or 'mean_with_sample_weight' (the mean "
+                f"over real tokens). Received: reduction={reduction!r}"
+            )
+        if vocabulary_size is not None and (
+            not _arguments.is_integer(vocabulary_size) or vocabulary_size < 2
+        ):
+            raise ValueError(
+                "`vocabulary_size` is the number of leading classes both "
+                "models share (the rest are padding rows); it must be an "
+                f"integer >= 2. Received: vocabulary_size={vocabulary_size!r}"
+            )
         if loss == "mse" and temperature != 1.0:
             raise ValueError(
                 "loss='mse' compares raw logits, so a temperature has no "
@@ -158,6 +179,13 @@ class Distillation(Term):
         self.loss = loss
         self.beta = beta
         self.standardize = standardize
+        self.reduction = reduction
+        self.vocabulary_size = (
+            None if vocabulary_size is None else int(vocabulary_size)
+        )
+        # Elements evaluated at once over large vocabularies; tests lower
+        # it to run many chunks on tiny models.
+        self._chunk_elements = _rows.CHUNK_ELEMENTS
         self._add_hyperparameter(
             "temperature", temperature, minimum=0.0, strict=True
         )
@@ -171,6 +199,9 @@ class Distillation(Term):
     def attach(self, student):
         if self.loss != "mse" and num_classes(student) == 1:
             raise ValueError(_SINGLE_LOGIT)
+        if self.vocabulary_size is not None:
+            for teacher in self.teacher.walk():
+                teacher._compared_width = self.vocabulary_size
         self.teacher.attach(student)
 
     def compute_loss(self, x, y, y_pred, sample_weight, step, epoch):
@@ -190,51 +221,138 @@ class Distillation(Term):
                     "return one logits tensor. Received: outputs of type "
                     f"{type(logits).__name__}"
                 )
-        teacher_shape, student_shape = (
-            tuple(teacher_logits.shape)[1:],
-            tuple(y_pred.shape)[1:],
-        )
-        if len(teacher_shape) != len(student_shape) or any(
-            None not in (a, b) and a != b
-            for a, b in zip(teacher_shape, student_shape)
-        ):
-            raise ValueError(
-                f"Distillation term '{self.name}': teacher and student "
-                "outputs must have the same shape (same number of classes). "
-                f"Received: teacher shape {tuple(teacher_logits.shape)}, "
-                f"student shape {tuple(y_pred.shape)}"
-            )
-        if student_shape[-1:] == (1,) and self.loss != "mse":
-            raise ValueError(_SINGLE_LOGIT)
-        if self.standardize:
-            teacher_logits = ksd_ops.standardize_logits(teacher_logits)
-            y_pred = ksd_ops.standardize_logits(y_pred)
+        self._check_widths(teacher_logits, y_pred)
+        sample_weight = self._positions_weight(x, y_pred, sample_weight)
+        rows, scalars = (), (ops.cast(temperature, "float32"),)
         if self.loss == "dkd":
-            target, labelled = self._target(y, y_pred)
-            values = ksd_ops.decoupled_kl(
-                teacher_logits, y_pred, target, self.beta, temperature
-            )
+            labels, labelled = self._target(y, y_pred)
+            rows = (labels,)
+        values = _rows.per_row(
+            self._divergence,
+            teacher_logits,
+            y_pred,
+            rows=rows,
+            scalars=scalars,
+            chunk_elements=self._chunk_elements,
+        )
+        if self.loss == "dkd":
             # Samples without a label (a semi-supervised batch's ignored
-            # class) have no target class to decouple.
+            # class, a padded position's -100) have no target class.
             values = values * labelled
-        elif self.loss == "kl":
-            values = ksd_ops.kl_divergence(teacher_logits, y_pred, temperature)
-        elif self.loss == "reverse_kl":
-            values = ksd_ops.reverse_kl_divergence(
-                teacher_logits, y_pred, temperature
-            )
-        elif self.loss == "jsd":
-            values = ksd_ops.generalized_jsd(
-                teacher_logits, y_pred, self.beta, temperature
-            )
-        else:
-            values = ksd_ops.logits_mse(teacher_logits, y_pred)
         if mask is None:
             return self._reduce(values, sample_weight), None
         values = values * ops.reshape(
             mask, ops.shape(mask) + (1,) * (len(values.shape) - 1)
         )
         return self._reduce(values, sample_weight), mask
+
+    def _divergence(self, teacher_logits, student_logits, *args):
+        """The per-row loss on `(rows, classes)` logits (one chunk)."""
+        *labels, temperature = args
+        if self.vocabulary_size is not None:
+            teacher_logits = teacher_logits[..., : self.vocabulary_size]
+            student_logits = student_logits[..., : self.vocabulary_size]
+        if self.standardize:
+            teacher_logits = ksd_ops.standardize_logits(teacher_logits)
+            student_logits = ksd_ops.standardize_logits(student_logits)
+        if self.loss == "dkd":
+            target = ops.one_hot(labels[0], student_logits.shape[-1])
+            return ksd_ops.decoupled_kl(
+                teacher_logits, student_logits, target, self.beta, temperature
+            )
+        if self.loss == "kl":
+            return ksd_ops.kl_divergence(
+                teacher_logits, student_logits, temperature
+            )
+        if self.loss == "reverse_kl":
+            return ksd_ops.reverse_kl_divergence(
+                teacher_logits, student_logits, temperature
+            )
+        if self.loss == "jsd":
+            return ksd_ops.generalized_jsd(
+                teacher_logits, student_logits, self.beta, temperature
+            )
+        return ksd_ops.logits_mse(teacher_logits, student_logits)
+
+    def _check_widths(self, teacher_logits, student_logits):
+        teacher_shape = tuple(teacher_logits.shape)
+        student_shape = tuple(student_logits.shape)
+        sequence = len(student_shape) > 2
+        what = "vocabulary" if sequence else "number of classes"
+        if len(teacher_shape) != len(student_shape) or any(
+            None not in (a, b) and a != b
+            for a, b in zip(teacher_shape[1:-1], student_shape[1:-1])
+        ):
+            raise ValueError(
+                f"Distillation term '{self.name}': teacher and student "
+                "outputs must have the same shape (one prediction per "
+                f"{'position' if sequence else 'sample'}). Received: teacher "
+                f"shape {teacher_shape}, student shape {student_shape}"
+            )
+        widths = teacher_shape[-1], student_shape[-1]
+        if self.vocabulary_size is not None:
+            if any(w is not None and w < self.vocabulary_size for w in widths):
+                raise ValueError(
+                    f"Distillation term '{self.name}' compares the first "
+                    f"vocabulary_size={self.vocabulary_size} classes, but a "
+                    "model returns fewer. Set `vocabulary_size` to the size "
+                    "both models share. Received: teacher shape "
+                    f"{teacher_shape}, student shape {student_shape}"
+                )
+        elif None not in widths and widths[0] != widths[1]:
+            raise ValueError(
+                f"Distillation term '{self.name}': teacher and student "
+                f"must have the same {what} (the teacher has {widths[0]}, "
+                f"the student {widths[1]}): distillation compares "
+                "distributions over the same classes. "
+                "If one model's extra rows are unused padding (a vocabulary "
+                "padded to a multiple of 64, say), pass `vocabulary_size=` "
+                "the shared size; otherwise the models cannot be distilled "
+                "into each other token by token. Received: teacher shape "
+                f"{teacher_shape}, student shape {student_shape}"
+            )
+        width = self.vocabulary_size or student_shape[-1]
+        if width == 1 and self.loss != "mse":
+            raise ValueError(_SINGLE_LOGIT)
+
+    def _positions_weight(self, x, logits, sample_weight):
+        """The sample weights, or the inputs' padding mask for sequences."""
+        if sample_weight is not None or len(logits.shape) < 3:
+            return sample_weight
+        if isinstance(x, dict) and "padding_mask" in x:
+            mask = x["padding_mask"]
+            expected = tuple(logits.shape)[:-1]
+            if len(mask.shape) != len(expected) or any(
+                None not in (a, b) and a != b
+                for a, b in zip(mask.shape, expected)
+            ):
+                raise ValueError(
+                    f"Distillation term '{self.name}' weighs positions by the "
+                    "inputs' `padding_mask`, whose shape must be the logits' "
+                    "without the vocabulary axis. Pass the weights as "
+                    "`sample_weight` instead. Received: padding_mask shape "
+                    f"{tuple(mask.shape)}, logits shape {tuple(logits.shape)}"
+                )
+            return ops.cast(mask, "float32")
+        return None
+
+    def _reduce(self, values, sample_weight):
+        if self.reduction == "sum_over_batch_size":
+            return super()._reduce(values, sample_weight)
+        weights = ops.ones_like(values)
+        if sample_weight is not None:
+            sample_weight = ops.cast(sample_weight, "float32")
+            while len(sample_weight.shape) > len(values.shape):
+                sample_weight = ops.squeeze(sample_weight, -1)
+            while len(sample_weight.shape) < len(values.shape):
+                sample_weight = ops.expand_dims(sample_weight, -1)
+            weights = weights * sample_weight
+        # Divided by the weight of the whole global batch, so that several
+        # replicas give the mean over all real tokens, as one device does
+        # (Keras's own 'mean_with_sample_weight' divides per replica).
+        count = replica_mean(ops.sum(weights))
+        total = ops.sum(values * weights)
+        return scale_for_distribution(total / ops.maximum(count, 1e-12))
 
     def _target(self, y, logits):
         """The labels as a one-hot mask, and which rows have a label."""
@@ -245,7 +363,7 @@ class Distillation(Term):
                 "them to `fit`, or use loss='kl' for label-free "
                 f"distillation. Received: labels {y!r}"
             )
-        classes = logits.shape[-1]
+        classes = self.vocabulary_size or logits.shape[-1]
         if one_hot_labels(y, logits):
             labels = ops.argmax(y, axis=-1)
         else:
@@ -254,7 +372,7 @@ class Distillation(Term):
                 labels = ops.squeeze(labels, axis=-1)
         labels = ops.cast(labels, "int32")
         labelled = ops.logical_and(labels >= 0, labels < classes)
-        return ops.one_hot(labels, classes), ops.cast(labelled, "float32")
+        return ops.where(labelled, labels, 0), ops.cast(labelled, "float32")
 
     def get_config(self):
         config = super().get_config()
@@ -264,5 +382,7 @@ class Distillation(Term):
             temperature=self._serialize_hyperparameter("temperature"),
             beta=self.beta,
             standardize=self.standardize,
+            reduction=self.reduction,
+            vocabulary_size=self.vocabulary_size,
         )
         return config

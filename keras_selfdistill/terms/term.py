@@ -18,6 +18,38 @@ class _PerSampleLoss(keras.losses.Loss):
         return y_pred
 
 
+def _replicas():
+    if keras.backend.backend() != "tensorflow":
+        return None
+    import tensorflow as tf
+
+    return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+def scale_for_distribution(value):
+    """Divides a loss by the replica count, as Keras's own losses do."""
+    replicas = _replicas()
+    if replicas is not None and replicas > 1:
+        value = value / float(replicas)
+    return value
+
+
+def replica_mean(value):
+    """The mean of a scalar over `tf.distribute` replicas (JAX: as is).
+
+    On JAX the step computes over the global batch already; under a
+    TensorFlow strategy each replica sees its slice and this all-reduces.
+    """
+    replicas = _replicas()
+    if replicas is None or replicas == 1:
+        return value
+    import tensorflow as tf
+
+    return tf.distribute.get_replica_context().all_reduce(
+        tf.distribute.ReduceOp.MEAN, value
+    )
+
+
 def hyperparameter_property(name, doc=None):
     """A term attribute reading and assigning hyperparameter `name`.
 

@@ -313,3 +313,218 @@ class DKDRecipeTest(parameterized.TestCase):
         self.assertAlmostEqual(term.temperature, 4.0)
         with self.assertRaisesRegex(ValueError, "alpha=0"):
             ksd.recipes.dkd(tiny.mlp(seed=1), alpha=0)
+
+
+def _log_softmax(z):
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def _numpy_loss(loss, t, s, temperature, labels=None):
+    """Per-position losses in float64, from the papers' formulas."""
+    log_p = _log_softmax(np.float64(t) / temperature)
+    log_q = _log_softmax(np.float64(s) / temperature)
+    p, q = np.exp(log_p), np.exp(log_q)
+    if loss == "kl":
+        return temperature**2 * np.sum(p * (log_p - log_q), -1)
+    if loss == "reverse_kl":
+        return temperature**2 * np.sum(q * (log_q - log_p), -1)
+    if loss == "jsd":
+        m = 0.3 * p + 0.7 * q
+        return temperature**2 * (
+            0.3 * np.sum(p * np.log(p / m), -1)
+            + 0.7 * np.sum(q * np.log(q / m), -1)
+        )
+    if loss == "mse":
+        return np.mean((np.float64(s) - t) ** 2, -1)
+    # DKD: binary KL of [p_g, 1 − p_g] plus β · KL over the other classes,
+    # renormalised (Zhao et al., 2022, eq. 7).
+    g = np.eye(t.shape[-1])[np.maximum(labels, 0)].astype(bool)
+    pg, qg = p[g].reshape(labels.shape), q[g].reshape(labels.shape)
+    tckd = pg * np.log(pg / qg) + (1 - pg) * np.log((1 - pg) / (1 - qg))
+    p_other = np.where(g, 0, p) / (1 - pg)[..., None]
+    q_other = np.where(g, 0, q) / (1 - qg)[..., None]
+    ratio = np.log(np.where(g, 1, p_other) / np.where(g, 1, q_other))
+    nckd = np.sum(np.where(g, 0, p_other * ratio), -1)
+    return temperature**2 * (tckd + 2.0 * nckd) * (labels >= 0)
+
+
+class SequenceTest(parameterized.TestCase):
+    """Token-level distillation on `[batch, sequence, vocabulary]` logits."""
+
+    def setUp(self):
+        rng = np.random.default_rng(3)
+        self.teacher_logits = rng.normal(size=(3, 6, 11)).astype("float32") * 2
+        self.student_logits = rng.normal(size=(3, 6, 11)).astype("float32") * 2
+        lengths = np.array([[6], [3], [1]])
+        self.mask = (np.arange(6) < lengths).astype("float32")
+        self.labels = rng.integers(0, 11, size=(3, 6))
+        self.labels[self.mask == 0] = -100
+        logits = keras.Input((6, 11), name="logits")
+        self.teacher = keras.Model(logits, keras.layers.Identity()(logits))
+
+    def _term(self, loss, **kwargs):
+        if loss in ("jsd", "dkd"):
+            kwargs["beta"] = {"jsd": 0.3, "dkd": 2.0}[loss]
+        temperature = 1.0 if loss == "mse" else 2.0
+        return terms.Distillation(
+            self.teacher, loss=loss, temperature=temperature, **kwargs
+        )
+
+    @parameterized.product(
+        loss=["kl", "reverse_kl", "jsd", "mse", "dkd"],
+        reduction=["sum_over_batch_size", "mean_with_sample_weight"],
+        chunked=[False, True],
+    )
+    def test_matches_numpy_with_ragged_padding(self, loss, reduction, chunked):
+        term = self._term(loss, reduction=reduction)
+        if chunked:
+            term._chunk_elements = 4 * 11
+        got = term.compute_loss(
+            self.teacher_logits,
+            self.labels,
+            self.student_logits,
+            self.mask,
+            0,
+            0,
+        )
+        values = _numpy_loss(
+            loss,
+            self.teacher_logits,
+            self.student_logits,
+            1.0 if loss == "mse" else 2.0,
+            self.labels,
+        )
+        # Keras's reductions: over all 18 positions (as the compiled
+        # cross-entropy with these weights), or over the 10 real tokens.
+        divisor = self.mask.size
+        if reduction == "mean_with_sample_weight":
+            divisor = self.mask.sum()
+        expected = np.sum(values * self.mask) / divisor
+        np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+    @parameterized.named_parameters(("kl", "kl"), ("dkd", "dkd"))
+    def test_padding_positions_change_nothing(self, loss):
+        term = self._term(loss, reduction="mean_with_sample_weight")
+        term._chunk_elements = 4 * 11
+        noise = np.random.default_rng(4).normal(size=self.student_logits.shape)
+        padded = (1 - self.mask)[..., None] * 50 * noise.astype("float32")
+
+        def loss_of(student, teacher):
+            return term.compute_loss(
+                teacher, self.labels, student, self.mask, 0, 0
+            )
+
+        base = loss_of(self.student_logits, self.teacher_logits)
+        moved = loss_of(
+            self.student_logits + padded, self.teacher_logits - padded
+        )
+        np.testing.assert_allclose(moved, base, rtol=1e-6)
+        gradient = tiny.gradient(
+            lambda s: loss_of(s, self.teacher_logits), self.student_logits
+        )
+        self.assertTrue(np.all(gradient[self.mask == 0] == 0))
+        self.assertTrue(np.all(np.abs(gradient[self.mask == 1]).sum(-1) > 0))
+
+    def test_padding_mask_from_the_inputs(self):
+        # No sample_weight: KerasHub-style inputs carry `padding_mask`.
+        teacher = ksd.teachers.FrozenModel(self.teacher, input_key="logits")
+        term = terms.Distillation(
+            teacher, temperature=2.0, reduction="mean_with_sample_weight"
+        )
+        inputs = {"logits": self.teacher_logits, "padding_mask": self.mask}
+        got = term.compute_loss(inputs, None, self.student_logits, None, 0, 0)
+        expected = term.compute_loss(
+            inputs, None, self.student_logits, self.mask, 0, 0
+        )
+        everything = term.compute_loss(
+            {"logits": self.teacher_logits},
+            None,
+            self.student_logits,
+            None,
+            0,
+            0,
+        )
+        np.testing.assert_allclose(got, expected, rtol=1e-6)
+        self.assertGreater(abs(float(got) - float(everything)), 1e-3)
+        with self.assertRaisesRegex(ValueError, "padding_mask shape"):
+            term.compute_loss(
+                {"logits": self.teacher_logits, "padding_mask": self.mask[:2]},
+                None,
+                self.student_logits,
+                None,
+                0,
+                0,
+            )
+
+    def test_vocabularies(self):
+        wide = np.concatenate(
+            [self.teacher_logits, np.full((3, 6, 2), 9.0, "float32")], -1
+        )
+        logits = keras.Input((6, 13))
+        padded = keras.Model(logits, keras.layers.Identity()(logits))
+        with self.assertRaisesRegex(ValueError, "same vocabulary.*13.*11"):
+            terms.Distillation(padded).compute_loss(
+                wide, None, self.student_logits, None, 0, 0
+            )
+        got = terms.Distillation(padded, vocabulary_size=11).compute_loss(
+            wide, None, self.student_logits, None, 0, 0
+        )
+        expected = terms.Distillation(self.teacher).compute_loss(
+            self.teacher_logits, None, self.student_logits, None, 0, 0
+        )
+        np.testing.assert_allclose(got, expected, rtol=1e-6)
+        with self.assertRaisesRegex(ValueError, "vocabulary_size=12.*fewer"):
+            terms.Distillation(padded, vocabulary_size=12).compute_loss(
+                wide, None, self.student_logits, None, 0, 0
+            )
+        with self.assertRaisesRegex(ValueError, "vocabulary_size=1"):
+            terms.Distillation(padded, vocabulary_size=1)
+        with self.assertRaisesRegex(ValueError, "reduction='mean'"):
+            terms.Distillation(padded, reduction="mean")
+
+    def test_distiller_accepts_a_padded_teacher_vocabulary(self):
+        student = tiny.language_model(vocabulary=11)
+        teacher = tiny.language_model(vocabulary=13, seed=1)
+        with self.assertRaisesRegex(ValueError, "predicts 13 classes"):
+            ksd.Distiller(student, [terms.Distillation(teacher)])
+        ksd.Distiller(
+            student, [terms.Distillation(teacher, vocabulary_size=11)]
+        )
+
+    def test_config(self):
+        term = terms.Distillation(
+            self.teacher, reduction="mean_with_sample_weight", vocabulary_size=7
+        )
+        restored = terms.Distillation.from_config(term.get_config())
+        self.assertEqual(restored.reduction, "mean_with_sample_weight")
+        self.assertEqual(restored.vocabulary_size, 7)
+
+    def test_padded_tokens_change_no_weight_in_fit(self):
+        # Two datasets that differ only at padded positions (their tokens
+        # and labels) train to the same weights.
+        rng = np.random.default_rng(5)
+        tokens = rng.integers(0, 11, size=(16, 6)).astype("int32")
+        labels = rng.integers(0, 11, size=(16, 6))
+        lengths = rng.integers(1, 7, size=(16, 1))
+        mask = (np.arange(6) < lengths).astype("float32")
+        other_tokens = np.where(mask == 1, tokens, (tokens + 5) % 11)
+        other_labels = np.where(mask == 1, labels, (labels + 3) % 11)
+        weights = []
+        for x, y in ((tokens, labels), (other_tokens, other_labels)):
+            term = terms.Distillation(
+                tiny.language_model(seed=1),
+                loss="jsd",
+                temperature=2.0,
+                reduction="mean_with_sample_weight",
+            )
+            term._chunk_elements = 5 * 11
+            distiller = ksd.Distiller(tiny.language_model(seed=2), [term])
+            distiller.compile(optimizer="adam", loss=tiny.sparse_ce())
+            history = distiller.fit(
+                x, y, sample_weight=mask, batch_size=4, epochs=2, verbose=0
+            ).history
+            self.assertTrue(np.isfinite(history["distillation_loss"]).all())
+            weights.append(distiller.student.get_weights())
+        for a, b in zip(*weights):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
