@@ -385,7 +385,9 @@ def check_monitors(distiller, callbacks):
     """
     moving = {
         name
-        for name, term in zip(distiller._term_metric_names, distiller.terms)
+        for name, term in zip(
+            distiller._term_metric_names, distiller._loss_terms
+        )
         if any(t.follows_student for t in term.teachers)
     }
     for callback in callbacks:

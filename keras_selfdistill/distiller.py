@@ -147,6 +147,13 @@ class Distiller(keras.Model):
                 "be ambiguous. Use `weight` on the others. Received: "
                 f"terms {mixing}"
             )
+        rewriting = [t.name for t in terms if t.rewrites_batch]
+        if len(rewriting) > 1:
+            raise ValueError(
+                "At most one term may replace the training batch (on-policy "
+                "samples, teacher generations): the second would discard "
+                f"the first's batch. Received: terms {rewriting}"
+            )
         activation = final_activation(student)
         if terms and activation is not None:
             refuse_probabilities("student", student.name, activation)
@@ -181,7 +188,7 @@ class Distiller(keras.Model):
             0, dtype="int32", trainable=False, name="epoch"
         )
         names, self._term_metric_names = {SUPERVISED_LOSS}, []
-        for term in terms:
+        for term in self._loss_terms:
             metric_name, suffix = f"{term.name}_loss", 1
             while metric_name in names:
                 metric_name, suffix = f"{term.name}_{suffix}_loss", suffix + 1
@@ -193,7 +200,7 @@ class Distiller(keras.Model):
         )
         self._schedules = [
             (term, name, f"{metric[: -len('_loss')]}_{name}")
-            for term, metric in zip(terms, self._term_metric_names)
+            for term, metric in zip(self._loss_terms, self._term_metric_names)
             for name in term.scheduled_hyperparameters
         ]
         self.schedule_metrics = TermMetrics(
@@ -214,6 +221,10 @@ class Distiller(keras.Model):
                 f"{[t.name for t in terms]}"
             )
         self.built = True
+
+    @property
+    def _loss_terms(self):
+        return [term for term in self.terms if term.has_loss]
 
     def call(self, inputs, training=None):
         if isinstance(inputs, dict):
@@ -237,7 +248,7 @@ class Distiller(keras.Model):
         # read before the teachers run so that theirs stay out. On JAX
         # Keras hands the forward's losses over through `self.losses`.
         losses = [ops.sum(loss) for loss in self.losses]
-        terms = self.terms if training else []
+        terms = self._loss_terms if training else []
         supervised = _internals.compiled_loss(self) is not None
         if not supervised and not terms and not losses:
             if not training:
@@ -348,10 +359,21 @@ class Distiller(keras.Model):
         if keras.backend.backend() == "jax":
             logs, state = self._stateless_train_step(*args, **kwargs)
             return self._hide_supervised(logs), state
-        logs = super().train_step(*args, **kwargs)
+        data = self._rewrite_batch(args[-1] if args else kwargs.get("data"))
+        logs = super().train_step(data)
         for teacher in self.teachers:
-            teacher.update(args[-1] if args else kwargs.get("data"))
+            teacher.update(data)
         return self._hide_supervised(logs)
+
+    def _rewrite_batch(self, data):
+        """The batch after the terms that replace it (on-policy samples)."""
+        rewriting = [term for term in self.terms if term.rewrites_batch]
+        if not rewriting:
+            return data
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        for term in rewriting:
+            x, y, sample_weight = term.rewrite_batch(x, y, sample_weight)
+        return keras.utils.pack_x_y_sample_weight(x, y, sample_weight)
 
     def _hide_supervised(self, logs):
         # Label-free distillation has no supervised part to report.
@@ -364,6 +386,20 @@ class Distiller(keras.Model):
         # step that schedules read is not in the state that Keras maps
         # inside `compute_loss`, so it is handed over while tracing; the
         # teachers' updates run on the stepped state and return new values.
+        if any(term.rewrites_batch for term in self.terms):
+            # The rewrite runs the student (and its seeds) on the state's
+            # values; the seeds' new values go back into the state.
+            trainable, non_trainable = state[0], state[1]
+            mapping = self._state_mapping(trainable, non_trainable)
+            with keras.StatelessScope(state_mapping=mapping) as scope:
+                data = self._rewrite_batch(data)
+            non_trainable = [
+                _current_value(scope, variable, value)
+                for variable, value in zip(
+                    self.non_trainable_variables, non_trainable
+                )
+            ]
+            state = (trainable, non_trainable, *state[2:])
         optimizer_variables = state[2]
         position = _index_of(
             self.optimizer.variables, self.optimizer.iterations

@@ -23,6 +23,7 @@ KINDS = (
     "exits",
     "families",
     "sequence",
+    "sequence_kd",
 )
 BATCH = 8
 VOCABULARY = 8
@@ -56,7 +57,8 @@ def _language_model(keras, seed):
 
 
 def distiller(keras, ksd, kind, jit_compile=False):
-    student = (_language_model if kind == "sequence" else _model)(keras, 2)
+    language = kind.startswith("sequence")
+    student = (_language_model if language else _model)(keras, 2)
     teachers = {
         "frozen": lambda: _model(keras, 1),
         "ensemble": lambda: ksd.teachers.Ensemble(
@@ -110,7 +112,13 @@ def distiller(keras, ksd, kind, jit_compile=False):
             reduction="mean_with_sample_weight",
         )
         term._chunk_elements = 3 * VOCABULARY
-        terms = [term]
+        # The student's own greedy continuations (GKD). Every step, and
+        # greedy: TensorFlow draws other random numbers under XLA.
+        terms = [term, ksd.terms.OnPolicy(2, temperature=0)]
+    elif kind == "sequence_kd":
+        terms = [
+            ksd.terms.SequenceKD(_language_model(keras, 1), prompt_length=3)
+        ]
     elif kind == "past_predictions":
         terms = [
             ksd.terms.Distillation(
@@ -127,7 +135,10 @@ def distiller(keras, ksd, kind, jit_compile=False):
     distiller = ksd.Distiller(student, terms)
     distiller.compile(
         optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        # GKD (the sequence configuration) minimises the divergence alone.
+        loss=None
+        if kind == "sequence"
+        else keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         jit_compile=jit_compile,
     )
     return distiller
@@ -140,7 +151,7 @@ def data(ksd, kind):
     x = rng.normal(size=(32, 4)).astype("float32")
     y = rng.integers(0, 3, size=32)
     w = rng.uniform(0.0, 2.0, size=32).astype("float32")
-    if kind == "sequence":
+    if kind.startswith("sequence"):
         # Ragged lengths: each replica's half of a batch holds a different
         # number of real tokens.
         x = rng.integers(0, VOCABULARY, size=(32, SEQUENCE)).astype("int32")

@@ -4,6 +4,8 @@ from keras_selfdistill.terms.auxiliary_exits import AuxiliaryExits
 from keras_selfdistill.terms.consistency import Consistency
 from keras_selfdistill.terms.distillation import Distillation
 from keras_selfdistill.terms.feature_distillation import FeatureDistillation
+from keras_selfdistill.terms.on_policy import OnPolicy
+from keras_selfdistill.terms.sequence_kd import SequenceKD
 from keras_selfdistill.terms.term import Term
 
 __all__ = [
@@ -11,5 +13,7 @@ __all__ = [
     "Consistency",
     "Distillation",
     "FeatureDistillation",
+    "OnPolicy",
+    "SequenceKD",
     "Term",
 ]

@@ -1,0 +1,272 @@
+import keras
+from keras import ops
+
+from keras_selfdistill import _arguments
+from keras_selfdistill import _internals
+from keras_selfdistill.terms.term import Term
+
+
+def continue_sequences(logits_of, tokens, prompt_length, temperature, noise):
+    """Replaces `tokens[:, prompt_length:]` by tokens sampled one by one.
+
+    `tokens` is `[batch, length]`; position `i` is drawn from
+    `softmax(logits_of(tokens)[:, i - 1] / temperature)` with everything
+    before it already drawn, so a causal model is sampled autoregressively
+    (without a cache: one full forward per token). `temperature=0` takes
+    the most likely token. `noise` holds one uniform number per position,
+    drawn beforehand: the token is where the cumulative distribution
+    passes it (inverse-CDF sampling), so the loop holds no random state.
+    """
+    length = tokens.shape[1]
+    positions = ops.arange(length)[None, :]
+
+    def body(i, tokens):
+        logits = ops.cast(ops.take(logits_of(tokens), i - 1, axis=1), "float32")
+        if temperature == 0:
+            token = ops.argmax(logits, axis=-1)
+        else:
+            cumulative = ops.cumsum(ops.softmax(logits / temperature), -1)
+            u = ops.take(noise, i, axis=1)[:, None] * cumulative[:, -1:]
+            token = ops.minimum(
+                ops.sum(ops.cast(cumulative < u, "int32"), -1),
+                logits.shape[-1] - 1,
+            )
+        token = ops.cast(token[:, None], tokens.dtype)
+        return ops.where(positions == i, token, tokens)
+
+    return ops.fori_loop(prompt_length, length, body, tokens)
+
+
+@keras.saving.register_keras_serializable(package="keras_selfdistill")
+class OnPolicy(Term):
+    """Trains on the student's own continuations of the prompts (GKD).
+
+    With probability `fraction` per training step, the batch's sequences
+    keep their first `prompt_length` tokens and the rest is sampled from
+    the student, autoregressively, with its current weights; the teacher
+    then scores these sequences through the distiller's other terms (a
+    `keras_selfdistill.terms.Distillation` with `loss="jsd"`), and the
+    loss is taken on the generated tokens only (sample weights are 0 on
+    the prompt's predictions and 1 on the generated ones). The other
+    steps use the dataset's sequences as given (off-policy). This is
+    Generalized Knowledge Distillation's mixture: `fraction` is its `λ`,
+    and a fraction of 1 is fully on-policy.
+
+    The data are causal-LM batches: `x` is `[batch, length]` token ids,
+    or a dict with `"token_ids"` (and `"padding_mask"`, set to 1 on
+    generated sequences), as KerasHub's preprocessors give; `y`, when
+    present, is `x` shifted by one token, and its last token is generated
+    too. Sequences are generated to their full length (no end token), as
+    TRL does with `max_new_tokens` when no end-of-sequence is sampled; the
+    student is called in inference mode (no dropout) while it generates,
+    one full forward per token, so generation costs about
+    `length − prompt_length` forwards of the student per on-policy step.
+
+    GKD minimises only the divergence: compile the distiller without a
+    `loss`. A compiled loss would train on the student's own samples as if
+    they were labels, so it is refused. The coin and the samples draw from
+    this term's seed generator, a variable: a resumed run draws what an
+    uninterrupted one does.
+
+    Reference:
+    - [Agarwal et al., 2024](https://arxiv.org/abs/2306.13649) (GKD);
+      TRL's `GKDTrainer.training_step` (`lmbda`, student sampling,
+      completion-only loss).
+
+    Args:
+        prompt_length: Number of leading tokens kept as the prompt, at
+            least 1.
+        fraction: Probability in `(0, 1]` that a step is on-policy (GKD's
+            `λ`). Defaults to `1.0`.
+        temperature: Sampling temperature, `0` for the most likely token.
+            Defaults to `1.0`.
+        seed: Integer seed of the sampling. Defaults to `None`.
+        name: Name of the term. Defaults to `"on_policy"`.
+
+    Example:
+
+    ```python
+    distiller = keras_selfdistill.Distiller(
+        student,
+        terms=[
+            keras_selfdistill.terms.Distillation(
+                teacher, loss="jsd", beta=0.5,
+                reduction="mean_with_sample_weight"),
+            keras_selfdistill.terms.OnPolicy(prompt_length=16, fraction=0.5),
+        ],
+    )
+    distiller.compile(optimizer="adam")
+    distiller.fit(windows, epochs=3)
+    ```
+    """
+
+    def __init__(
+        self,
+        prompt_length,
+        fraction=1.0,
+        temperature=1.0,
+        seed=None,
+        name=None,
+        **kwargs,
+    ):
+        kwargs.pop("weight", None)
+        kwargs.pop("xi", None)
+        super().__init__(name=name, **kwargs)
+        if not _arguments.is_integer(prompt_length) or prompt_length < 1:
+            raise ValueError(
+                "`prompt_length` is the number of leading tokens kept as the "
+                "prompt and must be an integer >= 1. "
+                f"Received: prompt_length={prompt_length!r}"
+            )
+        if not _arguments.is_number(fraction) or not 0 < fraction <= 1:
+            raise ValueError(
+                "`fraction` is the probability that a step trains on "
+                "generated sequences (GKD's lambda) and must be in (0, 1]. "
+                f"Received: fraction={fraction!r}"
+            )
+        if not _arguments.is_number(temperature) or temperature < 0:
+            raise ValueError(
+                "`temperature` must be a number >= 0 (0 takes the most "
+                f"likely token). Received: temperature={temperature!r}"
+            )
+        if seed is not None and not _arguments.is_integer(seed):
+            raise TypeError(
+                f"`seed` must be an integer or None. Received: seed={seed!r}"
+            )
+        self.prompt_length = int(prompt_length)
+        self.fraction = float(fraction)
+        self.temperature = float(temperature)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    @property
+    def has_loss(self):
+        return False
+
+    def compute_loss(self, x, y, y_pred, sample_weight, step, epoch):
+        raise TypeError(
+            f"Term '{self.name}' replaces the training batch and has no "
+            "loss of its own."
+        )
+
+    def _generator(self):
+        """`tokens -> logits` of the model that writes the continuations."""
+        distiller = self._model()
+        final = distiller._forward.final
+
+        def logits_of(inputs):
+            if isinstance(inputs, dict) and distiller.input_key is not None:
+                inputs = inputs[distiller.input_key]
+            return final(inputs, training=False)
+
+        return logits_of
+
+    def _check(self):
+        if _internals.compiled_loss(self._model()) is not None:
+            raise ValueError(
+                f"Term '{self.name}' trains on the student's own samples, "
+                "which have no ground-truth labels: a compiled loss would "
+                "treat them as labels. Compile the distiller without `loss` "
+                "(GKD minimises the divergence alone)."
+            )
+
+    def rewrite_batch(self, x, y, sample_weight):
+        self._check()
+        tokens = x["token_ids"] if isinstance(x, dict) else x
+        if len(tokens.shape) != 2 or tokens.shape[1] is None:
+            raise ValueError(
+                f"Term '{self.name}' continues token sequences: the inputs "
+                "must be `[batch, length]` token ids (or a dict with "
+                "'token_ids') of a fixed length. Received: shape "
+                f"{tuple(tokens.shape)}"
+            )
+        length = tokens.shape[1]
+        if self.prompt_length >= length:
+            raise ValueError(
+                f"Term '{self.name}' keeps {self.prompt_length} prompt tokens "
+                f"of sequences of {length}: nothing is left to generate. "
+                f"Received: prompt_length={self.prompt_length}"
+            )
+        weights = ops.ones(ops.shape(tokens), "float32")
+        if sample_weight is not None:
+            sample_weight = ops.cast(sample_weight, "float32")
+            if len(sample_weight.shape) == 1:
+                sample_weight = sample_weight[:, None]
+            weights = weights * sample_weight
+        generate = self._generator()
+        # Drawn outside the generation loop and the branch, so that the
+        # seed generator's variable advances once per step on both backends.
+        noise = keras.random.uniform(
+            (ops.shape(tokens)[0], length + 1), seed=self.seed_generator
+        )
+        coin = keras.random.uniform((), seed=self.seed_generator)
+
+        def generated():
+            # The sequence is x followed by y's last token: length + 1.
+            full = tokens
+            if y is not None:
+                full = ops.concatenate(
+                    [tokens, ops.cast(y[:, -1:], tokens.dtype)], axis=1
+                )
+            else:
+                full = ops.concatenate([tokens, tokens[:, -1:]], axis=1)
+
+            def logits_of(sequence):
+                inputs = sequence[:, :length]
+                if isinstance(x, dict):
+                    inputs = dict(x, token_ids=inputs)
+                    if "padding_mask" in x:
+                        inputs["padding_mask"] = ops.ones_like(
+                            x["padding_mask"]
+                        )
+                return generate(inputs)
+
+            full = continue_sequences(
+                logits_of, full, self.prompt_length, self.temperature, noise
+            )
+            new_x = full[:, :length]
+            if isinstance(x, dict):
+                new_x = dict(x, token_ids=new_x)
+                if "padding_mask" in x:
+                    new_x["padding_mask"] = ops.ones_like(x["padding_mask"])
+            new_y = None if y is None else ops.cast(full[:, 1:], y.dtype)
+            # Position t predicts token t + 1: the loss counts the
+            # predictions of generated tokens, from prompt_length - 1 on.
+            generated_weights = ops.cast(
+                ops.arange(length) >= self.prompt_length - 1, "float32"
+            )
+            new_weights = ops.ones_like(weights) * generated_weights[None, :]
+            return new_x, new_y, new_weights
+
+        if self.fraction == 1.0:
+            return generated()
+        return ops.cond(
+            coin < self.fraction, generated, lambda: (x, y, weights)
+        )
+
+    # Keras saves a layer's weights but not its seed generators' state; a
+    # run resumed from a backup would draw the first epochs' coins again.
+    _SEED_STATE = "seed_generator_state"
+
+    def save_own_variables(self, store):
+        super().save_own_variables(store)
+        store[self._SEED_STATE] = self.seed_generator.state
+
+    def load_own_variables(self, store):
+        own = self._trainable_variables + self._non_trainable_variables
+        for i, variable in enumerate(own):
+            variable.assign(store[f"{i}"])
+        if self._SEED_STATE in store:
+            self.seed_generator.state.assign(store[self._SEED_STATE])
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("weight", None)
+        config.pop("xi", None)
+        config.update(
+            prompt_length=self.prompt_length,
+            fraction=self.fraction,
+            temperature=self.temperature,
+            seed=self.seed,
+        )
+        return config
