@@ -128,16 +128,36 @@ class TuningScriptTest(parameterized.TestCase):
         )
 
 
+@tiny.ONCE
+class LanguageModelScriptTest(parameterized.TestCase):
+    def test_ce_kd_and_gkd_on_the_standard_library(self):
+        script = _load("language_model")
+        for action in script.build_parser()._actions:
+            self.assertTrue(action.help, msg=action.option_strings)
+        result = script.main(
+            ["--steps", "4", "--teacher-steps", "4", "--seeds", "0"]
+            + ["--length", "16", "--limit", "40000"]
+        )
+        self.assertGreater(result["train_bytes"], 30000)
+        for method in ("ce", "kd", "gkd"):
+            (run,) = result[method]
+            # Byte-level perplexity: below uniform (256) after a few steps.
+            self.assertBetween(run["perplexity"], 1.0, 256.0)
+            self.assertGreater(run["tokens_per_second"], 0)
+
+
 NOTEBOOKS = {
     "teacher_kd": "student.keras",
     "self_distillation": None,
     "auxiliary_exits": "block2.keras",
     "scaling_out": None,
+    "language_model": "student_lm.keras",
 }
 
 
-# scaling_out needs tf.distribute.
-@tiny.ONCE
+# The kernels run on TensorFlow (scaling_out needs tf.distribute), started
+# from the JAX pass to even out the two passes' times.
+@tiny.IN_JAX_PASS
 class NotebooksTest(parameterized.TestCase):
     @parameterized.parameters(*NOTEBOOKS)
     def test_executes_offline_on_tiny_settings(self, name):
@@ -153,7 +173,8 @@ class NotebooksTest(parameterized.TestCase):
         ]
         self.assertNotEmpty(rendered, "the notebook carries its plots")
         folder = self.create_tempdir().full_path
-        os.environ["KSD_QUICK"] = "1"
+        saved = dict(os.environ)
+        os.environ.update(KSD_QUICK="1", KERAS_BACKEND="tensorflow")
         try:
             nbclient.NotebookClient(
                 notebook,
@@ -162,7 +183,8 @@ class NotebooksTest(parameterized.TestCase):
                 resources={"metadata": {"path": folder}},
             ).execute()
         finally:
-            del os.environ["KSD_QUICK"]
+            os.environ.clear()
+            os.environ.update(saved)
         errors = [
             output
             for cell in notebook.cells

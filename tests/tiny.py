@@ -14,6 +14,15 @@ ONCE = pytest.mark.skipif(
 )
 
 
+# Backend-independent tests that run in their own processes (notebook
+# kernels, on TensorFlow): under the JAX pass, the shorter of the two that
+# `make test` runs at once.
+IN_JAX_PASS = pytest.mark.skipif(
+    keras.backend.backend() != "jax",
+    reason="backend-independent subprocesses; run in the JAX pass",
+)
+
+
 def data(n=24, features=4, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, features)).astype("float32")

@@ -19,6 +19,7 @@ def continue_sequences(logits_of, tokens, prompt_length, temperature, noise):
     """
     length = tokens.shape[1]
     positions = ops.arange(length)[None, :]
+    noise = ops.cast(noise, "float32")
 
     def body(i, tokens):
         logits = ops.cast(ops.take(logits_of(tokens), i - 1, axis=1), "float32")
