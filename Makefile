@@ -23,8 +23,16 @@ demo: $(BIN)/python
 # The TensorFlow pass prints as it goes, the JAX pass's log follows it.
 PYTEST := $(BIN)/python -m pytest -m "not slow" -p no:cacheprovider --durations=15
 
+# KerasHub without its tensorflow-text, which would pull in the full
+# tensorflow wheel beside an environment's tensorflow-cpu (README,
+# "Language models"): the package alone, then its other requirements.
+KERAS_HUB_DEPS := absl-py numpy packaging regex rich kagglehub kagglesdk \
+	sentencepiece tokenizers
+
 test: $(BIN)/python
 	$(PIP_INSTALL) -e ".[test,jax,plots,tuning]"
+	$(PIP_INSTALL) --no-deps keras-hub
+	$(PIP_INSTALL) $(KERAS_HUB_DEPS)
 	$(BIN)/ruff check keras_selfdistill tests examples benchmarks
 	$(BIN)/ruff format --check keras_selfdistill tests examples benchmarks
 	@KERAS_BACKEND=jax $(PYTEST) > $(VENV)/jax-pass.log 2>&1 & jax=$$!; \

@@ -128,7 +128,7 @@ class TuningScriptTest(parameterized.TestCase):
         )
 
 
-@tiny.ONCE
+@tiny.IN_JAX_PASS
 class LanguageModelScriptTest(parameterized.TestCase):
     def test_ce_kd_and_gkd_on_the_standard_library(self):
         script = _load("language_model")

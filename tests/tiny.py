@@ -14,12 +14,12 @@ ONCE = pytest.mark.skipif(
 )
 
 
-# Backend-independent tests that run in their own processes (notebook
-# kernels, on TensorFlow): under the JAX pass, the shorter of the two that
-# `make test` runs at once.
+# Tests run once, under the JAX pass, the shorter of the two that `make
+# test` runs at once: notebook kernels (on TensorFlow, whichever pass
+# starts them) and the language-model script.
 IN_JAX_PASS = pytest.mark.skipif(
     keras.backend.backend() != "jax",
-    reason="backend-independent subprocesses; run in the JAX pass",
+    reason="run once, in the JAX pass",
 )
 
 

@@ -53,15 +53,18 @@ class OnPolicy(Term):
     Generalized Knowledge Distillation's mixture: `fraction` is its `λ`,
     and a fraction of 1 is fully on-policy.
 
-    The data are causal-LM batches: `x` is `[batch, length]` token ids,
-    or a dict with `"token_ids"` (and `"padding_mask"`, set to 1 on
-    generated sequences), as KerasHub's preprocessors give; `y`, when
-    present, is `x` shifted by one token, and its last token is generated
-    too. Sequences are generated to their full length (no end token), as
-    TRL does with `max_new_tokens` when no end-of-sequence is sampled; the
-    student is called in inference mode (no dropout) while it generates,
-    one full forward per token, so generation costs about
-    `length − prompt_length` forwards of the student per on-policy step.
+    The student must be causal (each position reads only the tokens
+    before it), as every causal LM is; a bidirectional model would see
+    the not-yet-generated tokens. The data are causal-LM batches: `x` is
+    `[batch, length]` token ids, or a dict with `"token_ids"` (and
+    `"padding_mask"`, set to 1 on generated sequences), as KerasHub's
+    preprocessors give; `y`, when present, is `x` shifted by one token,
+    and its last token is generated too. Sequences are generated to their
+    full length (no end token), as TRL does with `max_new_tokens` when no
+    end-of-sequence is sampled; the student is called in inference mode
+    (no dropout) while it generates, one full forward per token, so
+    generation costs about `length − prompt_length` forwards of the
+    student per on-policy step.
 
     GKD minimises only the divergence: compile the distiller without a
     `loss`. A compiled loss would train on the student's own samples as if
@@ -162,7 +165,12 @@ class OnPolicy(Term):
 
         return logits_of
 
+    # Whether the rewritten labels are meant for the compiled loss.
+    _labels_are_targets = False
+
     def _check(self):
+        if self._labels_are_targets:
+            return
         if _internals.compiled_loss(self._model()) is not None:
             raise ValueError(
                 f"Term '{self.name}' trains on the student's own samples, "
@@ -230,7 +238,7 @@ class OnPolicy(Term):
                 new_x = dict(x, token_ids=new_x)
                 if "padding_mask" in x:
                     new_x["padding_mask"] = ops.ones_like(x["padding_mask"])
-            new_y = None if y is None else ops.cast(full[:, 1:], y.dtype)
+            new_y = None if y is None else ops.cast(full[:, 1:], "int32")
             # Position t predicts token t + 1: the loss counts the
             # predictions of generated tokens, from prompt_length - 1 on.
             generated_weights = ops.cast(
@@ -241,8 +249,10 @@ class OnPolicy(Term):
 
         if self.fraction == 1.0:
             return generated()
+        # Labels are int32 on both branches: JAX has no int64 without x64.
+        labels = None if y is None else ops.cast(y, "int32")
         return ops.cond(
-            coin < self.fraction, generated, lambda: (x, y, weights)
+            coin < self.fraction, generated, lambda: (x, labels, weights)
         )
 
     # Keras saves a layer's weights but not its seed generators' state; a

@@ -56,6 +56,10 @@ class SequenceKD(OnPolicy):
     ```
     """
 
+    # The labels are the teacher's tokens: a compiled loss on them is the
+    # method itself.
+    _labels_are_targets = True
+
     def __init__(
         self,
         teacher,
@@ -90,11 +94,6 @@ class SequenceKD(OnPolicy):
 
     def attach(self, student):
         self.teacher.attach(student)
-
-    def _check(self):
-        # The labels are the teacher's tokens: a compiled loss is the
-        # method itself.
-        pass
 
     def _generator(self):
         def logits_of(inputs):
