@@ -66,6 +66,13 @@ class OnPolicy(Term):
     generation costs about `length − prompt_length` forwards of the
     student per on-policy step.
 
+    Every sequence needs at least `prompt_length` real tokens: a shorter
+    one's padding would become part of its prompt (the generated
+    sequences have no padding). Right-padded windows of a fixed length, or
+    KerasHub's preprocessed batches with a `prompt_length` below the
+    shortest sequence, qualify. TRL samples at temperature 0.9 by default;
+    the default here is the model's own distribution (1.0).
+
     GKD minimises only the divergence: compile the distiller without a
     `loss`. A compiled loss would train on the student's own samples as if
     they were labels, so it is refused. The coin and the samples draw from
