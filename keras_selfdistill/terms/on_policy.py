@@ -219,7 +219,6 @@ class OnPolicy(Term):
 
         def generated():
             # The sequence is x followed by y's last token: length + 1.
-            full = tokens
             if y is not None:
                 full = ops.concatenate(
                     [tokens, ops.cast(y[:, -1:], tokens.dtype)], axis=1
