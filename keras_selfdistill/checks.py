@@ -379,8 +379,9 @@ def check_fit_data(x, y, distiller, num_samples):
 def check_monitors(distiller, callbacks):
     """Refuses a callback that monitors a loss against a moving target.
 
-    A self-teacher's term (past predictions, EMA, snapshots) starts at
-    0, when the teacher is the student, and grows as the two drift
+    A self-teacher's term (past predictions, EMA, snapshots, the
+    student's own weak view in `Consistency`) starts at 0, when the
+    teacher is the student, and grows as the two drift
     apart: `EarlyStopping` on it stops a healthy run within epochs.
     """
     moving = {
@@ -388,7 +389,7 @@ def check_monitors(distiller, callbacks):
         for name, term in zip(
             distiller._term_metric_names, distiller._loss_terms
         )
-        if any(t.follows_student for t in term.teachers)
+        if term.follows_student
     }
     for callback in callbacks:
         monitor = getattr(callback, "monitor", None)
@@ -396,7 +397,8 @@ def check_monitors(distiller, callbacks):
             raise ValueError(
                 f"{type(callback).__name__} monitors '{monitor}', the "
                 "loss against a teacher that follows the student (its "
-                "past predictions, moving average or snapshots): it "
+                "past predictions, moving average, snapshots or own weak "
+                "view): it "
                 "starts at 0 and grows as training moves the student, so "
                 "it does not measure progress. Monitor the student on "
                 "held-out data instead, e.g. `monitor='val_loss'` or "

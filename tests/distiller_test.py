@@ -699,14 +699,27 @@ class MonitoredCallbacksTest(parameterized.TestCase):
         ),
     )
     def test_self_teacher_term_cannot_be_monitored(self, make_teacher):
-        x, y = tiny.data()
-        distiller = ksd.Distiller(
-            tiny.mlp(), [ksd.terms.Distillation(make_teacher(), xi=0.5)]
+        self._assert_refused(ksd.terms.Distillation(make_teacher(), xi=0.5))
+
+    def test_consistency_with_the_student_as_target_cannot_be_monitored(
+        self,
+    ):
+        # Without a teacher, the target is the student's own weak view.
+        term = ksd.terms.Consistency(keras.layers.Identity())
+        self.assertTrue(term.follows_student)
+        self._assert_refused(term)
+        frozen = ksd.terms.Consistency(
+            keras.layers.Identity(), teacher=tiny.mlp(seed=5)
         )
+        self.assertFalse(frozen.follows_student)
+
+    def _assert_refused(self, term):
+        x, y = tiny.data()
+        distiller = ksd.Distiller(tiny.mlp(), [term])
         distiller.compile(optimizer="sgd", loss=tiny.sparse_ce())
         for callback in (
-            keras.callbacks.EarlyStopping(monitor="distillation_loss"),
-            keras.callbacks.ReduceLROnPlateau(monitor="distillation_loss"),
+            keras.callbacks.EarlyStopping(monitor=f"{term.name}_loss"),
+            keras.callbacks.ReduceLROnPlateau(monitor=f"{term.name}_loss"),
         ):
             with self.assertRaisesRegex(ValueError, "monitor='val_loss'"):
                 distiller.fit(

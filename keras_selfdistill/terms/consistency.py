@@ -143,6 +143,11 @@ class Consistency(Term):
         return [] if self.teacher is None else [self.teacher]
 
     @property
+    def follows_student(self):
+        # Without a teacher the target is the student's own weak view.
+        return self.teacher is None or self.teacher.follows_student
+
+    @property
     def _key(self):
         return f"{self.name}_strong"
 

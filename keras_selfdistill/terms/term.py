@@ -242,6 +242,17 @@ class Term(keras.layers.Layer, metaclass=abc.ABCMeta):
         """The teachers this term reads, updated after each step."""
         return []
 
+    @property
+    def follows_student(self):
+        """Whether the term's target moves with the student.
+
+        True when one of its teachers follows the student (past
+        predictions, a moving average, snapshots). `fit` then refuses a
+        callback that monitors the term's loss, which starts near 0 and
+        grows as the two drift apart.
+        """
+        return any(t.follows_student for t in self.teachers)
+
     def attach(self, student):
         """Checks the term against the student; called by the `Distiller`."""
 
