@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint format benchmark
+.PHONY: demo test test-tf-cpu lint format benchmark
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,25 @@ test: $(BIN)/python
 	echo "==== JAX pass ===="; cat $(VENV)/jax-pass.log; \
 	echo "TensorFlow pass exit $$tf, JAX pass exit $$jax"; \
 	test $$tf -eq 0 -a $$jax -eq 0
+
+# The KerasHub install beside tensorflow-cpu (README, "Language models"),
+# in a venv of its own: tensorflow-cpu, Keras and tfds as a user has them,
+# this package and keras-hub without their tensorflow / tensorflow-text
+# requirements, then the KerasHub tests. CI runs it after `make test`.
+CPU_VENV ?= .venv-tf-cpu
+CPU_PIP := $(CPU_VENV)/bin/python -m pip install -q -c constraints.txt
+
+test-tf-cpu:
+	$(PYTHON) -m venv $(CPU_VENV)
+	$(CPU_VENV)/bin/python -m pip install -q --upgrade pip
+	$(CPU_PIP) tensorflow-cpu keras tensorflow-datasets importlib_resources \
+		pytest
+	$(CPU_PIP) --no-deps -e . keras-hub
+	$(CPU_PIP) $(KERAS_HUB_DEPS)
+	@! $(CPU_VENV)/bin/python -m pip show -q tensorflow tensorflow-text \
+		2>/dev/null || { echo "the full tensorflow was installed"; exit 1; }
+	KERAS_BACKEND=tensorflow $(CPU_VENV)/bin/python -m pytest -q \
+		-p no:cacheprovider tests/keras_hub_test.py tests/terms/on_policy_test.py
 
 lint:
 	$(BIN)/ruff check keras_selfdistill tests examples benchmarks

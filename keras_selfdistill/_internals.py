@@ -147,3 +147,20 @@ def in_xla_function():
         return None
     graph = tf.compat.v1.get_default_graph()
     return bool(control_flow_util.GraphOrParentsInXlaContext(graph))
+
+
+def cached_decoder(model):
+    """KerasHub's key/value-cache decoding of a causal LM, or `None`.
+
+    `(build, step)`: `build(token_ids)` runs the model once over the
+    sequences and returns `(hidden_states, cache)`, and `step(token_ids,
+    cache, index)` runs the tokens at `index` against the cache and
+    returns `(logits, hidden_states, cache)`. These are `_build_cache` and
+    `call_with_cache`, which every KerasHub `CausalLM.generate_step` uses;
+    the first is private, so a model without them decodes without a cache.
+    """
+    build = getattr(model, "_build_cache", None)
+    step = getattr(model, "call_with_cache", None)
+    if callable(build) and callable(step):
+        return build, step
+    return None

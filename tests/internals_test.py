@@ -14,6 +14,7 @@ ALLOWED = ROOT / "_internals.py"
 PRIVATE = re.compile(
     r"keras\.src|tensorflow\.python|jax\._src|jax\.core|_keras_history"
     r"|\._compile_loss|\._direction|_jax_state|jax_state_sync"
+    r"|_build_cache"
 )
 
 

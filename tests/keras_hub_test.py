@@ -1,11 +1,16 @@
 """KerasHub causal LMs (tiny Gemma configurations, no download) in fit."""
 
+from unittest import mock
+
 import keras
 import numpy as np
 import pytest
 from absl.testing import parameterized
 
 import keras_selfdistill as ksd
+from keras_selfdistill import _internals
+from keras_selfdistill.terms.on_policy import continue_sequences
+from keras_selfdistill.terms.on_policy import continue_with_cache
 
 keras_hub = pytest.importorskip("keras_hub")
 
@@ -83,3 +88,61 @@ class KerasHubTest(parameterized.TestCase):
             results.append(_train(terms, inputs, y, weights, None))
         for a, b in zip(results[0][1], results[1][1]):
             np.testing.assert_array_equal(a, b)
+
+    @parameterized.named_parameters(
+        ("greedy", 0.0, None), ("sampled", 1.0, None), ("max_new", 1.0, 6)
+    )
+    def test_cached_decoding_equals_full_forwards(self, temperature, end):
+        # KerasHub's key/value cache writes what one full forward per token
+        # writes, for the same uniforms.
+        rng = np.random.default_rng(3)
+        tokens = rng.integers(1, 32, (4, 9)).astype("int32")
+        noise = keras.random.uniform((4, 9), seed=4)
+
+        def logits_of(sequence):
+            sequence = keras.ops.convert_to_tensor(sequence)
+            ones = keras.ops.ones_like(sequence)
+            return self.teacher({"token_ids": sequence, "padding_mask": ones})
+
+        decoder = _internals.cached_decoder(self.teacher)
+        self.assertIsNotNone(decoder)
+        got, expected = (
+            keras.ops.convert_to_numpy(f(g, tokens, 3, temperature, noise, end))
+            for f, g in (
+                (continue_with_cache, decoder),
+                (continue_sequences, logits_of),
+            )
+        )
+        np.testing.assert_array_equal(got, expected)
+        np.testing.assert_array_equal(got[:, :3], tokens[:, :3])
+        end = end or 9
+        np.testing.assert_array_equal(got[:, end:], tokens[:, end:])
+        self.assertGreater(np.mean(got[:, 3:end] != tokens[:, 3:end]), 0.5)
+
+    def test_on_policy_and_sequence_kd_decode_with_the_cache(self):
+        x, y, weights = _batch()
+        original = keras_hub.models.GemmaCausalLM.call_with_cache
+        for term in (
+            ksd.terms.OnPolicy(prompt_length=3, max_new_tokens=2, seed=0),
+            ksd.terms.SequenceKD(self.teacher, prompt_length=3),
+        ):
+            terms = [
+                ksd.terms.Distillation(
+                    self.teacher, reduction="mean_with_sample_weight"
+                ),
+                term,
+            ]
+            loss = None
+            if isinstance(term, ksd.terms.SequenceKD):
+                loss = keras.losses.SparseCategoricalCrossentropy(
+                    from_logits=True
+                )
+            with mock.patch.object(
+                keras_hub.models.GemmaCausalLM,
+                "call_with_cache",
+                autospec=True,
+                side_effect=original,
+            ) as spy:
+                history, _ = _train(terms, x, y, weights, loss)
+            self.assertTrue(np.isfinite(history["loss"]).all())
+            self.assertGreater(spy.call_count, 0, type(term).__name__)

@@ -6,8 +6,22 @@ from keras_selfdistill import _internals
 from keras_selfdistill.terms.term import Term
 
 
-def continue_sequences(logits_of, tokens, prompt_length, temperature, noise):
-    """Replaces `tokens[:, prompt_length:]` by tokens sampled one by one.
+def _pick(logits, temperature, u):
+    """The token where the tempered softmax's cumulative passes `u`."""
+    logits = ops.cast(logits, "float32")
+    if temperature == 0:
+        return ops.argmax(logits, axis=-1)
+    cumulative = ops.cumsum(ops.softmax(logits / temperature), -1)
+    u = u[:, None] * cumulative[:, -1:]
+    return ops.minimum(
+        ops.sum(ops.cast(cumulative < u, "int32"), -1), logits.shape[-1] - 1
+    )
+
+
+def continue_sequences(
+    logits_of, tokens, prompt_length, temperature, noise, end=None
+):
+    """Replaces `tokens[:, prompt_length:end]` by tokens sampled one by one.
 
     `tokens` is `[batch, length]`; position `i` is drawn from
     `softmax(logits_of(tokens)[:, i - 1] / temperature)` with everything
@@ -16,26 +30,52 @@ def continue_sequences(logits_of, tokens, prompt_length, temperature, noise):
     the most likely token. `noise` holds one uniform number per position,
     drawn beforehand: the token is where the cumulative distribution
     passes it (inverse-CDF sampling), so the loop holds no random state.
+    `end` defaults to `length`; the tokens from `end` on are kept.
     """
     length = tokens.shape[1]
     positions = ops.arange(length)[None, :]
     noise = ops.cast(noise, "float32")
 
     def body(i, tokens):
-        logits = ops.cast(ops.take(logits_of(tokens), i - 1, axis=1), "float32")
-        if temperature == 0:
-            token = ops.argmax(logits, axis=-1)
-        else:
-            cumulative = ops.cumsum(ops.softmax(logits / temperature), -1)
-            u = ops.take(noise, i, axis=1)[:, None] * cumulative[:, -1:]
-            token = ops.minimum(
-                ops.sum(ops.cast(cumulative < u, "int32"), -1),
-                logits.shape[-1] - 1,
-            )
+        logits = ops.take(logits_of(tokens), i - 1, axis=1)
+        token = _pick(logits, temperature, ops.take(noise, i, axis=1))
         token = ops.cast(token[:, None], tokens.dtype)
         return ops.where(positions == i, token, tokens)
 
-    return ops.fori_loop(prompt_length, length, body, tokens)
+    end = length if end is None else end
+    return ops.fori_loop(prompt_length, end, body, tokens)
+
+
+def continue_with_cache(
+    decoder, tokens, prompt_length, temperature, noise, end=None
+):
+    """`continue_sequences` with a KerasHub causal LM's key/value cache.
+
+    `decoder` is `(build, step)` (`_internals.cached_decoder`): the cache
+    is built in one forward over the tokens before `end - 1`, and each new
+    token then costs one single-position `step`, as in KerasHub's
+    `CausalLM.generate_step`. The samples are `continue_sequences`'s for
+    the same `noise`, up to rounding in the model's outputs.
+    """
+    build, step = decoder
+    length = tokens.shape[1]
+    end = length if end is None else end
+    noise = ops.cast(noise, "float32")
+    # Positions from end - 1 on are never read, and a model with learned
+    # positions may not have them.
+    _, cache = build(tokens[:, : end - 1])
+    batch = ops.shape(tokens)[0]
+
+    def body(i, state):
+        tokens, cache = state
+        previous = ops.slice(tokens, [0, i - 1], [batch, 1])
+        logits, _, cache = step(previous, cache, i - 1)
+        token = _pick(logits[:, 0], temperature, ops.take(noise, i, axis=1))
+        token = ops.cast(token[:, None], tokens.dtype)
+        return ops.slice_update(tokens, [0, i], token), cache
+
+    tokens, _ = ops.fori_loop(prompt_length, end, body, (tokens, cache))
+    return tokens
 
 
 @keras.saving.register_keras_serializable(package="keras_selfdistill")
@@ -59,12 +99,27 @@ class OnPolicy(Term):
     `[batch, length]` token ids, or a dict with `"token_ids"` (and
     `"padding_mask"`, set to 1 on generated sequences), as KerasHub's
     preprocessors give; `y`, when present, is `x` shifted by one token,
-    and its last token is generated too. Sequences are generated to their
-    full length (no end token), as TRL does with `max_new_tokens` when no
-    end-of-sequence is sampled; the student is called in inference mode
-    (no dropout) while it generates, one full forward per token, so
-    generation costs about `length − prompt_length` forwards of the
-    student per on-policy step.
+    and its last token is generated too.
+
+    Generation stops after `max_new_tokens` tokens (TRL's
+    `max_new_tokens`) or at the end of the sequences, whichever is first,
+    and a sequence ends at its first generated token in `stop_token_ids`:
+    the predictions after it (and after `max_new_tokens`) have weight 0,
+    so the loss covers the generated tokens up to and including the stop
+    token, as TRL's completion mask does. The student is called in
+    inference mode (no dropout) while it generates. A KerasHub `CausalLM`
+    student generates with its key/value cache, the path its
+    `generate_step` takes: one forward over the prompts, then one
+    single-token step per new token. Any other model is run once per new
+    token over the whole sequence, which costs about `max_new_tokens`
+    forwards of the student per on-policy step.
+
+    KerasHub's `CausalLM.generate` itself is not called: it compiles its
+    own function outside the training step, and its sampler draws from a
+    seed generator that `fit`'s stateless JAX step does not carry, so it
+    would repeat its draws. Sampling here is by temperature over the whole
+    vocabulary (KerasHub's `"random"` sampler; `0` is its `"greedy"`),
+    from this term's seed generator.
 
     Every sequence needs at least `prompt_length` real tokens: a shorter
     one's padding would become part of its prompt (the generated
@@ -91,6 +146,10 @@ class OnPolicy(Term):
             `λ`). Defaults to `1.0`.
         temperature: Sampling temperature, `0` for the most likely token.
             Defaults to `1.0`.
+        max_new_tokens: Most tokens generated per sequence, at least 1, or
+            `None` for up to the end of the sequences. Defaults to `None`.
+        stop_token_ids: Token ids that end a generated sequence (e.g. the
+            tokenizer's end-of-sequence id), or `None`. Defaults to `None`.
         seed: Integer seed of the sampling. Defaults to `None`.
         name: Name of the term. Defaults to `"on_policy"`.
 
@@ -117,6 +176,8 @@ class OnPolicy(Term):
         fraction=1.0,
         temperature=1.0,
         seed=None,
+        max_new_tokens=None,
+        stop_token_ids=None,
         name=None,
         **kwargs,
     ):
@@ -144,6 +205,35 @@ class OnPolicy(Term):
             raise TypeError(
                 f"`seed` must be an integer or None. Received: seed={seed!r}"
             )
+        if max_new_tokens is not None and (
+            not _arguments.is_integer(max_new_tokens) or max_new_tokens < 1
+        ):
+            raise ValueError(
+                "`max_new_tokens` must be an integer >= 1 or None. "
+                f"Received: max_new_tokens={max_new_tokens!r}"
+            )
+        if isinstance(stop_token_ids, int):
+            stop_token_ids = (stop_token_ids,)
+        if stop_token_ids is not None and (
+            isinstance(stop_token_ids, (str, bytes))
+            or not stop_token_ids
+            or not all(
+                _arguments.is_integer(t) and t >= 0 for t in stop_token_ids
+            )
+        ):
+            raise ValueError(
+                "`stop_token_ids` must be token ids (integers >= 0), e.g. "
+                "`(tokenizer.end_token_id,)`, or None. "
+                f"Received: stop_token_ids={stop_token_ids!r}"
+            )
+        self.max_new_tokens = (
+            None if max_new_tokens is None else int(max_new_tokens)
+        )
+        self.stop_token_ids = (
+            None
+            if stop_token_ids is None
+            else tuple(int(t) for t in stop_token_ids)
+        )
         self.prompt_length = int(prompt_length)
         self.fraction = float(fraction)
         self.temperature = float(temperature)
@@ -171,6 +261,10 @@ class OnPolicy(Term):
             return final(inputs, training=False)
 
         return logits_of
+
+    def _cached_decoder(self):
+        """The writer's KerasHub key/value-cache decoding, or `None`."""
+        return _internals.cached_decoder(self._model().student)
 
     # Whether the rewritten labels are meant for the compiled loss.
     _labels_are_targets = False
@@ -210,6 +304,11 @@ class OnPolicy(Term):
                 sample_weight = sample_weight[:, None]
             weights = weights * sample_weight
         generate = self._generator()
+        decoder = self._cached_decoder()
+        # The generated sequence is length + 1 tokens (x and y's last).
+        end = length + 1
+        if self.max_new_tokens is not None:
+            end = min(end, self.prompt_length + self.max_new_tokens)
         # Drawn outside the generation loop and the branch, so that the
         # seed generator's variable advances once per step on both backends.
         noise = keras.random.uniform(
@@ -236,22 +335,31 @@ class OnPolicy(Term):
                         )
                 return generate(inputs)
 
-            full = continue_sequences(
-                logits_of, full, self.prompt_length, self.temperature, noise
-            )
+            if decoder is not None:
+                full = continue_with_cache(
+                    decoder,
+                    full,
+                    self.prompt_length,
+                    self.temperature,
+                    noise,
+                    end,
+                )
+            else:
+                full = continue_sequences(
+                    logits_of,
+                    full,
+                    self.prompt_length,
+                    self.temperature,
+                    noise,
+                    end,
+                )
             new_x = full[:, :length]
             if isinstance(x, dict):
                 new_x = dict(x, token_ids=new_x)
                 if "padding_mask" in x:
                     new_x["padding_mask"] = ops.ones_like(x["padding_mask"])
             new_y = None if y is None else ops.cast(full[:, 1:], "int32")
-            # Position t predicts token t + 1: the loss counts the
-            # predictions of generated tokens, from prompt_length - 1 on.
-            generated_weights = ops.cast(
-                ops.arange(length) >= self.prompt_length - 1, "float32"
-            )
-            new_weights = ops.ones_like(weights) * generated_weights[None, :]
-            return new_x, new_y, new_weights
+            return new_x, new_y, self._generated_weights(full, end)
 
         if self.fraction == 1.0:
             return generated()
@@ -259,6 +367,33 @@ class OnPolicy(Term):
         labels = None if y is None else ops.cast(y, "int32")
         return ops.cond(
             coin < self.fraction, generated, lambda: (x, labels, weights)
+        )
+
+    def _generated_weights(self, full, end):
+        """1 on the predictions of generated tokens, up to a stop token.
+
+        Position t predicts token t + 1 of `full`: the loss counts the
+        positions from prompt_length - 1 to end - 2, and, with stop
+        tokens, those whose earlier generated tokens hold none.
+        """
+        length = full.shape[1] - 1
+        positions = ops.arange(length)[None, :]
+        keep = ops.logical_and(
+            positions >= self.prompt_length - 1, positions < end - 1
+        )
+        if self.stop_token_ids is not None:
+            stops = ops.any(
+                ops.equal(
+                    full[:, :length, None],
+                    ops.convert_to_tensor(self.stop_token_ids, full.dtype),
+                ),
+                axis=-1,
+            )
+            stops = ops.logical_and(stops, positions >= self.prompt_length)
+            seen = ops.cumsum(ops.cast(stops, "int32"), axis=1)
+            keep = ops.logical_and(keep, seen == 0)
+        return ops.cast(
+            ops.broadcast_to(keep, ops.shape(full[:, :length])), "float32"
         )
 
     # Keras saves a layer's weights but not its seed generators' state; a
@@ -285,5 +420,7 @@ class OnPolicy(Term):
             fraction=self.fraction,
             temperature=self.temperature,
             seed=self.seed,
+            max_new_tokens=self.max_new_tokens,
+            stop_token_ids=self.stop_token_ids,
         )
         return config

@@ -1,5 +1,7 @@
 import keras
 
+from keras_selfdistill import _internals
+from keras_selfdistill.teachers.frozen_model import FrozenModel
 from keras_selfdistill.teachers.frozen_model import as_teacher
 from keras_selfdistill.terms.on_policy import OnPolicy
 
@@ -16,8 +18,10 @@ class SequenceKD(OnPolicy):
     compiled cross-entropy trains on them (Kim & Rush's objective), and a
     `keras_selfdistill.terms.Distillation` term beside it adds the
     token-level divergence on the same sequences (TRL's `seq_kd`). Weights
-    are 0 on the prompt's predictions. The generation machinery, data
-    format and seeding are `keras_selfdistill.terms.OnPolicy`'s.
+    are 0 on the prompt's predictions and after a stop token. The
+    generation machinery, data format, stopping and seeding are
+    `keras_selfdistill.terms.OnPolicy`'s; a KerasHub `CausalLM` teacher
+    given as a model or a `FrozenModel` generates with its key/value cache.
 
     Kim & Rush decode with beam search; here the teacher's most likely
     token is taken at each position (`temperature=0`, greedy decoding, the
@@ -38,6 +42,10 @@ class SequenceKD(OnPolicy):
             teacher's sequences. Defaults to `1.0`.
         temperature: Sampling temperature, `0` for greedy decoding.
             Defaults to `0.0`.
+        max_new_tokens: Most tokens generated per sequence, or `None` for
+            up to the end of the sequences. Defaults to `None`.
+        stop_token_ids: Token ids that end a generated sequence, or
+            `None`. Defaults to `None`.
         seed: Integer seed of the sampling. Defaults to `None`.
         name: Name of the term. Defaults to `"sequence_kd"`.
 
@@ -67,6 +75,8 @@ class SequenceKD(OnPolicy):
         fraction=1.0,
         temperature=0.0,
         seed=None,
+        max_new_tokens=None,
+        stop_token_ids=None,
         name=None,
         **kwargs,
     ):
@@ -75,6 +85,8 @@ class SequenceKD(OnPolicy):
             fraction=fraction,
             temperature=temperature,
             seed=seed,
+            max_new_tokens=max_new_tokens,
+            stop_token_ids=stop_token_ids,
             name=name,
             **kwargs,
         )
@@ -100,6 +112,17 @@ class SequenceKD(OnPolicy):
             return self.teacher.targets(inputs, None, 1.0)
 
         return logits_of
+
+    def _cached_decoder(self):
+        # Only a plain frozen model is the function the cache computes.
+        teacher = self.teacher
+        if (
+            type(teacher) is FrozenModel
+            and teacher.from_logits
+            and teacher.input_key is None
+        ):
+            return _internals.cached_decoder(teacher.model)
+        return None
 
     def get_config(self):
         config = super().get_config()

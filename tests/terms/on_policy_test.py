@@ -68,13 +68,25 @@ class ContinueSequencesTest(parameterized.TestCase):
 
 class OnPolicyTest(parameterized.TestCase):
     def test_config(self):
-        term = ksd.terms.OnPolicy(4, fraction=0.25, temperature=0.7, seed=5)
+        term = ksd.terms.OnPolicy(
+            4,
+            fraction=0.25,
+            temperature=0.7,
+            seed=5,
+            max_new_tokens=3,
+            stop_token_ids=[1, 2],
+        )
         config = term.get_config()
         self.assertNotIn("weight", config)
         restored = ksd.terms.OnPolicy.from_config(config)
         self.assertEqual(
             (restored.prompt_length, restored.fraction, restored.temperature),
             (4, 0.25, 0.7),
+        )
+        self.assertEqual(restored.max_new_tokens, 3)
+        self.assertEqual(restored.stop_token_ids, (1, 2))
+        self.assertEqual(
+            ksd.terms.OnPolicy(2, stop_token_ids=7).stop_token_ids, (7,)
         )
         self.assertEqual(restored.seed, 5)
         self.assertFalse(restored.has_loss)
@@ -85,16 +97,40 @@ class OnPolicyTest(parameterized.TestCase):
             ({"prompt_length": 2, "fraction": 0.0}, "fraction=0.0"),
             ({"prompt_length": 2, "fraction": 1.5}, "fraction=1.5"),
             ({"prompt_length": 2, "temperature": -1}, "temperature=-1"),
+            ({"prompt_length": 2, "max_new_tokens": 0}, "max_new_tokens=0"),
+            ({"prompt_length": 2, "stop_token_ids": "a"}, "stop_token_ids='a'"),
+            ({"prompt_length": 2, "stop_token_ids": [-1]}, r"\[-1\]"),
+            ({"prompt_length": 2, "stop_token_ids": []}, r"\[\]"),
         ):
             with self.assertRaisesRegex(ValueError, message):
                 ksd.terms.OnPolicy(**kwargs)
         with self.assertRaisesRegex(TypeError, "seed='a'"):
             ksd.terms.OnPolicy(2, seed="a")
 
-    def test_rewritten_batch(self):
+    def _greedy(self, student, x, y, end):
+        """The student's greedy continuation of x + y's last, to `end`."""
+        full = np.concatenate([x, y[:, -1:]], axis=1)
+        for i in range(2, end):
+            logits = student.predict(full[:, :6], verbose=0)
+            full[:, i] = logits[:, i - 1].argmax(-1)
+        return full
+
+    @parameterized.named_parameters(
+        ("to_the_end", None, False),
+        ("max_new_tokens", 3, False),
+        ("stop_token", None, True),
+        ("both", 4, True),
+    )
+    def test_rewritten_batch(self, max_new_tokens, stop):
         distiller = _gkd(1.0)
         x, y = _windows(n=4)
         term = distiller.terms[1]
+        end = 7 if max_new_tokens is None else 2 + max_new_tokens
+        expected = self._greedy(distiller.student, x, y, end)
+        if stop:
+            # Row 0 stops at position 3, whatever the others do.
+            term.stop_token_ids = (int(expected[0, 3]),)
+        term.max_new_tokens = max_new_tokens
         weights = np.ones((4, 6), "float32")
         new_x, new_y, new_weights = [
             keras.ops.convert_to_numpy(t)
@@ -102,14 +138,23 @@ class OnPolicyTest(parameterized.TestCase):
         ]
         np.testing.assert_array_equal(new_x[:, :2], x[:, :2])
         np.testing.assert_array_equal(new_y[:, :-1], new_x[:, 1:])
-        # The student's own greedy continuation of the prompt.
-        expected = x.copy()
-        for i in range(2, 6):
-            logits = distiller.student.predict(expected, verbose=0)
-            expected[:, i] = logits[:, i - 1].argmax(-1)
-        np.testing.assert_array_equal(new_x, expected)
-        # Predictions of the prompt's tokens (positions 0) are not trained.
-        np.testing.assert_array_equal(new_weights, [[0, 1, 1, 1, 1, 1]] * 4)
+        # The student's own greedy continuation of the prompt; the tokens
+        # after max_new_tokens are the dataset's.
+        np.testing.assert_array_equal(new_x, expected[:, :6])
+        np.testing.assert_array_equal(new_y, expected[:, 1:])
+        # Position t predicts token t + 1: the prompt's predictions
+        # (position 0), those past max_new_tokens and those after a
+        # generated stop token are not trained.
+        reference = np.zeros((4, 6), "float32")
+        for row in range(4):
+            for t in range(1, end - 1):
+                generated = expected[row, 2 : t + 1]
+                if stop and np.isin(generated, term.stop_token_ids).any():
+                    break
+                reference[row, t] = 1
+        if stop:
+            self.assertEqual(reference[0].tolist(), [0, 1, 1, 0, 0, 0])
+        np.testing.assert_array_equal(new_weights, reference)
 
     def test_dict_inputs(self):
         # KerasHub's causal LMs take token ids and a padding mask.
