@@ -54,7 +54,7 @@ test-tf-cpu:
 	$(CPU_VENV)/bin/python -m pip install -q --upgrade pip
 	$(CPU_PIP) tensorflow-cpu keras tensorflow-datasets importlib_resources \
 		pytest
-	$(CPU_PIP) --no-deps -e . keras-hub
+	$(CPU_PIP) --no-deps . keras-hub
 	$(CPU_PIP) $(KERAS_HUB_DEPS)
 	@! $(CPU_VENV)/bin/python -m pip show -q tensorflow tensorflow-text \
 		2>/dev/null || { echo "the full tensorflow was installed"; exit 1; }
