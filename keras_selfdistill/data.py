@@ -83,6 +83,19 @@ def _tfds_ids(dataset, info, split):
     return dataset.map(attach, num_parallel_calls=tf.data.AUTOTUNE)
 
 
+def fingerprints_of(inputs, batched):
+    """The fingerprint of each example of a batch (or of one example).
+
+    Graph-compatible, for `tf.data` maps; NumPy arrays of a whole dataset
+    go through `_array_fingerprints` instead.
+    """
+    import tensorflow as tf
+
+    if not batched:
+        return fingerprint(inputs)
+    return tf.map_fn(fingerprint, inputs, fn_output_signature=tf.int32)
+
+
 def _array_fingerprints(x, size):
     import tensorflow as tf
 

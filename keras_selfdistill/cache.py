@@ -1,0 +1,499 @@
+"""Teacher outputs computed once, written to disk, read with the batches.
+
+A cache is a directory of NumPy `.npy` files, readable without this
+library (`numpy.load`, memory-mapped):
+
+- `manifest.json`: the format, the kind of targets, `num_samples`, the
+  per-sample output shape, the temperature the targets were taken at, the
+  shard size, the teacher's name and whether the cache is complete;
+- `shard-00000/`, `shard-00001/`, ...: shard `s` holds the samples with ids
+  `s · shard_size` to `(s + 1) · shard_size − 1`, one row per sample id:
+  - `fingerprints.npy` (`int32`): the hash of the inputs the teacher saw,
+    0 where no row was written yet;
+  - `dense`: `log_probs.npy`, the teacher's log-probabilities;
+  - `top_k`: `ids.npy` and `log_probs.npy` (the `k` most likely classes,
+    most likely first) and `rest.npy` (the log of the mass outside them);
+  - `sampled`: `ids.npy`, `weights.npy` and `log_probs.npy`: the distinct
+    classes among `k` draws from the teacher's distribution, their share
+    of the draws and their log-probability (RS-KD).
+
+NumPy files rather than TFRecord or a saved `tf.data` dataset: a row is
+found by its id with one memory-mapped read, so training reads the rows of
+a shuffled batch without holding the cache in memory and without a join
+over a second dataset; a writer that stops writes whole rows and marks them
+last, so a restarted one continues where it stopped; and any NumPy reads
+it.
+"""
+
+import json
+import os
+
+import keras
+import numpy as np
+
+from keras_selfdistill.data import fingerprints_of
+from keras_selfdistill.teachers.teacher import SAMPLE_ID
+from keras_selfdistill.teachers.teacher import select_input
+
+FORMAT = "keras_selfdistill.teacher_outputs"
+VERSION = 1
+MANIFEST = "manifest.json"
+KINDS = ("dense", "top_k", "sampled")
+# The file of each kind's arrays, in the order the targets use them.
+ARRAYS = {
+    "dense": ("log_probs",),
+    "top_k": ("ids", "log_probs", "rest"),
+    "sampled": ("ids", "weights", "log_probs"),
+}
+# The lowest log-probability stored: float16 holds it, and exp() of it is 0.
+LOG_FLOOR = -1e4
+
+
+def manifest_path(directory):
+    return os.path.join(os.fspath(directory), MANIFEST)
+
+
+def read_manifest(directory):
+    """The manifest of the cache in `directory`, checked."""
+    path = manifest_path(directory)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"No teacher-output cache in '{os.fspath(directory)}': it has no "
+            f"{MANIFEST}. Write one with "
+            "`keras_selfdistill.cache.write_teacher_outputs`."
+        )
+    with open(path) as file:
+        manifest = json.load(file)
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise ValueError(
+            f"'{path}' is not a keras_selfdistill teacher-output cache of "
+            f"version {VERSION}. Received: format={manifest.get('format')!r}, "
+            f"version={manifest.get('version')!r}"
+        )
+    return manifest
+
+
+def _shard_directory(directory, shard):
+    return os.path.join(os.fspath(directory), f"shard-{shard:05d}")
+
+
+def _array_specs(manifest):
+    """`{name: (row shape, dtype)}` of the kind's arrays."""
+    shape = tuple(manifest["output_shape"])
+    positions, vocabulary = shape[:-1], shape[-1]
+    k = manifest.get("k")
+    ids = "uint16" if vocabulary <= np.iinfo("uint16").max else "int32"
+    dtype = manifest["dtype"]
+    if manifest["kind"] == "dense":
+        return {"log_probs": (shape, dtype)}
+    if manifest["kind"] == "top_k":
+        return {
+            "ids": (positions + (k,), ids),
+            "log_probs": (positions + (k,), dtype),
+            "rest": (positions, "float32"),
+        }
+    return {
+        "ids": (positions + (k,), ids),
+        "weights": (positions + (k,), dtype),
+        "log_probs": (positions + (k,), dtype),
+    }
+
+
+def open_shard(directory, manifest, shard, mode="r"):
+    """The memory-mapped arrays of one shard, fingerprints included."""
+    folder = _shard_directory(directory, shard)
+    rows = manifest["shard_size"]
+    specs = dict(_array_specs(manifest))
+    specs["fingerprints"] = ((), "int32")
+    arrays = {}
+    for name, (shape, dtype) in specs.items():
+        path = os.path.join(folder, f"{name}.npy")
+        if mode == "r":
+            arrays[name] = np.load(path, mmap_mode="r")
+        elif os.path.exists(path):
+            arrays[name] = np.load(path, mmap_mode="r+")
+        else:
+            os.makedirs(folder, exist_ok=True)
+            arrays[name] = np.lib.format.open_memmap(
+                path, mode="w+", dtype=dtype, shape=(rows,) + shape
+            )
+    return arrays
+
+
+def _top_k(log_probs, k):
+    """The k most likely classes, most likely first, and the rest's log."""
+    top = np.argpartition(-log_probs, k - 1, axis=-1)[..., :k]
+    values = np.take_along_axis(log_probs, top, axis=-1)
+    order = np.argsort(-values, axis=-1, kind="stable")
+    top = np.take_along_axis(top, order, axis=-1)
+    values = np.take_along_axis(values, order, axis=-1)
+    outside = log_probs.copy()
+    np.put_along_axis(outside, top, -np.inf, axis=-1)
+    peak = outside.max(axis=-1, keepdims=True)
+    peak = np.where(np.isfinite(peak), peak, 0.0)
+    with np.errstate(divide="ignore"):
+        rest = np.log(np.exp(outside - peak).sum(axis=-1)) + peak[..., 0]
+    return top, values, rest
+
+
+def _sample(log_probs, draws, seed, sample_ids):
+    """RS-KD's sparse targets: `draws` classes drawn from the teacher.
+
+    Each sample's draws come from its own generator, seeded by `seed` and
+    its id, so a restarted writer draws what an uninterrupted one did.
+    Returns the distinct classes (padded with class 0 at weight 0), their
+    share of the draws and their log-probabilities.
+    """
+    shape = log_probs.shape
+    rows = log_probs.reshape(-1, shape[-1])
+    per_sample = rows.shape[0] // shape[0]
+    uniforms = np.concatenate(
+        [
+            np.random.default_rng([seed, int(i)]).random((per_sample, draws))
+            for i in sample_ids
+        ]
+    )
+    cumulative = np.cumsum(np.exp(rows), axis=-1)
+    cumulative /= cumulative[:, -1:]
+    # One sorted array for all rows: row r's values lie in [r, r + 1].
+    offsets = np.arange(rows.shape[0])[:, None]
+    flat = (cumulative + offsets).ravel()
+    drawn = np.searchsorted(flat, (uniforms + offsets).ravel(), side="right")
+    drawn = np.minimum(
+        drawn.reshape(uniforms.shape) - offsets * shape[-1], shape[-1] - 1
+    )
+    drawn = np.sort(drawn, axis=-1)
+    first = np.ones_like(drawn, dtype=bool)
+    first[:, 1:] = drawn[:, 1:] != drawn[:, :-1]
+    group = np.cumsum(first, axis=-1) - 1
+    row_index = np.broadcast_to(offsets, drawn.shape)
+    counts = np.zeros(drawn.shape, "float64")
+    np.add.at(counts, (row_index, group), 1.0)
+    ids = np.zeros(drawn.shape, drawn.dtype)
+    ids[row_index[first], group[first]] = drawn[first]
+    values = np.take_along_axis(rows, ids, axis=-1)
+    values = np.where(counts > 0, values, 0.0)
+    new_shape = shape[:-1] + (draws,)
+    return (
+        ids.reshape(new_shape),
+        (counts / draws).reshape(new_shape),
+        values.reshape(new_shape),
+    )
+
+
+def _batches(data, batch_size):
+    """Batches of `(inputs with ids, ...)` as NumPy, from any supported data."""
+    import tensorflow as tf
+
+    if isinstance(data, dict) and SAMPLE_ID in data:
+        data = tf.data.Dataset.from_tensor_slices(data)
+    if not isinstance(data, tf.data.Dataset):
+        raise TypeError(
+            "`data` must be the inputs with sample ids "
+            "(`keras_selfdistill.data.with_sample_ids(x)`) or a "
+            "`tf.data.Dataset` of them. Received: data of type "
+            f"{type(data).__name__}"
+        )
+    spec = data.element_spec
+    x_spec = spec[0] if isinstance(spec, tuple) else spec
+    if not isinstance(x_spec, dict) or SAMPLE_ID not in x_spec:
+        raise ValueError(
+            "The teacher's outputs are keyed by sample id: attach ids with "
+            "`keras_selfdistill.data.with_sample_ids` before writing. "
+            f"Received: element_spec={spec}"
+        )
+    if x_spec[SAMPLE_ID].shape.rank == 0:
+        data = data.batch(batch_size)
+
+    def first(*element):
+        # The hash of the inputs the teacher sees, stored beside its rows.
+        x = element[0]
+        inputs = select_input(x, None, "write_teacher_outputs")
+        return x, fingerprints_of(inputs, batched=True)
+
+    yield from data.map(first).as_numpy_iterator()
+
+
+class _Targets(keras.Model):
+    """`log softmax(teacher targets / T)` of a batch, compiled by Keras."""
+
+    def __init__(self, teacher, temperature):
+        super().__init__(name="teacher_targets")
+        self.teacher = teacher
+        self.temperature = temperature
+
+    def call(self, x):
+        logits = self.teacher.targets(x, None, self.temperature)
+        logits = keras.ops.cast(logits, "float32")
+        return keras.ops.log_softmax(logits / self.temperature, axis=-1)
+
+
+def _count_written(directory, manifest):
+    total = 0
+    for shard in range(manifest["num_shards"]):
+        if os.path.exists(
+            os.path.join(_shard_directory(directory, shard), "fingerprints.npy")
+        ):
+            arrays = open_shard(directory, manifest, shard)
+            total += int(np.count_nonzero(arrays["fingerprints"]))
+    return total
+
+
+def write_teacher_outputs(
+    teacher,
+    data,
+    directory,
+    num_samples,
+    kind="dense",
+    k=None,
+    temperature=1.0,
+    dtype="float16",
+    shard_size=4096,
+    batch_size=256,
+    seed=0,
+    verbose="auto",
+):
+    """Runs a teacher once over a dataset and writes its outputs to disk.
+
+    The targets of every sample are written under its sample id (the ids
+    `keras_selfdistill.data.with_sample_ids` attaches, tfds ids included),
+    with the fingerprint of the inputs the teacher saw, in shards of
+    memory-mapped NumPy files (the format is described in this module's
+    docstring). The data are streamed batch by batch, so neither they nor
+    the cache have to fit in memory; a progress bar counts the samples.
+
+    A writer that stops (killed, out of disk) is restarted with the same
+    call: the rows already written are kept and their batches skipped, and
+    the finished cache is identical to one written without stopping (a
+    row's fingerprint is written after its targets, so a row is either
+    complete or rewritten). The manifest says `"complete": true` only at
+    the end. A directory that holds a cache written with other settings
+    is refused.
+
+    Three kinds of targets, taken at `temperature` (`softmax(z / T)`):
+
+    - `"dense"`: every class's log-probability, for classification (10
+      classes in float16: 20 bytes per sample);
+    - `"top_k"`: the `k` most likely classes with their log-probabilities
+      and the log of the mass outside them, which the losses keep as one
+      extra class (top-k targets without it are biased: RS-KD, §3);
+    - `"sampled"`: RS-KD's random sampling, `k` draws per position from the
+      teacher's distribution, stored as the distinct classes with their
+      share of the draws (an unbiased estimate of the distribution) and
+      their log-probabilities. Each sample's draws are seeded by `seed`
+      and its id.
+
+    Reference:
+    - [Anshumann et al., 2025](https://arxiv.org/abs/2503.16870) (RS-KD,
+      Sparse Logit Sampling)
+
+    Args:
+        teacher: A `keras.Model` returning logits, or a
+            `keras_selfdistill.teachers.Teacher` whose targets are a
+            function of the inputs (`FrozenModel`, `Ensemble`).
+        data: The inputs with sample ids
+            (`keras_selfdistill.data.with_sample_ids(x)`), or a
+            `tf.data.Dataset` of them (`x` or `(x, y, ...)`, batched or
+            not), without random augmentation: the cache holds one target
+            per sample.
+        directory: Where the cache is written (created if missing). A
+            directory holding a cache written with other settings is
+            refused.
+        num_samples: Number of sample ids (ids are `0 … num_samples − 1`).
+        kind: `"dense"`, `"top_k"` or `"sampled"`. Defaults to `"dense"`.
+        k: Classes kept per position (`"top_k"`) or draws per position
+            (`"sampled"`). Required for those kinds.
+        temperature: Temperature of the stored distribution. Sparse
+            targets are read at this temperature only. Defaults to `1.0`.
+        dtype: `"float16"` or `"float32"` for the log-probabilities and
+            weights. Defaults to `"float16"`.
+        shard_size: Samples per shard. Defaults to `4096`.
+        batch_size: Batch size for unbatched data. Defaults to `256`.
+        seed: Seed of the `"sampled"` draws. Defaults to `0`.
+        verbose: `"auto"`, `0` or `1`: the progress bar. Defaults to
+            `"auto"` (shown).
+
+    Returns:
+        The manifest, a dict.
+
+    Example:
+
+    ```python
+    train = keras_selfdistill.data.with_sample_ids(x_train)
+    keras_selfdistill.cache.write_teacher_outputs(
+        teacher, train, "teacher_cache", num_samples=len(x_train))
+    # Any NumPy reads it: the log-probabilities of samples 0 ... 4095.
+    numpy.load("teacher_cache/shard-00000/log_probs.npy", mmap_mode="r")
+    ```
+    """
+    from keras_selfdistill import _arguments
+    from keras_selfdistill.teachers.frozen_model import as_teacher
+
+    if kind not in KINDS:
+        raise ValueError(
+            f"`kind` must be one of {KINDS}. Received: kind={kind!r}"
+        )
+    if kind != "dense" and (not _arguments.is_integer(k) or k < 1):
+        raise ValueError(
+            f"`k` (classes kept or draws per position) must be an integer "
+            f'>= 1 for kind="{kind}". Received: k={k!r}'
+        )
+    if kind == "dense" and k is not None:
+        raise ValueError(
+            f'`k` applies to "top_k" and "sampled" targets; "dense" keeps '
+            f"every class. Received: k={k!r}"
+        )
+    for name, value in (
+        ("num_samples", num_samples),
+        ("shard_size", shard_size),
+        ("batch_size", batch_size),
+    ):
+        if not _arguments.is_integer(value) or value < 1:
+            raise ValueError(
+                f"`{name}` must be an integer >= 1. Received: {name}={value!r}"
+            )
+    if not _arguments.is_number(temperature) or temperature <= 0:
+        raise ValueError(
+            "`temperature` must be a number > 0. "
+            f"Received: temperature={temperature!r}"
+        )
+    if dtype not in ("float16", "float32"):
+        raise ValueError(
+            f'`dtype` must be "float16" or "float32". Received: dtype={dtype!r}'
+        )
+    # The name the user gave (a model's, or the teacher's), for the record.
+    teacher_name = getattr(teacher, "name", None)
+    teacher = as_teacher(teacher, "write_teacher_outputs")
+    if any(t.keyed_by_id or t.follows_student for t in teacher.walk()):
+        raise ValueError(
+            "Only a teacher whose targets are a function of the inputs can "
+            "be cached (a FrozenModel or an Ensemble of them). Received: "
+            f"teacher={type(teacher).__name__}"
+        )
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    targets = _Targets(teacher, float(temperature))
+    settings = {
+        "format": FORMAT,
+        "version": VERSION,
+        "kind": kind,
+        "k": None if kind == "dense" else int(k),
+        "num_samples": int(num_samples),
+        "shard_size": int(shard_size),
+        "num_shards": -(-int(num_samples) // int(shard_size)),
+        "temperature": float(temperature),
+        "dtype": dtype,
+        "seed": int(seed),
+    }
+    manifest = None
+    if os.path.exists(manifest_path(directory)):
+        manifest = read_manifest(directory)
+        stored = {key: manifest.get(key) for key in settings}
+        if stored != settings:
+            changed = sorted(k for k in settings if stored[k] != settings[k])
+            raise ValueError(
+                f"'{directory}' holds a cache written with other settings "
+                f"({', '.join(changed)}). Write to a new directory, or "
+                "repeat the first call's arguments to continue it. Received: "
+                + ", ".join(
+                    f"{key}={settings[key]!r} (stored {stored[key]!r})"
+                    for key in changed
+                )
+            )
+    progress = keras.utils.Progbar(
+        int(num_samples),
+        verbose=1 if verbose == "auto" else verbose,
+        unit_name="sample",
+    )
+    shards = {}
+    written = 0 if manifest is None else _count_written(directory, manifest)
+    progress.update(written)
+    for x, prints in _batches(data, batch_size):
+        ids = np.asarray(x[SAMPLE_ID]).astype("int64").reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= num_samples):
+            raise ValueError(
+                f"Sample ids must lie in [0, num_samples={num_samples}). "
+                f"Received: ids from {ids.min()} to {ids.max()}"
+            )
+        if manifest is not None:
+            done = np.array(
+                [
+                    _shard(shards, directory, manifest, i)["fingerprints"][
+                        i % shard_size
+                    ]
+                    for i in ids
+                ]
+            )
+            if np.all(done == prints):
+                continue
+        log_probs = _to_numpy(targets.predict_on_batch(x))
+        if manifest is None:
+            manifest = dict(
+                settings,
+                output_shape=list(log_probs.shape[1:]),
+                teacher=teacher_name,
+                complete=False,
+            )
+            _write_manifest(directory, manifest)
+        fresh = _rows_of(kind, log_probs, k, seed, ids)
+        fresh = [
+            np.maximum(a, LOG_FLOOR) if n in ("log_probs", "rest") else a
+            for n, a in zip(ARRAYS[kind], fresh)
+        ]
+        for i, row in enumerate(ids):
+            arrays = _shard(shards, directory, manifest, row)
+            position = row % shard_size
+            new = arrays["fingerprints"][position] == 0
+            for name, values in zip(ARRAYS[kind], fresh):
+                arrays[name][position] = values[i]
+            arrays["fingerprints"][position] = prints[i]
+            written += int(new)
+        for arrays in shards.values():
+            for array in arrays.values():
+                array.flush()
+        progress.update(written)
+    if manifest is None:
+        raise ValueError("`data` holds no samples: nothing was written.")
+    if written < num_samples:
+        raise ValueError(
+            f"The data held {written} of num_samples={num_samples} sample "
+            "ids: a cache must hold every sample the training data can "
+            "name. Pass the whole split, or the right `num_samples`."
+        )
+    manifest["complete"] = True
+    _write_manifest(directory, manifest)
+    return manifest
+
+
+def _rows_of(kind, log_probs, k, seed, ids):
+    if kind == "dense":
+        return (log_probs,)
+    if kind == "top_k":
+        if k > log_probs.shape[-1]:
+            raise ValueError(
+                f"`k={k}` is more than the teacher's "
+                f"{log_probs.shape[-1]} classes."
+            )
+        return _top_k(log_probs.astype("float64"), k)
+    return _sample(log_probs.astype("float64"), k, seed, ids)
+
+
+def _to_numpy(value):
+    return np.asarray(keras.ops.convert_to_numpy(value), "float64")
+
+
+def _shard(shards, directory, manifest, sample_id):
+    shard = int(sample_id) // manifest["shard_size"]
+    if shard not in shards:
+        shards[shard] = open_shard(directory, manifest, shard, mode="r+")
+    return shards[shard]
+
+
+def _write_manifest(directory, manifest):
+    # Written whole to a temporary file and renamed: a killed writer never
+    # leaves a half-written manifest.
+    path = manifest_path(directory)
+    temporary = path + ".tmp"
+    with open(temporary, "w") as file:
+        json.dump(manifest, file, indent=1, sort_keys=True)
+    os.replace(temporary, path)

@@ -1,0 +1,200 @@
+"""The teacher-output cache writer against float64 NumPy."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl.testing import parameterized
+
+import keras_selfdistill as ksd
+from tests import tiny
+
+
+def _log_softmax(logits):
+    logits = np.asarray(logits, "float64")
+    shifted = logits - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def _rows(directory, name):
+    """Every shard's `name` array, concatenated in id order."""
+    manifest = json.load(open(os.path.join(directory, "manifest.json")))
+    return np.concatenate(
+        [
+            np.load(os.path.join(directory, f"shard-{s:05d}", f"{name}.npy"))
+            for s in range(manifest["num_shards"])
+        ]
+    )[: manifest["num_samples"]]
+
+
+def _write(teacher, data, directory, **kwargs):
+    kwargs.setdefault("num_samples", 24)
+    return ksd.cache.write_teacher_outputs(
+        teacher, data, directory, verbose=0, **kwargs
+    )
+
+
+class WriteTeacherOutputsTest(parameterized.TestCase):
+    def setUp(self):
+        self.x, self.y = tiny.data()
+        self.teacher = tiny.mlp(seed=5)
+        self.reference = _log_softmax(
+            keras.ops.convert_to_numpy(self.teacher(self.x)) / 2.0
+        )
+
+    def test_dense_rows_are_the_tempered_log_probabilities(self):
+        directory = self.create_tempdir().full_path
+        manifest = _write(
+            self.teacher,
+            ksd.data.with_sample_ids(self.x),
+            directory,
+            temperature=2.0,
+            shard_size=7,
+        )
+        self.assertTrue(manifest["complete"])
+        self.assertEqual((manifest["num_shards"], manifest["k"]), (4, None))
+        self.assertEqual(manifest["output_shape"], [3])
+        stored = _rows(directory, "log_probs")
+        self.assertEqual(stored.dtype, np.float16)
+        np.testing.assert_allclose(stored, self.reference, atol=2e-3)
+        fingerprints = _rows(directory, "fingerprints")
+        np.testing.assert_array_equal(
+            fingerprints, ksd.data.with_sample_ids(self.x)["sample_fingerprint"]
+        )
+
+    def test_shuffled_batched_dataset_lands_by_id(self):
+        directory = self.create_tempdir().full_path
+        data = ksd.data.with_sample_ids(
+            tf.data.Dataset.from_tensor_slices((self.x, self.y))
+        )
+        _write(
+            self.teacher,
+            data.shuffle(24, seed=1).batch(5),
+            directory,
+            temperature=2.0,
+            dtype="float32",
+        )
+        np.testing.assert_allclose(
+            _rows(directory, "log_probs"), self.reference, atol=1e-5
+        )
+
+    def test_top_k_keeps_the_most_likely_and_the_rest_of_the_mass(self):
+        teacher = tiny.language_model(seed=1)
+        tokens = np.random.default_rng(0).integers(0, 11, (24, 6))
+        directory = self.create_tempdir().full_path
+        _write(
+            teacher,
+            ksd.data.with_sample_ids(tokens.astype("int32")),
+            directory,
+            kind="top_k",
+            k=3,
+            dtype="float32",
+        )
+        log_p = _log_softmax(keras.ops.convert_to_numpy(teacher(tokens)))
+        ids = _rows(directory, "ids")
+        self.assertEqual(ids.shape, (24, 6, 3))
+        np.testing.assert_array_equal(ids, np.argsort(-log_p, -1)[..., :3])
+        np.testing.assert_allclose(
+            _rows(directory, "log_probs"),
+            np.take_along_axis(log_p, ids.astype("int64"), -1),
+            atol=1e-5,
+        )
+        top_mass = np.exp(np.take_along_axis(log_p, ids.astype("int64"), -1))
+        np.testing.assert_allclose(
+            _rows(directory, "rest"),
+            np.log(1.0 - top_mass.sum(-1)),
+            atol=1e-5,
+        )
+
+    def test_sampled_weights_estimate_the_distribution(self):
+        # RS-KD: the share of k draws is an unbiased estimate of p; with
+        # 4,000 draws per sample it is within 4 standard errors of p.
+        draws = 4000
+        directory = self.create_tempdir().full_path
+        _write(
+            self.teacher,
+            ksd.data.with_sample_ids(self.x),
+            directory,
+            kind="sampled",
+            k=draws,
+            temperature=2.0,
+            dtype="float32",
+        )
+        ids = _rows(directory, "ids").astype("int64")
+        weights = _rows(directory, "weights")
+        log_probs = _rows(directory, "log_probs")
+        np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-6)
+        p = np.exp(self.reference)
+        estimate = np.zeros_like(p)
+        np.add.at(
+            estimate,
+            (np.arange(24)[:, None].repeat(draws, 1), ids),
+            weights,
+        )
+        error = np.sqrt(p * (1 - p) / draws)
+        self.assertLess(np.max(np.abs(estimate - p) / error), 4.0)
+        used = weights > 0
+        np.testing.assert_allclose(
+            log_probs[used],
+            np.take_along_axis(self.reference, ids, -1)[used],
+            atol=1e-5,
+        )
+        # Distinct classes, most draws first in id order: never repeated.
+        for row, mask in zip(ids, used):
+            self.assertLen(set(row[mask]), mask.sum())
+
+    def test_a_restarted_writer_writes_what_an_uninterrupted_one_did(self):
+        data = ksd.data.with_sample_ids(
+            tf.data.Dataset.from_tensor_slices(self.x)
+        ).batch(4)
+        settings = dict(kind="sampled", k=5, shard_size=10, seed=3)
+        whole = self.create_tempdir().full_path
+        _write(self.teacher, data, whole, **settings)
+        stopped = self.create_tempdir().full_path
+        # A writer that stops after 3 of 6 batches (its data ran out).
+        with self.assertRaisesRegex(ValueError, "held 12 of num_samples"):
+            _write(self.teacher, data.take(3), stopped, **settings)
+        manifest = json.load(open(os.path.join(stopped, "manifest.json")))
+        self.assertFalse(manifest["complete"])
+        # Restarted on the data in another order.
+        _write(self.teacher, data.shuffle(6, seed=0), stopped, **settings)
+        for name in ("ids", "weights", "log_probs", "fingerprints"):
+            np.testing.assert_array_equal(
+                _rows(stopped, name), _rows(whole, name), err_msg=name
+            )
+        self.assertEqual(
+            json.load(open(os.path.join(stopped, "manifest.json"))),
+            json.load(open(os.path.join(whole, "manifest.json"))),
+        )
+
+    def test_refuses_a_directory_written_with_other_settings(self):
+        directory = self.create_tempdir().full_path
+        data = ksd.data.with_sample_ids(self.x)
+        _write(self.teacher, data, directory)
+        with self.assertRaisesRegex(ValueError, r"other settings \(k, kind\)"):
+            _write(self.teacher, data, directory, kind="top_k", k=2)
+
+    def test_refuses_bad_arguments(self):
+        data = ksd.data.with_sample_ids(self.x)
+        directory = self.create_tempdir().full_path
+        for kwargs, message in (
+            ({"kind": "full"}, "kind='full'"),
+            ({"kind": "top_k"}, "k=None"),
+            ({"k": 3}, '"dense" keeps every class'),
+            ({"num_samples": 0}, "num_samples=0"),
+            ({"temperature": 0}, "temperature=0"),
+            ({"dtype": "int8"}, "dtype='int8'"),
+            ({"num_samples": 10}, r"ids must lie in \[0, num_samples=10\)"),
+        ):
+            with self.assertRaisesRegex(ValueError, message):
+                _write(self.teacher, data, directory, **kwargs)
+        with self.assertRaisesRegex(ValueError, "with_sample_ids"):
+            _write(
+                self.teacher,
+                tf.data.Dataset.from_tensor_slices(self.x),
+                directory,
+            )
+        with self.assertRaisesRegex(ValueError, "function of the inputs"):
+            _write(ksd.teachers.EMA(), data, directory)
