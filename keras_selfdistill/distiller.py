@@ -13,6 +13,9 @@ from keras_selfdistill._term_metrics import TermMetrics
 from keras_selfdistill._term_metrics import unscale_for_distribution
 from keras_selfdistill.callbacks.training_events import NO_STEP
 from keras_selfdistill.callbacks.training_events import TrainingEvents
+from keras_selfdistill.teachers.cached import Cached
+from keras_selfdistill.teachers.cached import cached_error
+from keras_selfdistill.teachers.cached import join as join_cached
 from keras_selfdistill.teachers.teacher import final_activation
 from keras_selfdistill.teachers.teacher import refuse_probabilities
 from keras_selfdistill.teachers.teacher import select_input
@@ -480,6 +483,11 @@ class Distiller(keras.Model):
             self,
             min(id_limits) if id_limits else None,
         )
+        cached = [t for t in self.teachers if isinstance(t, Cached)]
+        if cached:
+            # Last in the pipeline: after the user's shuffling, augmentation
+            # and batching, so the check sees what the student sees.
+            arguments["x"] = join_cached(cached, arguments["x"])
         if arguments.get("y") is None and "sample_weight" in arguments:
             # Keras drops the weights of label-free NumPy data.
             batches = data.label_free_with_weights(
@@ -509,6 +517,13 @@ class Distiller(keras.Model):
             # JAX's trainer builds from the first batch and lets an empty
             # iterator's StopIteration through.
             raise ValueError(NO_STEP) from error
+        except Exception as error:
+            # A cached teacher's check runs in the input pipeline, whose
+            # errors reach here wrapped in TensorFlow's.
+            message = cached_error(error)
+            if message is None:
+                raise
+            raise ValueError(message) from error
 
     def save(self, filepath, *args, **kwargs):
         if str(filepath).endswith((".h5", ".hdf5")):

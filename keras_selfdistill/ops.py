@@ -303,3 +303,158 @@ def standardize_logits(logits):
     # The floor keeps the gradient finite for a constant row (a zero-
     # initialised head): the square root's derivative is infinite at 0.
     return centred / (ops.sqrt(ops.maximum(variance, 1e-30)) + 1e-7)
+
+
+def _sparse_student(ids, student_logits, temperature):
+    """The student's tempered log-probabilities of the classes `ids`."""
+    log_q = _log_softmax(student_logits, temperature)
+    return ops.take_along_axis(log_q, ops.cast(ids, "int32"), axis=-1)
+
+
+# A class's log-probability below this counts as 0 probability: float32's
+# exp() of it is 0, and the losses' 0 · log 0 terms stay finite.
+_LOG_ZERO = -1e4
+
+
+def _log_mass_outside(log_q, ids):
+    """`log Σ q` over the classes not in `ids`, as `(..., 1)`.
+
+    A log-sum-exp over the other classes, not `log(1 − Σ_ids q)`, which
+    loses every digit in float32 once the classes in `ids` hold nearly all
+    the mass.
+    """
+    classes = log_q.shape[-1]
+    k = ids.shape[-1]
+    flat_q = ops.reshape(log_q, (-1, classes))
+    flat_ids = ops.reshape(ids, (-1, k))
+    rows = ops.shape(flat_ids)[0]
+    row_index = ops.repeat(ops.arange(rows)[:, None], k, axis=1)
+    indices = ops.stack(
+        [ops.reshape(row_index, (-1,)), ops.reshape(flat_ids, (-1,))], axis=-1
+    )
+    kept = ops.scatter(
+        indices, ops.ones((rows * k,), "float32"), (rows, classes)
+    )
+    outside = ops.logsumexp(ops.where(kept > 0, -1e9, flat_q), axis=-1)
+    outside = ops.maximum(outside, _LOG_ZERO)
+    return ops.reshape(outside, ops.shape(log_q)[:-1] + (1,))
+
+
+def top_k_divergence(
+    ids, log_probs, rest, student_logits, loss="kl", beta=0.5, temperature=1.0
+):
+    """A divergence from a teacher's top-k targets, on `k + 1` classes.
+
+    The teacher gave its `k` most likely classes `ids` with their
+    log-probabilities and `rest`, the log of the mass outside them; the
+    student's distribution is folded the same way (its probabilities of
+    `ids`, and one class holding the rest of its mass), and `loss` is taken
+    between the two `k + 1`-class distributions, times `T²`. With the rest
+    kept as a class the targets stay a distribution: the common top-k
+    recipe renormalises the `k` probabilities to 1 instead, which
+    over-weights them and never asks the student to leave mass outside
+    them (the bias RS-KD measures). The teacher's `k + 1` log-probabilities
+    are renormalised to sum to 1 (they were stored rounded); with `k` equal
+    to the number of classes the value is the dense divergence. The
+    divergence of the folded distributions is a lower bound of the full
+    one (data processing); `keras_selfdistill.ops.sampled_kl_divergence`
+    is unbiased instead.
+
+    Reference:
+    - [Anshumann et al., 2025](https://arxiv.org/abs/2503.16870) (RS-KD:
+      top-k targets are biased)
+
+    Args:
+        ids: Integer tensor `(..., k)`, the teacher's classes.
+        log_probs: Tensor `(..., k)`, the teacher's log-probabilities of
+            `ids` at `temperature`.
+        rest: Tensor `(...)`, the log of the teacher's mass outside `ids`.
+        student_logits: Tensor `(..., num_classes)`.
+        loss: `"kl"`, `"reverse_kl"` or `"jsd"`. Defaults to `"kl"`.
+        beta: The JSD's `β` in `(0, 1)`. Defaults to `0.5`.
+        temperature: The temperature the targets were taken at. Defaults
+            to `1.0`.
+
+    Returns:
+        Float32 tensor of shape `(...)`.
+
+    Example:
+
+    ```python
+    loss = keras_selfdistill.ops.top_k_divergence(ids, log_p, rest, s)
+    ```
+    """
+    if loss not in ("kl", "reverse_kl", "jsd"):
+        raise ValueError(
+            'Top-k targets support loss="kl", "reverse_kl" and "jsd". '
+            f"Received: loss={loss!r}"
+        )
+    log_q_all = _log_softmax(student_logits, temperature)
+    ids = ops.cast(ids, "int32")
+    log_q = ops.take_along_axis(log_q_all, ids, axis=-1)
+    log_q = ops.concatenate([log_q, _log_mass_outside(log_q_all, ids)], -1)
+    log_p = ops.concatenate(
+        [
+            ops.cast(log_probs, "float32"),
+            ops.cast(rest, "float32")[..., None],
+        ],
+        axis=-1,
+    )
+    log_p = ops.maximum(
+        log_p - ops.logsumexp(log_p, axis=-1, keepdims=True), _LOG_ZERO
+    )
+    if loss == "kl":
+        value = _kl(log_p, log_q)
+    elif loss == "reverse_kl":
+        value = _kl(log_q, log_p)
+    else:
+        log_m = ops.logaddexp(
+            log_p + ops.log(ops.cast(beta, "float32")),
+            log_q + ops.log(ops.cast(1.0 - beta, "float32")),
+        )
+        value = beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m)
+    return ops.square(ops.cast(temperature, "float32")) * value
+
+
+def sampled_kl_divergence(
+    ids, weights, log_probs, student_logits, temperature=1.0
+):
+    """RS-KD's unbiased estimate of `T² · KL(teacher ‖ student)`.
+
+    The teacher's distribution is represented by draws from it: the
+    distinct classes `ids` with their share `weights` of the draws, whose
+    expectation is the teacher's probability, so `Σ w·(log p − log q)` is
+    an unbiased estimate of the KL and its gradient, `q − w`, of the KL's
+    gradient `q − p` (RS-KD, §3). The weights are renormalised to sum to 1
+    (they were stored rounded). One position's estimate can be negative;
+    its expectation cannot.
+
+    Reference:
+    - [Anshumann et al., 2025](https://arxiv.org/abs/2503.16870)
+
+    Args:
+        ids: Integer tensor `(..., k)`, the drawn classes (slots of weight
+            0 are padding).
+        weights: Tensor `(..., k)`, each class's share of the draws.
+        log_probs: Tensor `(..., k)`, the teacher's log-probabilities of
+            `ids` at `temperature`.
+        student_logits: Tensor `(..., num_classes)`.
+        temperature: The temperature the draws were taken at. Defaults to
+            `1.0`.
+
+    Returns:
+        Float32 tensor of shape `(...)`.
+
+    Example:
+
+    ```python
+    loss = keras_selfdistill.ops.sampled_kl_divergence(ids, w, log_p, s)
+    ```
+    """
+    log_q = _sparse_student(ids, student_logits, temperature)
+    weights = ops.cast(weights, "float32")
+    weights = weights / ops.maximum(
+        ops.sum(weights, axis=-1, keepdims=True), 1e-30
+    )
+    value = ops.sum(weights * (ops.cast(log_probs, "float32") - log_q), axis=-1)
+    return ops.square(ops.cast(temperature, "float32")) * value

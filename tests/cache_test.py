@@ -198,3 +198,67 @@ class WriteTeacherOutputsTest(parameterized.TestCase):
             )
         with self.assertRaisesRegex(ValueError, "function of the inputs"):
             _write(ksd.teachers.EMA(), data, directory)
+
+
+_KILLED_WRITER = """
+import os, signal, sys
+import numpy as np
+import tensorflow as tf
+import keras_selfdistill as ksd
+from keras_selfdistill import cache
+from tests import tiny
+
+calls = []
+rows_of = cache._rows_of
+
+
+def dying(*args):
+    # SIGKILL in the middle of the run: after 3 of 6 batches were written.
+    calls.append(1)
+    if len(calls) == 4 and sys.argv[2] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return rows_of(*args)
+
+
+cache._rows_of = dying
+x, _ = tiny.data()
+data = ksd.data.with_sample_ids(tf.data.Dataset.from_tensor_slices(x))
+ksd.cache.write_teacher_outputs(
+    tiny.mlp(seed=5), data.batch(4), sys.argv[1], 24, kind="top_k", k=2,
+    shard_size=10, verbose=0)
+print(len(calls))
+"""
+
+
+class KilledWriterTest(parameterized.TestCase):
+    @tiny.ONCE
+    def test_a_killed_writer_restarted_equals_an_uninterrupted_one(self):
+        import subprocess
+        import sys
+
+        def run(directory, mode):
+            return subprocess.run(
+                [sys.executable, "-c", _KILLED_WRITER, directory, mode],
+                capture_output=True,
+                text=True,
+                cwd=os.path.dirname(os.path.dirname(__file__)),
+            )
+
+        whole = self.create_tempdir().full_path
+        killed = self.create_tempdir().full_path
+        self.assertEqual(run(whole, "keep").returncode, 0)
+        self.assertEqual(run(killed, "kill").returncode, -9)
+        manifest = json.load(open(os.path.join(killed, "manifest.json")))
+        self.assertFalse(manifest["complete"])
+        restarted = run(killed, "keep")
+        self.assertEqual(restarted.returncode, 0, restarted.stderr[-2000:])
+        # The restarted writer ran the teacher on the 3 missing batches only.
+        self.assertEqual(restarted.stdout.split()[-1], "3")
+        for name in ("ids", "log_probs", "rest", "fingerprints"):
+            np.testing.assert_array_equal(
+                _rows(killed, name), _rows(whole, name), err_msg=name
+            )
+        self.assertEqual(
+            json.load(open(os.path.join(killed, "manifest.json"))),
+            json.load(open(os.path.join(whole, "manifest.json"))),
+        )

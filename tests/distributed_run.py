@@ -56,13 +56,48 @@ def _language_model(keras, seed):
     return keras.Model(tokens, keras.layers.Dense(VOCABULARY)(h))
 
 
+_CACHES = {}
+
+
+def cached(keras, ksd, kind, k=None):
+    """A `Cached` teacher: `_model(keras, 1)`'s outputs on `data`'s inputs.
+
+    Written once per process and kind, in float32 whatever the policy, at
+    T = 2 (the temperature of the terms that read it).
+    """
+    if kind not in _CACHES:
+        import tempfile
+
+        policy = keras.config.dtype_policy()
+        keras.config.set_dtype_policy("float32")
+        try:
+            directory = tempfile.mkdtemp(prefix=f"harness_{kind}_")
+            ksd.cache.write_teacher_outputs(
+                _model(keras, 1),
+                ksd.data.with_sample_ids(_arrays()[0]),
+                directory,
+                num_samples=32,
+                kind=kind,
+                k=k,
+                temperature=2.0,
+                shard_size=12,
+                verbose=0,
+            )
+        finally:
+            keras.config.set_dtype_policy(policy)
+        _CACHES[kind] = directory
+    return ksd.teachers.Cached(_CACHES[kind])
+
+
 def distiller(keras, ksd, kind, jit_compile=False):
     language = kind.startswith("sequence")
     student = (_language_model if language else _model)(keras, 2)
     teachers = {
         "frozen": lambda: _model(keras, 1),
+        # A cached teacher's dense outputs as a member.
         "ensemble": lambda: ksd.teachers.Ensemble(
-            [_model(keras, 1), _model(keras, 3)], weights=[0.3, 0.7]
+            [cached(keras, ksd, "dense"), _model(keras, 3)],
+            weights=[0.3, 0.7],
         ),
         "ema": lambda: ksd.teachers.EMA(momentum=0.8),
         "snapshot": lambda: ksd.teachers.Snapshot(freq=1, keep=2),
@@ -132,6 +167,17 @@ def distiller(keras, ksd, kind, jit_compile=False):
                 teachers[kind](), temperature=2.0, weight=0.7
             )
         ]
+    if kind in _SPARSE:
+        # RS-KD's sampled targets, and top-k ones, from a cache.
+        sparse, k = _SPARSE[kind]
+        terms.append(
+            ksd.terms.Distillation(
+                cached(keras, ksd, sparse, k),
+                temperature=2.0,
+                weight=0.5,
+                name=f"{sparse}_distillation",
+            )
+        )
     distiller = ksd.Distiller(student, terms)
     distiller.compile(
         optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
@@ -144,13 +190,24 @@ def distiller(keras, ksd, kind, jit_compile=False):
     return distiller
 
 
-def data(ksd, kind):
-    import tensorflow as tf
+# Configurations with a second term on a cached teacher's sparse targets.
+_SPARSE = {"frozen": ("sampled", 4), "random_init": ("top_k", 2)}
+# Configurations whose data carry sample ids.
+_WITH_IDS = ("past_predictions", "ensemble", *_SPARSE)
 
+
+def _arrays():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(32, 4)).astype("float32")
     y = rng.integers(0, 3, size=32)
     w = rng.uniform(0.0, 2.0, size=32).astype("float32")
+    return x, y, w, rng
+
+
+def data(ksd, kind):
+    import tensorflow as tf
+
+    x, y, w, rng = _arrays()
     if kind.startswith("sequence"):
         # Ragged lengths: each replica's half of a batch holds a different
         # number of real tokens.
@@ -159,7 +216,7 @@ def data(ksd, kind):
         lengths = rng.integers(1, SEQUENCE + 1, size=(32, 1))
         w = (np.arange(SEQUENCE) < lengths).astype("float32")
     data = tf.data.Dataset.from_tensor_slices((x, y, w))
-    if kind == "past_predictions":
+    if kind in _WITH_IDS:
         data = ksd.data.with_sample_ids(data)
     return data.batch(BATCH)
 
@@ -177,6 +234,12 @@ def run(engine, devices, kinds=KINDS):
     import keras_selfdistill as ksd
 
     results = {}
+    # The caches are written before any strategy or distribution is set.
+    for kind in kinds:
+        if kind == "ensemble":
+            cached(keras, ksd, "dense")
+        if kind in _SPARSE:
+            cached(keras, ksd, *_SPARSE[kind])
     if engine == "mirrored":
         import tensorflow as tf
 

@@ -3,6 +3,7 @@ from absl.testing import parameterized
 from keras import ops
 
 from keras_selfdistill import ops as ksd_ops
+from tests import tiny
 
 
 def _softmax(z):
@@ -254,3 +255,162 @@ class StandardizeLogitsTest(parameterized.TestCase):
             tape.watch(logits)
             value = ops.sum(ksd_ops.standardize_logits(logits) * [1, 2, 3, 4])
         self.assertTrue(np.all(np.isfinite(tape.gradient(value, logits))))
+
+
+def _log_softmax(z):
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def _top_k(log_p, k):
+    ids = np.argsort(-log_p, axis=-1)[..., :k]
+    top = np.take_along_axis(log_p, ids, -1)
+    rest = np.log(np.maximum(1.0 - np.exp(top).sum(-1), 1e-300))
+    return ids, top, rest
+
+
+class TopKDivergenceTest(parameterized.TestCase):
+    def setUp(self):
+        rng = np.random.default_rng(1)
+        self.teacher = rng.normal(size=(2, 3, 7)) * 2
+        self.student = rng.normal(size=(2, 3, 7)).astype("float32") * 2
+
+    def _targets(self, k, temperature):
+        return _top_k(_log_softmax(self.teacher / temperature), k)
+
+    @parameterized.product(
+        loss=("kl", "reverse_kl", "jsd"), temperature=(1.0, 3.0)
+    )
+    def test_matches_numpy_on_k_plus_one_classes(self, loss, temperature):
+        # The teacher's k classes and its rest; the student folded the same
+        # way: its probabilities of those classes and the rest of its mass.
+        ids, top, rest = self._targets(3, temperature)
+        p = np.exp(np.concatenate([top, rest[..., None]], -1))
+        q_all = np.exp(_log_softmax(self.student / temperature))
+        q_top = np.take_along_axis(q_all, ids, -1)
+        q = np.concatenate([q_top, 1 - q_top.sum(-1, keepdims=True)], -1)
+        m = 0.3 * p + 0.7 * q
+        expected = (
+            temperature**2
+            * {
+                "kl": _kl(p, q),
+                "reverse_kl": _kl(q, p),
+                "jsd": 0.3 * _kl(p, m) + 0.7 * _kl(q, m),
+            }[loss]
+        )
+        got = ksd_ops.top_k_divergence(
+            ids, top, rest, self.student, loss, 0.3, temperature
+        )
+        np.testing.assert_allclose(got, expected, rtol=2e-5, atol=1e-6)
+
+    @parameterized.named_parameters(
+        ("kl", "kl", ksd_ops.kl_divergence),
+        ("reverse_kl", "reverse_kl", ksd_ops.reverse_kl_divergence),
+    )
+    def test_every_class_kept_is_the_dense_divergence(self, loss, dense):
+        ids, top, rest = self._targets(7, 2.0)
+        got = ksd_ops.top_k_divergence(
+            ids, top, rest, self.student, loss, temperature=2.0
+        )
+        expected = dense(self.teacher.astype("float32"), self.student, 2.0)
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+
+    def test_targets_are_renormalised_with_the_rest_as_a_class(self):
+        # Stored values are rounded: a shift of every stored log-probability
+        # changes nothing, and a student equal to the teacher scores 0. The
+        # recipe that renormalises the k probabilities without the rest (the
+        # bias RS-KD describes) scores a student equal to the teacher > 0.
+        ids, top, rest = self._targets(3, 1.0)
+        student = self.teacher.astype("float32")
+        exact = ksd_ops.top_k_divergence(ids, top, rest, self.student)
+        shifted = ksd_ops.top_k_divergence(
+            ids, top + 0.01, rest + 0.01, self.student
+        )
+        np.testing.assert_allclose(shifted, exact, rtol=1e-5)
+        np.testing.assert_allclose(
+            ksd_ops.top_k_divergence(ids, top, rest, student),
+            np.zeros((2, 3)),
+            atol=1e-5,
+        )
+        renormalised = top - np.log(np.exp(top).sum(-1, keepdims=True))
+        q = np.take_along_axis(_log_softmax(self.teacher), ids, -1)
+        self.assertTrue(
+            np.all((np.exp(renormalised) * (renormalised - q)).sum(-1) > 0.01)
+        )
+
+    def test_rejects_losses_that_need_every_class(self):
+        ids, top, rest = self._targets(3, 1.0)
+        with self.assertRaisesRegex(ValueError, "loss='mse'"):
+            ksd_ops.top_k_divergence(ids, top, rest, self.student, "mse")
+
+
+class SampledKLDivergenceTest(parameterized.TestCase):
+    def setUp(self):
+        rng = np.random.default_rng(2)
+        self.log_p = _log_softmax(rng.normal(size=(4, 6)) * 2)
+        self.student = rng.normal(size=(4, 6)).astype("float32")
+
+    def _draw(self, rng, draws):
+        p = np.exp(self.log_p)
+        counts = np.stack([rng.multinomial(draws, row) for row in p])
+        ids = np.argsort(-counts, -1)
+        weights = np.take_along_axis(counts, ids, -1) / draws
+        return ids, weights, np.take_along_axis(self.log_p, ids, -1)
+
+    def test_matches_numpy_and_renormalises_the_weights(self):
+        ids, weights, log_p = self._draw(np.random.default_rng(0), 7)
+        log_q = np.take_along_axis(_log_softmax(self.student / 2.0), ids, -1)
+        expected = 4.0 * (weights * (log_p - log_q)).sum(-1)
+        for scale in (1.0, 1.03):
+            got = ksd_ops.sampled_kl_divergence(
+                ids, weights * scale, log_p, self.student, 2.0
+            )
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+    def test_unbiased_for_the_dense_value_and_gradient(self):
+        # The mean of 2,000 estimates from 8 draws each is within 4
+        # standard errors of the dense KL and of its gradient.
+        rng = np.random.default_rng(3)
+        dense = np.asarray(ksd_ops.kl_divergence(self.log_p, self.student))
+        dense_gradient = tiny.gradient(
+            lambda s: ops.sum(ksd_ops.kl_divergence(self.log_p, s)),
+            self.student,
+        )
+        values, gradients = [], []
+        for _ in range(2000):
+            ids, weights, log_p = self._draw(rng, 8)
+            values.append(
+                ksd_ops.sampled_kl_divergence(ids, weights, log_p, self.student)
+            )
+            gradients.append(
+                np.exp(_log_softmax(self.student.astype("float64")))
+                - _scatter(ids, weights)
+            )
+        for estimates, target in (
+            (np.asarray(values), dense),
+            (np.asarray(gradients), dense_gradient),
+        ):
+            error = estimates.std(0) / np.sqrt(len(estimates)) + 1e-9
+            self.assertLess(
+                np.max(np.abs(estimates.mean(0) - target) / error), 4
+            )
+        # The op's own gradient is q − w for one estimate.
+        ids, weights, log_p = self._draw(rng, 8)
+        got = tiny.gradient(
+            lambda s: ops.sum(
+                ksd_ops.sampled_kl_divergence(ids, weights, log_p, s)
+            ),
+            self.student,
+        )
+        np.testing.assert_allclose(
+            got,
+            np.exp(_log_softmax(self.student.astype("float64")))
+            - _scatter(ids, weights),
+            atol=1e-5,
+        )
+
+
+def _scatter(ids, weights):
+    dense = np.zeros((ids.shape[0], 6))
+    np.add.at(dense, (np.arange(ids.shape[0])[:, None], ids), weights)
+    return dense

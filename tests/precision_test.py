@@ -20,17 +20,36 @@ def _state(distiller):
     return [keras.ops.convert_to_numpy(v) for v in distiller.variables]
 
 
+_FLOAT32 = {}
+
+
+def _float32(kind):
+    """`(variables, student weights, History)` of the plain float32 run.
+
+    Deterministic (seeded models and data), so the jit and precision tests
+    share one run per configuration.
+    """
+    if kind not in _FLOAT32:
+        distiller, history = _train(kind)
+        _FLOAT32[kind] = (
+            _state(distiller),
+            distiller.student.get_weights(),
+            history,
+        )
+    return _FLOAT32[kind]
+
+
 class JitCompileTest(parameterized.TestCase):
     @parameterized.named_parameters(*KINDS)
     def test_same_results_compiled_or_not(self, kind):
-        eager, eager_history = _train(kind, jit_compile=False)
+        eager, _, eager_history = _float32(kind)
         compiled, compiled_history = _train(kind, jit_compile=True)
         self.assertEqual(sorted(eager_history), sorted(compiled_history))
         for key, values in eager_history.items():
             np.testing.assert_allclose(
                 values, compiled_history[key], atol=1e-5, err_msg=key
             )
-        for a, b in zip(_state(eager), _state(compiled)):
+        for a, b in zip(eager, _state(compiled)):
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
 
     def test_compiled_flag_holds(self):
@@ -49,8 +68,7 @@ class MixedPrecisionTest(parameterized.TestCase):
             # bfloat16 step is the float32 code in other dtypes, which the
             # TensorFlow pass covers; JAX runs the loss-scaled float16.
             self.skipTest("mixed_bfloat16 runs in the TensorFlow pass")
-        reference, _ = _train(kind)
-        reference = reference.student.get_weights()
+        _, reference, _ = _float32(kind)
         keras.config.set_dtype_policy(policy)
         distiller, history = _train(kind)
         if policy == "mixed_float16":

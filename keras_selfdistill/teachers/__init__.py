@@ -1,5 +1,6 @@
 """Where soft targets come from: layers that own their state."""
 
+from keras_selfdistill.teachers.cached import Cached
 from keras_selfdistill.teachers.ema import EMA
 from keras_selfdistill.teachers.ensemble import Ensemble
 from keras_selfdistill.teachers.frozen_model import FrozenModel
@@ -9,6 +10,7 @@ from keras_selfdistill.teachers.snapshot import Snapshot
 from keras_selfdistill.teachers.teacher import Teacher
 
 __all__ = [
+    "Cached",
     "EMA",
     "Ensemble",
     "FrozenModel",

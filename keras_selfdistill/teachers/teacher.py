@@ -12,7 +12,9 @@ from keras_selfdistill._forward import tap_shapes
 SAMPLE_ID = "sample_id"
 FINGERPRINT = "sample_fingerprint"
 INPUTS = "inputs"
-_ID_KEYS = (SAMPLE_ID, FINGERPRINT)
+# The rows of cached teachers that `fit` joins to the batch.
+TEACHER_OUTPUTS = "teacher_outputs"
+_ID_KEYS = (SAMPLE_ID, FINGERPRINT, TEACHER_OUTPUTS)
 
 
 def select_input(x, input_key, owner):

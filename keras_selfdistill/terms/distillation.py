@@ -5,6 +5,7 @@ from keras_selfdistill import _arguments
 from keras_selfdistill import _rows
 from keras_selfdistill import ops as ksd_ops
 from keras_selfdistill.exits import one_hot_labels
+from keras_selfdistill.teachers.cached import Cached
 from keras_selfdistill.teachers.frozen_model import as_teacher
 from keras_selfdistill.teachers.teacher import num_classes
 from keras_selfdistill.terms.term import Term
@@ -202,7 +203,97 @@ class Distillation(Term):
         if self.vocabulary_size is not None:
             for teacher in self.teacher.walk():
                 teacher._compared_width = self.vocabulary_size
+        self._check_sparse(student)
         self.teacher.attach(student)
+
+    # Losses that sparse targets support: the others need the teacher's
+    # probability of every class.
+    _SPARSE_LOSSES = {"top_k": ("kl", "reverse_kl", "jsd"), "sampled": ("kl",)}
+
+    def _check_sparse(self, student):
+        for teacher in self.teacher.walk():
+            if not isinstance(teacher, Cached) or teacher.kind == "dense":
+                continue
+            kind = teacher.kind
+            where = f"Distillation term '{self.name}' reads {kind} targets"
+            if teacher is not self.teacher:
+                raise ValueError(
+                    f"{where} inside an Ensemble: a mixture of sparse targets "
+                    "has no probability for the classes one member left out. "
+                    "Cache the ensemble itself (`write_teacher_outputs` takes "
+                    "an Ensemble). Received: teacher="
+                    f"{type(self.teacher).__name__}"
+                )
+            if self.loss not in self._SPARSE_LOSSES[kind]:
+                raise ValueError(
+                    f"{where}, which support loss in "
+                    f"{self._SPARSE_LOSSES[kind]}: the others need the "
+                    "teacher's probability of every class. Received: "
+                    f"loss={self.loss!r}"
+                )
+            if self.standardize or self.vocabulary_size is not None:
+                raise ValueError(
+                    f"{where}, which hold log-probabilities of some classes "
+                    "only: `standardize` and `vocabulary_size` need every "
+                    "logit. Received: standardize="
+                    f"{self.standardize}, vocabulary_size="
+                    f"{self.vocabulary_size}"
+                )
+            if self.temperature != teacher.temperature:
+                raise ValueError(
+                    f"{where} written at temperature {teacher.temperature}; "
+                    "sparse targets cannot be re-tempered (the mass outside "
+                    "them is unknown), so the term's temperature must be "
+                    "the same number. Received: temperature="
+                    f"{self.temperature!r}"
+                )
+            width = teacher.manifest["output_shape"][-1]
+            classes = num_classes(student)
+            if classes is not None and classes != width:
+                raise ValueError(
+                    f"{where} over {width} classes, but the student has "
+                    f"{classes}: teacher and student must have the same "
+                    "number of classes (vocabulary)."
+                )
+
+    def _sparse_values(self, targets, student_logits):
+        """Per-position loss on a cached teacher's top-k or sampled targets."""
+        teacher = self.teacher
+        ids = ops.cast(targets["ids"], "int32")
+        leading = tuple(ids.shape[:-1])
+        if len(leading) != len(student_logits.shape) - 1:
+            raise ValueError(
+                f"Distillation term '{self.name}': the cached targets have "
+                f"shape {tuple(ids.shape)} (k last), the student's outputs "
+                f"{tuple(student_logits.shape)}: one prediction per "
+                "position is needed."
+            )
+        scalars = (ops.convert_to_tensor(teacher.temperature, "float32"),)
+        if teacher.kind == "top_k":
+            beta = 0.5 if self.beta is None else self.beta
+
+            def function(log_probs, student, ids, rest, temperature):
+                return ksd_ops.top_k_divergence(
+                    ids, log_probs, rest, student, self.loss, beta, temperature
+                )
+
+            rows = (ids, targets["rest"])
+        else:
+
+            def function(log_probs, student, ids, weights, temperature):
+                return ksd_ops.sampled_kl_divergence(
+                    ids, weights, log_probs, student, temperature
+                )
+
+            rows = (ids, targets["weights"])
+        return _rows.per_row(
+            function,
+            targets["log_probs"],
+            student_logits,
+            rows=rows,
+            scalars=scalars,
+            chunk_elements=self._chunk_elements,
+        )
 
     def compute_loss(self, x, y, y_pred, sample_weight, step, epoch):
         return self.compute_loss_and_mask(
@@ -214,6 +305,10 @@ class Distillation(Term):
         teacher_logits, mask = self.teacher.targets_and_mask(
             x, y_pred, temperature
         )
+        if isinstance(teacher_logits, dict):
+            sample_weight = self._positions_weight(x, y_pred, sample_weight)
+            values = self._sparse_values(teacher_logits, y_pred)
+            return self._reduce(values, sample_weight), None
         for role, logits in (("student", y_pred), ("teacher", teacher_logits)):
             if not hasattr(logits, "shape"):
                 raise ValueError(

@@ -1,0 +1,274 @@
+import os
+import re
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_selfdistill import cache
+from keras_selfdistill.teachers.teacher import SAMPLE_ID
+from keras_selfdistill.teachers.teacher import TEACHER_OUTPUTS
+from keras_selfdistill.teachers.teacher import Teacher
+from keras_selfdistill.teachers.teacher import select_input
+
+
+@keras.saving.register_keras_serializable(package="keras_selfdistill")
+class Cached(Teacher):
+    """A teacher whose outputs were computed once and are read from disk.
+
+    `keras_selfdistill.cache.write_teacher_outputs` runs the teacher over
+    the training data once; this teacher reads its outputs back. `fit`
+    joins each batch to the cache rows of its sample ids as the last step
+    of the input pipeline (after any shuffling and batching), so the rows
+    arrive with the batch and the training step runs no teacher forward.
+    The cache is memory-mapped and never loaded whole.
+
+    The joined batch is checked against the cache: on each sample's first
+    visit in a `fit` call, its inputs are hashed as the student sees them
+    and compared with the hash of the inputs the teacher saw. A cache of
+    un-augmented outputs read with random augmentation in the pipeline, or
+    with other data, fails `fit` there with the ids that differ (a
+    pipeline that changes the inputs only after the first epoch escapes
+    the check; later epochs read the rows without hashing). Augmentation
+    inside the student (Keras preprocessing layers in the model) is not
+    seen by the check: the targets are then the teacher's for the clean
+    inputs, as a live teacher given the pipeline's inputs would compute
+    them.
+
+    `"dense"` caches give log-probabilities, which every loss and term
+    reads like logits (at any temperature, since `softmax(log p / T)` is
+    `softmax(z / T)`). `"top_k"` and `"sampled"` caches give sparse
+    targets, read by `keras_selfdistill.terms.Distillation` at the
+    temperature they were written at.
+
+    Args:
+        directory: The cache written by
+            `keras_selfdistill.cache.write_teacher_outputs`.
+        name: Name of the teacher. Defaults to `"cached"`.
+
+    Example:
+
+    ```python
+    train = keras_selfdistill.data.with_sample_ids(x_train)
+    keras_selfdistill.cache.write_teacher_outputs(
+        teacher, train, "cache", num_samples=len(x_train))
+    distiller = keras_selfdistill.Distiller(student, terms=[
+        keras_selfdistill.terms.Distillation(
+            keras_selfdistill.teachers.Cached("cache"), temperature=4.0),
+    ])
+    distiller.compile(optimizer="adam", loss=...)
+    distiller.fit(train, y_train, epochs=10)
+    ```
+    """
+
+    keyed_by_id = True
+
+    def __init__(self, directory, name=None, **kwargs):
+        kwargs.pop("input_key", None)
+        super().__init__(name=name, **kwargs)
+        self.directory = os.fspath(directory)
+        self.manifest = cache.read_manifest(self.directory)
+        if not self.manifest.get("complete"):
+            raise ValueError(
+                f"The teacher-output cache in '{self.directory}' is "
+                "incomplete: its writer stopped before the end. Run "
+                "`write_teacher_outputs` again with the same arguments to "
+                "finish it."
+            )
+        self.kind = self.manifest["kind"]
+        self.num_samples = self.manifest["num_samples"]
+        object.__setattr__(self, "_shards", None)
+        object.__setattr__(self, "_verified", None)
+
+    @property
+    def temperature(self):
+        """The temperature the targets were written at."""
+        return self.manifest["temperature"]
+
+    def _arrays(self):
+        if self._shards is None:
+            shards = [
+                cache.open_shard(self.directory, self.manifest, shard)
+                for shard in range(self.manifest["num_shards"])
+            ]
+            object.__setattr__(self, "_shards", shards)
+        return self._shards
+
+    def on_train_begin(self):
+        # Each fit checks every sample's inputs once, on its first visit.
+        object.__setattr__(self, "_verified", np.zeros(self.num_samples, bool))
+
+    def unverified(self, ids):
+        """Whether any of `ids` has not been checked in this `fit` yet."""
+        verified = self._verified
+        if verified is None:
+            return np.True_
+        ids = np.asarray(ids).astype("int64").reshape(-1)
+        return np.bool_(not verified[ids].all())
+
+    def rows(self, ids, fingerprints, check=True):
+        """The cache rows of `ids` as NumPy arrays, checked.
+
+        `fingerprints` are the hashes of the inputs the student sees; a
+        row whose stored hash differs is an error naming the ids. With
+        `check` false (every id was checked earlier in this `fit`) the
+        hashes are not read.
+        """
+        ids = np.asarray(ids).astype("int64").reshape(-1)
+        size = self.manifest["shard_size"]
+        arrays = self._arrays()
+        names = cache.ARRAYS[self.kind] + (("fingerprints",) if check else ())
+        shards, positions = ids // size, ids % size
+        out = {}
+        for name in names:
+            first = arrays[0][name]
+            out[name] = np.empty((ids.size,) + first.shape[1:], first.dtype)
+        for shard in np.unique(shards):
+            chosen = shards == shard
+            for name in names:
+                out[name][chosen] = arrays[shard][name][positions[chosen]]
+        if check:
+            self._check(ids, out.pop("fingerprints"), fingerprints)
+        return tuple(out[name] for name in cache.ARRAYS[self.kind])
+
+    def _check(self, ids, stored, fingerprints):
+        given = np.asarray(fingerprints).astype("int32").reshape(-1)
+        wrong = np.flatnonzero(stored != given)
+        if wrong.size:
+            raise ValueError(
+                f"{_MESSAGE_START}{self.name}': the inputs of {wrong.size} "
+                f"of {ids.size} samples differ from those the teacher's "
+                "outputs were written for (sample ids "
+                f"{ids[wrong][:5].tolist()}...). A cache holds one target "
+                "per sample, for the inputs it was written from: random "
+                "augmentation in the input pipeline, or other data under the "
+                "same ids, would train on targets of other inputs. Augment "
+                "inside the student, cache without augmentation, or train "
+                "with a live teacher. Received: fingerprints "
+                f"{given[wrong][:5].tolist()}, written "
+                f"{stored[wrong][:5].tolist()}"
+            )
+        if self._verified is not None:
+            self._verified[ids] = True
+
+    def targets(self, x, y_pred, temperature):
+        outputs = x.get(TEACHER_OUTPUTS, {}) if isinstance(x, dict) else {}
+        if self.name not in outputs:
+            raise ValueError(
+                f"The batch carries no outputs of the cached teacher "
+                f"'{self.name}'. `Distiller.fit` joins them to NumPy inputs "
+                "with sample ids and to `tf.data` datasets; other data "
+                "(Python generators, PyDatasets) cannot be joined. Received: "
+                f"input keys {sorted(x) if isinstance(x, dict) else None}"
+            )
+        values = [ops.convert_to_tensor(v) for v in outputs[self.name]]
+        if self.kind == "dense":
+            return ops.stop_gradient(ops.cast(values[0], "float32"))
+        names = cache.ARRAYS[self.kind]
+        return {
+            name: ops.stop_gradient(
+                value if name == "ids" else ops.cast(value, "float32")
+            )
+            for name, value in zip(names, values)
+        }
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("input_key", None)
+        config["directory"] = self.directory
+        return config
+
+
+def join(teachers, x):
+    """`x` with the rows of each cached teacher, for `fit`'s training data.
+
+    NumPy inputs with sample ids gain the rows directly; a `tf.data`
+    dataset gains a final `map` that reads them for each batch.
+    """
+    import tensorflow as tf
+
+    from keras_selfdistill.data import _array_fingerprints
+    from keras_selfdistill.data import fingerprints_of
+
+    names = [teacher.name for teacher in teachers]
+    if len(set(names)) < len(names):
+        raise ValueError(
+            "Cached teachers are joined to the batch by name, and two have "
+            f"the same one. Give each its own `name`. Received: {names}"
+        )
+
+    def inputs_of(x):
+        return select_input(x, None, "Cached teacher")
+
+    if isinstance(x, tf.data.Dataset):
+        spec = x.element_spec
+        x_spec = spec[0] if isinstance(spec, tuple) else spec
+        if not isinstance(x_spec, dict) or SAMPLE_ID not in x_spec:
+            raise ValueError(_NO_IDS.format(spec=spec))
+        batched = x_spec[SAMPLE_ID].shape.rank == 1
+
+        def add(*element):
+            features = element[0]
+            ids = tf.reshape(features[SAMPLE_ID], [-1])
+            outputs = {}
+            for teacher in teachers:
+                # The inputs are hashed only while some id of the batch is
+                # unchecked: in the first epoch of each fit.
+                check = tf.numpy_function(
+                    teacher.unverified, [ids], tf.bool, stateful=False
+                )
+                check = tf.reshape(check, [])
+                prints = tf.cond(
+                    check,
+                    lambda: tf.reshape(
+                        fingerprints_of(inputs_of(features), batched), [-1]
+                    ),
+                    lambda: tf.zeros_like(ids, tf.int32),
+                )
+                specs = cache._array_specs(teacher.manifest)
+                names = cache.ARRAYS[teacher.kind]
+                values = tf.numpy_function(
+                    teacher.rows,
+                    [ids, prints, check],
+                    [tf.as_dtype(specs[n][1]) for n in names],
+                    stateful=False,
+                )
+                outputs[teacher.name] = tuple(
+                    tf.ensure_shape(v, [None] + list(specs[n][0]))
+                    if batched
+                    else tf.reshape(v, specs[n][0])
+                    for v, n in zip(values, names)
+                )
+            features = dict(features, **{TEACHER_OUTPUTS: outputs})
+            return (features,) + element[1:]
+
+        return x.map(add, num_parallel_calls=tf.data.AUTOTUNE).prefetch(
+            tf.data.AUTOTUNE
+        )
+    if not isinstance(x, dict) or SAMPLE_ID not in x:
+        raise ValueError(_NO_IDS.format(spec=type(x).__name__))
+    inputs = inputs_of(x)
+    size = len(x[SAMPLE_ID])
+    prints = _array_fingerprints(inputs, size)
+    outputs = {
+        teacher.name: teacher.rows(x[SAMPLE_ID], prints) for teacher in teachers
+    }
+    return dict(x, **{TEACHER_OUTPUTS: outputs})
+
+
+def cached_error(error):
+    """The check's own message when `error` wraps a cached teacher's."""
+    match = _CHECK.search(str(error))
+    return None if match is None else match.group(1)
+
+
+_MESSAGE_START = "Cached teacher '"
+_CHECK = re.compile(
+    "(" + re.escape(_MESSAGE_START) + r"[^\n]*?written \[[^\]]*\])"
+)
+
+_NO_IDS = (
+    "A cached teacher reads its outputs by sample id: attach ids with "
+    "`keras_selfdistill.data.with_sample_ids` to the training inputs. "
+    "Received: {spec}"
+)

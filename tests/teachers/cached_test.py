@@ -1,0 +1,220 @@
+import keras
+import numpy as np
+import tensorflow as tf
+from absl.testing import parameterized
+
+import keras_selfdistill as ksd
+from tests import tiny
+
+
+def _cache(test, teacher, x, **kwargs):
+    directory = test.create_tempdir().full_path
+    kwargs.setdefault("dtype", "float32")
+    ksd.cache.write_teacher_outputs(
+        teacher,
+        ksd.data.with_sample_ids(x),
+        directory,
+        num_samples=len(x),
+        verbose=0,
+        **kwargs,
+    )
+    return directory
+
+
+def _fit(teacher, x, y, epochs=2, **term_kwargs):
+    """Student weights after SGD with Distillation(teacher)."""
+    term_kwargs.setdefault("temperature", 2.0)
+    distiller = ksd.Distiller(
+        tiny.mlp(seed=1), [ksd.terms.Distillation(teacher, **term_kwargs)]
+    )
+    distiller.compile(optimizer="sgd", loss=tiny.sparse_ce())
+    history = distiller.fit(
+        ksd.data.with_sample_ids(x),
+        y,
+        batch_size=8,
+        epochs=epochs,
+        shuffle=False,
+        verbose=0,
+    ).history
+    return distiller, history
+
+
+class CachedTest(parameterized.TestCase):
+    def setUp(self):
+        self.x, self.y = tiny.data()
+        self.teacher = tiny.mlp(seed=5)
+
+    def _weights(self, distiller):
+        return [np.asarray(w) for w in distiller.student.get_weights()]
+
+    @parameterized.named_parameters(
+        ("kl", "kl"), ("reverse_kl", "reverse_kl"), ("jsd", "jsd")
+    )
+    def test_dense_cache_trains_as_the_live_teacher(self, loss):
+        directory = _cache(self, self.teacher, self.x)
+        beta = 0.3 if loss == "jsd" else None
+        live, live_history = _fit(
+            self.teacher, self.x, self.y, loss=loss, beta=beta
+        )
+        cached, history = _fit(
+            ksd.teachers.Cached(directory), self.x, self.y, loss=loss, beta=beta
+        )
+        np.testing.assert_allclose(
+            history["distillation_loss"],
+            live_history["distillation_loss"],
+            rtol=1e-5,
+        )
+        for a, b in zip(self._weights(cached), self._weights(live)):
+            np.testing.assert_allclose(a, b, atol=1e-6)
+
+    def test_top_k_with_every_class_trains_as_the_live_teacher(self):
+        directory = _cache(
+            self, self.teacher, self.x, kind="top_k", k=3, temperature=2.0
+        )
+        live, _ = _fit(self.teacher, self.x, self.y)
+        cached, _ = _fit(ksd.teachers.Cached(directory), self.x, self.y)
+        for a, b in zip(self._weights(cached), self._weights(live)):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+
+    @parameterized.named_parameters(
+        ("top_k", "top_k", 2), ("sampled", "sampled", 6)
+    )
+    def test_sparse_loss_value_matches_numpy(self, kind, k):
+        directory = _cache(
+            self, self.teacher, self.x, kind=kind, k=k, temperature=2.0
+        )
+        teacher = ksd.teachers.Cached(directory)
+        distiller, history = _fit(teacher, self.x, self.y, epochs=1)
+        # At a zero learning rate the logged term is the mean over the
+        # samples of the per-sample loss of the student's logits.
+        distiller.optimizer.learning_rate.assign(0.0)
+        history = distiller.fit(
+            ksd.data.with_sample_ids(self.x),
+            self.y,
+            batch_size=24,
+            epochs=1,
+            verbose=0,
+        ).history
+        s = distiller.student.predict(self.x, verbose=0).astype("float64")
+        log_q = s / 2.0 - np.log(np.exp(s / 2.0).sum(-1, keepdims=True))
+        rows = teacher.rows(
+            np.arange(24),
+            ksd.data.with_sample_ids(self.x)["sample_fingerprint"],
+        )
+        if kind == "top_k":
+            ids, log_p, rest = rows
+            q = np.exp(np.take_along_axis(log_q, ids.astype(int), -1))
+            q = np.concatenate([q, 1 - q.sum(-1, keepdims=True)], -1)
+            p = np.exp(np.concatenate([log_p, rest[:, None]], -1))
+            p /= p.sum(-1, keepdims=True)
+            per_sample = (p * np.log(p / q)).sum(-1)
+        else:
+            ids, weights, log_p = rows
+            q = np.take_along_axis(log_q, ids.astype(int), -1)
+            per_sample = (weights * (log_p - q)).sum(-1)
+        self.assertAlmostEqual(
+            history["distillation_loss"][0], 4.0 * per_sample.mean(), places=4
+        )
+
+    def test_shuffled_batched_dataset(self):
+        directory = _cache(self, self.teacher, self.x)
+        data = ksd.data.with_sample_ids(
+            tf.data.Dataset.from_tensor_slices((self.x, self.y))
+        )
+        distiller = ksd.Distiller(
+            tiny.mlp(seed=1),
+            [ksd.terms.Distillation(ksd.teachers.Cached(directory))],
+        )
+        distiller.compile(optimizer="sgd", loss=tiny.sparse_ce())
+        history = distiller.fit(
+            data.shuffle(24, seed=0).batch(5), epochs=2, verbose=0
+        ).history
+        self.assertTrue(np.isfinite(history["distillation_loss"]).all())
+
+    def test_random_augmentation_after_the_ids_is_refused(self):
+        directory = _cache(self, self.teacher, self.x)
+        data = ksd.data.with_sample_ids(
+            tf.data.Dataset.from_tensor_slices((self.x, self.y))
+        )
+
+        def augment(x, y):
+            noise = tf.random.normal(tf.shape(x["inputs"]))
+            return dict(x, inputs=x["inputs"] + noise), y
+
+        distiller = ksd.Distiller(
+            tiny.mlp(seed=1),
+            [ksd.terms.Distillation(ksd.teachers.Cached(directory))],
+        )
+        distiller.compile(optimizer="sgd", loss=tiny.sparse_ce())
+        with self.assertRaisesRegex(
+            ValueError, "differ from those the teacher's outputs were written"
+        ):
+            distiller.fit(data.map(augment).batch(8), epochs=1, verbose=0)
+
+    def test_refusals(self):
+        directory = _cache(
+            self, self.teacher, self.x, kind="sampled", k=4, temperature=2.0
+        )
+        for kwargs, message in (
+            ({"loss": "reverse_kl"}, r"support loss in \('kl',\)"),
+            ({"temperature": 1.0}, "written at temperature 2.0"),
+            ({"standardize": True}, "`standardize`"),
+        ):
+            kwargs.setdefault("temperature", 2.0)
+            with self.assertRaisesRegex(ValueError, message):
+                ksd.Distiller(
+                    tiny.mlp(),
+                    [
+                        ksd.terms.Distillation(
+                            ksd.teachers.Cached(directory), **kwargs
+                        )
+                    ],
+                )
+        with self.assertRaisesRegex(ValueError, "inside an Ensemble"):
+            ksd.Distiller(
+                tiny.mlp(),
+                [
+                    ksd.terms.Distillation(
+                        ksd.teachers.Ensemble(
+                            [ksd.teachers.Cached(directory), self.teacher]
+                        ),
+                        temperature=2.0,
+                    )
+                ],
+            )
+        with self.assertRaisesRegex(FileNotFoundError, "no manifest.json"):
+            ksd.teachers.Cached(self.create_tempdir().full_path)
+        distiller = ksd.Distiller(
+            tiny.mlp(),
+            [
+                ksd.terms.Distillation(
+                    ksd.teachers.Cached(directory), temperature=2.0
+                )
+            ],
+        )
+        distiller.compile(optimizer="sgd", loss=tiny.sparse_ce())
+        with self.assertRaisesRegex(ValueError, "with_sample_ids"):
+            distiller.fit(self.x, self.y, verbose=0)
+
+    def test_incomplete_cache_is_refused(self):
+        directory = self.create_tempdir().full_path
+        data = ksd.data.with_sample_ids(
+            tf.data.Dataset.from_tensor_slices(self.x)
+        ).batch(8)
+        with self.assertRaisesRegex(ValueError, "held 8 of"):
+            ksd.cache.write_teacher_outputs(
+                self.teacher, data.take(1), directory, 24, verbose=0
+            )
+        with self.assertRaisesRegex(ValueError, "incomplete"):
+            ksd.teachers.Cached(directory)
+
+    def test_saved_distiller_reads_the_same_cache(self):
+        directory = _cache(self, self.teacher, self.x)
+        distiller, _ = _fit(ksd.teachers.Cached(directory), self.x, self.y)
+        path = self.create_tempdir().full_path + "/d.keras"
+        distiller.save(path)
+        restored = keras.saving.load_model(path)
+        self.assertEqual(restored.terms[0].teacher.directory, directory)
+        restored.fit(
+            ksd.data.with_sample_ids(self.x), self.y, epochs=1, verbose=0
+        )
