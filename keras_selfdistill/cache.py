@@ -327,6 +327,7 @@ def write_teacher_outputs(
     ```
     """
     from keras_selfdistill import _arguments
+    from keras_selfdistill.teachers.frozen_model import FrozenModel
     from keras_selfdistill.teachers.frozen_model import as_teacher
 
     if kind not in KINDS:
@@ -432,6 +433,9 @@ def write_teacher_outputs(
                 settings,
                 output_shape=list(log_probs.shape[1:]),
                 teacher=teacher_name,
+                # One model's log-probabilities are its logits less a
+                # constant, valid at any temperature; a mixture's are not.
+                any_temperature=isinstance(teacher, FrozenModel),
                 complete=False,
             )
             _write_manifest(directory, manifest)

@@ -169,6 +169,22 @@ class WriteTeacherOutputsTest(parameterized.TestCase):
             json.load(open(os.path.join(whole, "manifest.json"))),
         )
 
+    def test_progress_bar_counts_the_samples(self):
+        import contextlib
+        import io
+
+        output = io.StringIO()
+        with contextlib.redirect_stdout(output):
+            ksd.cache.write_teacher_outputs(
+                self.teacher,
+                ksd.data.with_sample_ids(self.x),
+                self.create_tempdir().full_path,
+                24,
+                batch_size=8,
+                verbose=1,
+            )
+        self.assertIn("24/24", output.getvalue())
+
     def test_refuses_a_directory_written_with_other_settings(self):
         directory = self.create_tempdir().full_path
         data = ksd.data.with_sample_ids(self.x)

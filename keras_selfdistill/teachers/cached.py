@@ -35,11 +35,13 @@ class Cached(Teacher):
     inputs, as a live teacher given the pipeline's inputs would compute
     them.
 
-    `"dense"` caches give log-probabilities, which every loss and term
-    reads like logits (at any temperature, since `softmax(log p / T)` is
-    `softmax(z / T)`). `"top_k"` and `"sampled"` caches give sparse
-    targets, read by `keras_selfdistill.terms.Distillation` at the
-    temperature they were written at.
+    `"dense"` caches of one model give its log-probabilities, which every
+    loss and term reads like logits, at any temperature (`T_w · log p` at
+    the written temperature `T_w` is the logits less a constant). A dense
+    cache of an `Ensemble` holds the mixture at the temperature it was
+    written at, and is read at that temperature only, as are `"top_k"`
+    and `"sampled"` caches, whose sparse targets
+    `keras_selfdistill.terms.Distillation` reads.
 
     Args:
         directory: The cache written by
@@ -84,6 +86,16 @@ class Cached(Teacher):
     def temperature(self):
         """The temperature the targets were written at."""
         return self.manifest["temperature"]
+
+    @property
+    def any_temperature(self):
+        """Whether the targets can be read at another temperature.
+
+        Dense outputs of one model can: its log-probabilities are its
+        logits less a constant. An ensemble's mixture, or sparse targets,
+        cannot.
+        """
+        return self.kind == "dense" and self.manifest.get("any_temperature")
 
     def _arrays(self):
         if self._shards is None:
@@ -163,7 +175,10 @@ class Cached(Teacher):
             )
         values = [ops.convert_to_tensor(v) for v in outputs[self.name]]
         if self.kind == "dense":
-            return ops.stop_gradient(ops.cast(values[0], "float32"))
+            # T_w · log p_{T_w} is the logits less a constant per row, so
+            # softmax(it / T) is the teacher's distribution at T.
+            logits = self.temperature * ops.cast(values[0], "float32")
+            return ops.stop_gradient(logits)
         names = cache.ARRAYS[self.kind]
         return {
             name: ops.stop_gradient(

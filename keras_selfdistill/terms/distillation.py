@@ -212,10 +212,21 @@ class Distillation(Term):
 
     def _check_sparse(self, student):
         for teacher in self.teacher.walk():
-            if not isinstance(teacher, Cached) or teacher.kind == "dense":
+            if not isinstance(teacher, Cached) or teacher.any_temperature:
                 continue
             kind = teacher.kind
             where = f"Distillation term '{self.name}' reads {kind} targets"
+            if kind == "dense":
+                # An ensemble's mixture, cached at one temperature.
+                if self.temperature != teacher.temperature:
+                    raise ValueError(
+                        f"{where} of an ensemble written at temperature "
+                        f"{teacher.temperature}; a mixture cannot be "
+                        "re-tempered, so the term's temperature must be the "
+                        "same number. Received: temperature="
+                        f"{self.temperature!r}"
+                    )
+                continue
             if teacher is not self.teacher:
                 raise ValueError(
                     f"{where} inside an Ensemble: a mixture of sparse targets "

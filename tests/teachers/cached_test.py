@@ -24,6 +24,7 @@ def _cache(test, teacher, x, **kwargs):
 def _fit(teacher, x, y, epochs=2, **term_kwargs):
     """Student weights after SGD with Distillation(teacher)."""
     term_kwargs.setdefault("temperature", 2.0)
+    term_kwargs.setdefault("xi", 0.5)
     distiller = ksd.Distiller(
         tiny.mlp(seed=1), [ksd.terms.Distillation(teacher, **term_kwargs)]
     )
@@ -66,6 +67,28 @@ class CachedTest(parameterized.TestCase):
         )
         for a, b in zip(self._weights(cached), self._weights(live)):
             np.testing.assert_allclose(a, b, atol=1e-6)
+
+    def test_ensembles_write_and_read_dense_caches(self):
+        # An ensemble's cache trains as the live ensemble, and a cached
+        # member trains as the live member inside an ensemble.
+        other = tiny.mlp(seed=6)
+
+        def ensemble(first):
+            return ksd.teachers.Ensemble([first, other], weights=[0.3, 0.7])
+
+        live, _ = _fit(ensemble(self.teacher), self.x, self.y)
+        # A mixture is cached at the term's temperature; one model at any.
+        whole = _cache(self, ensemble(self.teacher), self.x, temperature=2.0)
+        member = _cache(self, self.teacher, self.x, temperature=3.0)
+        for teacher in (
+            ksd.teachers.Cached(whole),
+            ensemble(ksd.teachers.Cached(member)),
+        ):
+            cached, _ = _fit(teacher, self.x, self.y)
+            for a, b in zip(self._weights(cached), self._weights(live)):
+                np.testing.assert_allclose(a, b, atol=1e-5)
+        with self.assertRaisesRegex(ValueError, "cannot be re-tempered"):
+            _fit(ksd.teachers.Cached(whole), self.x, self.y, temperature=1.0)
 
     def test_top_k_with_every_class_trains_as_the_live_teacher(self):
         directory = _cache(
