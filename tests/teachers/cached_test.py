@@ -241,3 +241,37 @@ class CachedTest(parameterized.TestCase):
         restored.fit(
             ksd.data.with_sample_ids(self.x), self.y, epochs=1, verbose=0
         )
+
+    def test_tfds_split_with_shuffled_files(self):
+        # Ids keyed by tfds record: a cache written from one shuffled read
+        # serves another (a misaligned id would fail the inputs' check).
+        import tensorflow_datasets as tfds
+
+        from tests.data_test import _FourShards
+
+        builder = _FourShards(data_dir=self.create_tempdir().full_path)
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(num_shards=4)
+        )
+
+        def split():
+            dataset = builder.as_dataset(
+                split="train",
+                shuffle_files=True,
+                read_config=tfds.ReadConfig(add_tfds_id=True),
+            )
+            return ksd.data.with_sample_ids(dataset, builder.info, "train")
+
+        directory = self.create_tempdir().full_path
+        ksd.cache.write_teacher_outputs(
+            self.teacher, split(), directory, 64, batch_size=16, verbose=0
+        )
+        distiller = ksd.Distiller(
+            tiny.mlp(seed=1),
+            [ksd.terms.Distillation(ksd.teachers.Cached(directory))],
+        )
+        distiller.compile(optimizer="sgd", loss=tiny.sparse_ce())
+        history = distiller.fit(
+            split().shuffle(64).batch(8), epochs=2, verbose=0
+        ).history
+        self.assertTrue(np.isfinite(history["distillation_loss"]).all())
