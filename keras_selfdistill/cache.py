@@ -109,9 +109,9 @@ def open_shard(directory, manifest, shard, mode="r"):
     for name, (shape, dtype) in specs.items():
         path = os.path.join(folder, f"{name}.npy")
         if mode == "r":
-            arrays[name] = np.load(path, mmap_mode="r")
+            arrays[name] = np.load(path, mmap_mode="r", allow_pickle=False)
         elif os.path.exists(path):
-            arrays[name] = np.load(path, mmap_mode="r+")
+            arrays[name] = np.load(path, mmap_mode="r+", allow_pickle=False)
         else:
             os.makedirs(folder, exist_ok=True)
             arrays[name] = np.lib.format.open_memmap(
