@@ -102,7 +102,9 @@ def _array_specs(manifest):
 def open_shard(directory, manifest, shard, mode="r"):
     """The memory-mapped arrays of one shard, fingerprints included."""
     folder = _shard_directory(directory, shard)
-    rows = manifest["shard_size"]
+    size = manifest["shard_size"]
+    # The last shard holds the samples that are left.
+    rows = min(size, manifest["num_samples"] - shard * size)
     specs = dict(_array_specs(manifest))
     specs["fingerprints"] = ((), "int32")
     arrays = {}

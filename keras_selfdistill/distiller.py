@@ -477,6 +477,7 @@ class Distiller(keras.Model):
         bound = inspect.signature(keras.Model.fit).bind(self, *args, **kwargs)
         arguments = bound.arguments
         id_limits = [t.num_samples for t in self.teachers if t.keyed_by_id]
+        given = arguments.get("x")
         arguments["x"] = checks.check_fit_data(
             arguments.get("x"),
             arguments.get("y"),
@@ -487,7 +488,7 @@ class Distiller(keras.Model):
         if cached:
             # Last in the pipeline: after the user's shuffling, augmentation
             # and batching, so the check sees what the student sees.
-            arguments["x"] = join_cached(cached, arguments["x"])
+            arguments["x"] = join_cached(cached, arguments["x"], given)
         if arguments.get("y") is None and "sample_weight" in arguments:
             # Keras drops the weights of label-free NumPy data.
             batches = data.label_free_with_weights(

@@ -27,9 +27,13 @@ class Cached(Teacher):
     visit in a `fit` call, its inputs are hashed as the student sees them
     and compared with the hash of the inputs the teacher saw. A cache of
     un-augmented outputs read with random augmentation in the pipeline, or
-    with other data, fails `fit` there with the ids that differ (a
-    pipeline that changes the inputs only after the first epoch escapes
-    the check; later epochs read the rows without hashing). Augmentation
+    with other data, fails `fit` there with the ids that differ. Later
+    epochs, and later `fit` calls on the same dataset object once every
+    sample was checked, read the rows without hashing (a pipeline that
+    changes the inputs only after its first pass escapes the check).
+    NumPy inputs are checked whole when `fit` starts. Caches up to 256 MB
+    are read into memory once and gathered inside the input pipeline;
+    larger ones are read from the memory map for each batch. Augmentation
     inside the student (Keras preprocessing layers in the model) is not
     seen by the check: the targets are then the teacher's for the clean
     inputs, as a live teacher given the pipeline's inputs would compute
@@ -81,6 +85,7 @@ class Cached(Teacher):
         self.num_samples = self.manifest["num_samples"]
         object.__setattr__(self, "_shards", None)
         object.__setattr__(self, "_verified", None)
+        object.__setattr__(self, "_verified_data", None)
 
     @property
     def temperature(self):
@@ -106,9 +111,43 @@ class Cached(Teacher):
             object.__setattr__(self, "_shards", shards)
         return self._shards
 
-    def on_train_begin(self):
-        # Each fit checks every sample's inputs once, on its first visit.
+    # Caches up to this size are read into memory once and served by a
+    # gather inside the input pipeline; larger ones from the memory map.
+    IN_MEMORY_BYTES = 256 * 2**20
+
+    def _start(self, data):
+        """Prepares the checks of a `fit` on `data`; whether any is needed.
+
+        Every sample's inputs are checked on its first visit. A dataset
+        object whose every sample was checked in an earlier `fit` is the
+        same pipeline, and is not checked again.
+        """
+        if (
+            data is self._verified_data
+            and self._verified is not None
+            and self._verified.all()
+        ):
+            return False
         object.__setattr__(self, "_verified", np.zeros(self.num_samples, bool))
+        object.__setattr__(self, "_verified_data", data)
+        return True
+
+    def _tensors(self):
+        """The whole cache as tensors when it is small enough, else None."""
+        if "_in_memory" not in self.__dict__:
+            arrays = self._arrays()
+            names = cache.ARRAYS[self.kind]
+            size = sum(a[n].nbytes for a in arrays for n in names)
+            tensors = None
+            if size <= self.IN_MEMORY_BYTES:
+                import tensorflow as tf
+
+                tensors = tuple(
+                    tf.constant(np.concatenate([a[n] for a in arrays]))
+                    for n in names
+                )
+            object.__setattr__(self, "_in_memory", tensors)
+        return self._in_memory
 
     def unverified(self, ids):
         """Whether any of `ids` has not been checked in this `fit` yet."""
@@ -194,11 +233,13 @@ class Cached(Teacher):
         return config
 
 
-def join(teachers, x):
+def join(teachers, x, given=None):
     """`x` with the rows of each cached teacher, for `fit`'s training data.
 
     NumPy inputs with sample ids gain the rows directly; a `tf.data`
-    dataset gains a final `map` that reads them for each batch.
+    dataset gains a final `map` that reads them for each batch. `given` is
+    the object the user passed to `fit` (which `x` may wrap): the checks
+    of its samples are remembered across `fit` calls.
     """
     import tensorflow as tf
 
@@ -222,32 +263,49 @@ def join(teachers, x):
             raise ValueError(_NO_IDS.format(spec=spec))
         batched = x_spec[SAMPLE_ID].shape.rank == 1
 
+        key = x if given is None else given
+        checks = {teacher.name: teacher._start(key) for teacher in teachers}
+        # Made here, eagerly: the map function captures them.
+        in_memory = {teacher.name: teacher._tensors() for teacher in teachers}
+
         def add(*element):
             features = element[0]
             ids = tf.reshape(features[SAMPLE_ID], [-1])
             outputs = {}
             for teacher in teachers:
-                # The inputs are hashed only while some id of the batch is
-                # unchecked: in the first epoch of each fit.
-                check = tf.numpy_function(
-                    teacher.unverified, [ids], tf.bool, stateful=False
-                )
-                check = tf.reshape(check, [])
-                prints = tf.cond(
-                    check,
-                    lambda: tf.reshape(
-                        fingerprints_of(inputs_of(features), batched), [-1]
-                    ),
-                    lambda: tf.zeros_like(ids, tf.int32),
-                )
                 specs = cache._array_specs(teacher.manifest)
                 names = cache.ARRAYS[teacher.kind]
-                values = tf.numpy_function(
-                    teacher.rows,
-                    [ids, prints, check],
-                    [tf.as_dtype(specs[n][1]) for n in names],
-                    stateful=False,
-                )
+                dtypes = [tf.as_dtype(specs[n][1]) for n in names]
+                tensors = in_memory[teacher.name]
+
+                def read(teacher=teacher, tensors=tensors, dtypes=dtypes):
+                    if tensors is not None:
+                        return [tf.gather(t, ids) for t in tensors]
+                    return tf.numpy_function(
+                        teacher.rows,
+                        [ids, tf.zeros_like(ids, tf.int32), False],
+                        dtypes,
+                        stateful=False,
+                    )
+
+                def checked(teacher=teacher, dtypes=dtypes):
+                    prints = fingerprints_of(inputs_of(features), batched)
+                    return tf.numpy_function(
+                        teacher.rows,
+                        [ids, tf.reshape(prints, [-1]), True],
+                        dtypes,
+                        stateful=False,
+                    )
+
+                if checks[teacher.name]:
+                    # Hashed only while some id of the batch is unchecked:
+                    # in the first epoch of the fit.
+                    check = tf.numpy_function(
+                        teacher.unverified, [ids], tf.bool, stateful=False
+                    )
+                    values = tf.cond(tf.reshape(check, []), checked, read)
+                else:
+                    values = read()
                 outputs[teacher.name] = tuple(
                     tf.ensure_shape(v, [None] + list(specs[n][0]))
                     if batched

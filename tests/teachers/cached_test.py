@@ -275,3 +275,45 @@ class CachedTest(parameterized.TestCase):
             split().shuffle(64).batch(8), epochs=2, verbose=0
         ).history
         self.assertTrue(np.isfinite(history["distillation_loss"]).all())
+
+    def test_memory_and_memory_map_paths_and_one_check_per_dataset(self):
+        from unittest import mock
+
+        from keras_selfdistill import data as data_module
+
+        directory = _cache(self, self.teacher, self.x)
+        dataset = ksd.data.with_sample_ids(
+            tf.data.Dataset.from_tensor_slices((self.x, self.y))
+        ).batch(8)
+        weights = []
+        for limit in (ksd.teachers.Cached.IN_MEMORY_BYTES, 0):
+            teacher = ksd.teachers.Cached(directory)
+            teacher.IN_MEMORY_BYTES = limit
+            distiller = ksd.Distiller(
+                tiny.mlp(seed=1), [ksd.terms.Distillation(teacher)]
+            )
+            distiller.compile(optimizer="sgd", loss=tiny.sparse_ce())
+            hashed = []
+            original = data_module.fingerprints_of
+            with mock.patch.object(
+                data_module,
+                "fingerprints_of",
+                side_effect=lambda *a: hashed.append(1) or original(*a),
+            ):
+                for fit in ("first", "same dataset", "another dataset"):
+                    count = len(hashed)
+                    data = (
+                        dataset
+                        if fit != "another dataset"
+                        else (dataset.map(lambda x, y: (x, y)))
+                    )
+                    distiller.fit(data, epochs=2, verbose=0)
+                    # The check is traced into the pipeline only while some
+                    # sample of this dataset object is unchecked.
+                    self.assertEqual(
+                        len(hashed) > count, fit != "same dataset", fit
+                    )
+            self.assertEqual(teacher._tensors() is None, limit == 0)
+            weights.append(self._weights(distiller))
+        for a, b in zip(*weights):
+            np.testing.assert_array_equal(a, b)
