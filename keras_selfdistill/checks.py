@@ -57,8 +57,12 @@ def ignored_label(loss):
     return getattr(loss, "ignore_class", None)
 
 
-def check_arrays(x, y, num_classes, num_samples, ignored=None):
-    """Checks NumPy training data once, before the first step."""
+def check_arrays(x, y, num_classes, num_samples, ignored=None, unique_ids=True):
+    """Checks NumPy training data once, before the first step.
+
+    Sample ids must lie in `[0, num_samples)`, and, with `unique_ids` (a
+    teacher writes a row per id), appear once.
+    """
     for leaf in keras.tree.flatten(x):
         if isinstance(leaf, np.ndarray) and leaf.shape[:1] == (0,):
             raise ValueError(
@@ -84,7 +88,7 @@ def check_arrays(x, y, num_classes, num_samples, ignored=None):
                 f"{ids.min()} to {ids.max()}"
             )
         unique, counts = np.unique(ids, return_counts=True)
-        if len(unique) != ids.size:
+        if unique_ids and len(unique) != ids.size:
             raise ValueError(
                 f"{sample_id_message(num_samples)} Received: ids repeated "
                 f"in the training arrays, e.g. {unique[counts > 1][:5]}"
@@ -167,7 +171,9 @@ def check_batched(dataset, input_shape, select):
     )
 
 
-def check_dataset(dataset, num_classes, num_samples, ignored=None):
+def check_dataset(
+    dataset, num_classes, num_samples, ignored=None, unique_ids=True
+):
     """`dataset` with each batch checked in the input pipeline.
 
     Returns `dataset` unchanged when nothing in it can be checked.
@@ -227,12 +233,12 @@ def check_dataset(dataset, num_classes, num_samples, ignored=None):
             )
         if check_ids:
             ids = tf.reshape(tf.cast(x[SAMPLE_ID], "int64"), (-1,))
-            unique, _ = tf.unique(ids)
-            valid = (
-                (tf.reduce_min(ids) >= 0)
-                & (tf.reduce_max(ids) < num_samples)
-                & tf.equal(tf.size(unique), tf.size(ids))
+            valid = (tf.reduce_min(ids) >= 0) & (
+                tf.reduce_max(ids) < num_samples
             )
+            if unique_ids:
+                unique, _ = tf.unique(ids)
+                valid = valid & tf.equal(tf.size(unique), tf.size(ids))
             checks.append(
                 tf.debugging.Assert(
                     valid,
@@ -254,7 +260,7 @@ def check_dataset(dataset, num_classes, num_samples, ignored=None):
     return checked
 
 
-def _checked_batches(generator, num_classes, num_samples, loss):
+def _checked_batches(generator, num_classes, num_samples, loss, unique_ids):
     """Yields the generator's batches, each checked like NumPy data."""
     for element in generator:
         x, y = _split(element)
@@ -265,6 +271,7 @@ def _checked_batches(generator, num_classes, num_samples, loss):
             num_classes,
             num_samples,
             ignored_label(loss),
+            unique_ids,
         )
         yield element
 
@@ -322,7 +329,7 @@ def _input_shape(model):
     return shape if isinstance(shape, tuple) else None
 
 
-def check_fit_data(x, y, distiller, num_samples):
+def check_fit_data(x, y, distiller, num_samples, unique_ids=True):
     """Checks what can be checked at no step cost; returns the inputs.
 
     An empty or unbatched dataset fails here; NumPy data is checked once,
@@ -339,7 +346,9 @@ def check_fit_data(x, y, distiller, num_samples):
     if isinstance(x, types.GeneratorType):
         if not distiller.check_data:
             return x
-        return _checked_batches(x, classes, num_samples, distiller.loss)
+        return _checked_batches(
+            x, classes, num_samples, distiller.loss, unique_ids
+        )
     import tensorflow as tf
 
     if isinstance(x, tf.data.Dataset):
@@ -368,11 +377,22 @@ def check_fit_data(x, y, distiller, num_samples):
         if not distiller.check_data:
             return x
         return check_dataset(
-            x, classes, num_samples, ignored_label(distiller.loss)
+            x,
+            classes,
+            num_samples,
+            ignored_label(distiller.loss),
+            unique_ids,
         )
     check_label_encoding(getattr(y, "shape", None), classes, distiller.loss)
     if distiller.check_data:
-        check_arrays(x, y, classes, num_samples, ignored_label(distiller.loss))
+        check_arrays(
+            x,
+            y,
+            classes,
+            num_samples,
+            ignored_label(distiller.loss),
+            unique_ids,
+        )
     return x
 
 

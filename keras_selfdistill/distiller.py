@@ -483,6 +483,9 @@ class Distiller(keras.Model):
             arguments.get("y"),
             self,
             min(id_limits) if id_limits else None,
+            # A repeated id would make two rows race for one bank row; a
+            # cache is only read.
+            unique_ids=any(t.writes_by_id for t in self.teachers),
         )
         cached = [t for t in self.teachers if isinstance(t, Cached)]
         if cached:

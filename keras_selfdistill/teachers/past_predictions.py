@@ -130,6 +130,7 @@ class PastPredictions(Teacher):
     """
 
     keyed_by_id = True
+    writes_by_id = True
     follows_student = True
 
     def __init__(

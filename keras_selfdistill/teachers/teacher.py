@@ -148,6 +148,10 @@ class Teacher(keras.layers.Layer, metaclass=abc.ABCMeta):
     #: `num_samples` and `fit` checks the ids against it.
     keyed_by_id = False
 
+    #: Whether the teacher writes a row per sample id in the training step
+    #: (a prediction bank): the ids of a batch must then be distinct.
+    writes_by_id = False
+
     @property
     def metrics(self):
         # A teacher model compiled for its own training carries metrics

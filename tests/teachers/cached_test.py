@@ -317,3 +317,25 @@ class CachedTest(parameterized.TestCase):
             weights.append(self._weights(distiller))
         for a, b in zip(*weights):
             np.testing.assert_array_equal(a, b)
+
+    def test_repeated_ids_are_read_alike(self):
+        # Oversampling: a cache is only read, so an id may repeat (a bank,
+        # which writes a row per id, refuses it).
+        directory = _cache(self, self.teacher, self.x)
+        ids = ksd.data.with_sample_ids(self.x)
+        twice = {key: np.concatenate([v, v]) for key, v in ids.items()}
+        distiller = ksd.Distiller(
+            tiny.mlp(seed=1),
+            [ksd.terms.Distillation(ksd.teachers.Cached(directory))],
+        )
+        distiller.compile(optimizer="sgd", loss=tiny.sparse_ce())
+        for data in (
+            (twice, np.concatenate([self.y, self.y])),
+            (
+                tf.data.Dataset.from_tensor_slices(
+                    (twice, np.concatenate([self.y, self.y]))
+                ).batch(48),
+            ),
+        ):
+            history = distiller.fit(*data, epochs=1, verbose=0).history
+            self.assertTrue(np.isfinite(history["distillation_loss"]).all())
