@@ -36,6 +36,10 @@ def _write(teacher, data, directory, **kwargs):
     )
 
 
+# The writer's files are the backend's teacher outputs written by NumPy;
+# `teachers/cached_test` writes and reads them on both backends. These run
+# once, in the shorter JAX pass.
+@tiny.IN_JAX_PASS
 class WriteTeacherOutputsTest(parameterized.TestCase):
     def setUp(self):
         self.x, self.y = tiny.data()
@@ -246,8 +250,8 @@ print(len(calls))
 """
 
 
+@tiny.IN_JAX_PASS
 class KilledWriterTest(parameterized.TestCase):
-    @tiny.ONCE
     def test_a_killed_writer_restarted_equals_an_uninterrupted_one(self):
         import subprocess
         import sys

@@ -212,6 +212,14 @@ class Distillation(Term):
 
     def _check_sparse(self, student):
         for teacher in self.teacher.walk():
+            if isinstance(teacher, Cached) and self.loss == "mse":
+                raise ValueError(
+                    f"Distillation term '{self.name}' compares raw logits "
+                    "(loss='mse'), but a cache stores log-probabilities, "
+                    "which differ from the logits by a constant per row. "
+                    "Use a softmax loss ('kl', 'reverse_kl', 'jsd', 'dkd') "
+                    "or the live teacher. Received: loss='mse'"
+                )
             if not isinstance(teacher, Cached) or teacher.any_temperature:
                 continue
             kind = teacher.kind

@@ -49,11 +49,14 @@ class CachedTest(parameterized.TestCase):
         return [np.asarray(w) for w in distiller.student.get_weights()]
 
     @parameterized.named_parameters(
-        ("kl", "kl"), ("reverse_kl", "reverse_kl"), ("jsd", "jsd")
+        ("kl", "kl"),
+        ("reverse_kl", "reverse_kl"),
+        ("jsd", "jsd"),
+        ("dkd", "dkd"),
     )
     def test_dense_cache_trains_as_the_live_teacher(self, loss):
         directory = _cache(self, self.teacher, self.x)
-        beta = 0.3 if loss == "jsd" else None
+        beta = {"jsd": 0.3, "dkd": 2.0}.get(loss)
         live, live_history = _fit(
             self.teacher, self.x, self.y, loss=loss, beta=beta
         )
@@ -193,6 +196,16 @@ class CachedTest(parameterized.TestCase):
                         )
                     ],
                 )
+        with self.assertRaisesRegex(ValueError, "compares raw logits"):
+            ksd.Distiller(
+                tiny.mlp(),
+                [
+                    ksd.terms.Distillation(
+                        ksd.teachers.Cached(_cache(self, self.teacher, self.x)),
+                        loss="mse",
+                    )
+                ],
+            )
         with self.assertRaisesRegex(ValueError, "inside an Ensemble"):
             ksd.Distiller(
                 tiny.mlp(),
