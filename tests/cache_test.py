@@ -244,7 +244,8 @@ cache._rows_of = dying
 x, _ = tiny.data()
 data = ksd.data.with_sample_ids(tf.data.Dataset.from_tensor_slices(x))
 ksd.cache.write_teacher_outputs(
-    tiny.mlp(seed=5), data.batch(4), sys.argv[1], 24, kind="top_k", k=2,
+    tiny.mlp(seed=5, name="teacher"), data.batch(4), sys.argv[1], 24,
+    kind="top_k", k=2,
     shard_size=10, verbose=0)
 print(len(calls))
 """
@@ -264,9 +265,22 @@ class KilledWriterTest(parameterized.TestCase):
                 cwd=os.path.dirname(os.path.dirname(__file__)),
             )
 
+        # The uninterrupted cache, written here as the script writes it.
         whole = self.create_tempdir().full_path
+        x, _ = tiny.data()
+        ksd.cache.write_teacher_outputs(
+            tiny.mlp(seed=5, name="teacher"),
+            ksd.data.with_sample_ids(
+                tf.data.Dataset.from_tensor_slices(x)
+            ).batch(4),
+            whole,
+            24,
+            kind="top_k",
+            k=2,
+            shard_size=10,
+            verbose=0,
+        )
         killed = self.create_tempdir().full_path
-        self.assertEqual(run(whole, "keep").returncode, 0)
         self.assertEqual(run(killed, "kill").returncode, -9)
         manifest = json.load(open(os.path.join(killed, "manifest.json")))
         self.assertFalse(manifest["complete"])

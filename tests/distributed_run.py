@@ -89,7 +89,21 @@ def cached(keras, ksd, kind, k=None):
     return ksd.teachers.Cached(_CACHES[kind])
 
 
+def prepare(keras, ksd, kinds):
+    """Writes the caches the configurations read, once per process.
+
+    Before any model is built: writing runs a teacher and reseeds, which
+    would otherwise change the random draws of the first run only.
+    """
+    for kind in kinds:
+        if kind == "ensemble":
+            cached(keras, ksd, "dense")
+        if kind in _SPARSE:
+            cached(keras, ksd, *_SPARSE[kind])
+
+
 def distiller(keras, ksd, kind, jit_compile=False):
+    prepare(keras, ksd, [kind])
     language = kind.startswith("sequence")
     student = (_language_model if language else _model)(keras, 2)
     teachers = {
@@ -235,11 +249,7 @@ def run(engine, devices, kinds=KINDS):
 
     results = {}
     # The caches are written before any strategy or distribution is set.
-    for kind in kinds:
-        if kind == "ensemble":
-            cached(keras, ksd, "dense")
-        if kind in _SPARSE:
-            cached(keras, ksd, *_SPARSE[kind])
+    prepare(keras, ksd, kinds)
     if engine == "mirrored":
         import tensorflow as tf
 

@@ -58,6 +58,9 @@ class JitCompileTest(parameterized.TestCase):
 
 
 POLICIES = ["mixed_bfloat16", "mixed_float16"]
+_FLOAT16_ON_JAX = {
+    kind: index % 2 == 1 for index, kind in enumerate(distributed_run.KINDS)
+}
 
 
 class MixedPrecisionTest(parameterized.TestCase):
@@ -68,6 +71,14 @@ class MixedPrecisionTest(parameterized.TestCase):
             # bfloat16 step is the float32 code in other dtypes, which the
             # TensorFlow pass covers; JAX runs the loss-scaled float16.
             self.skipTest("mixed_bfloat16 runs in the TensorFlow pass")
+        if policy == "mixed_float16" and _FLOAT16_ON_JAX[kind] != (
+            keras.backend.backend() == "jax"
+        ):
+            # Loss-scaled float16 runs for every configuration once: every
+            # other one on each backend (TensorFlow runs bfloat16 for all).
+            self.skipTest(
+                "mixed_float16 runs for this kind on the other backend"
+            )
         _, reference, _ = _float32(kind)
         keras.config.set_dtype_policy(policy)
         distiller, history = _train(kind)

@@ -142,6 +142,8 @@ class CachedTest(parameterized.TestCase):
             history["distillation_loss"][0], 4.0 * per_sample.mean(), places=4
         )
 
+    # Input-pipeline behaviour, the same on both backends.
+    @tiny.IN_JAX_PASS
     def test_shuffled_batched_dataset(self):
         directory = _cache(self, self.teacher, self.x)
         data = ksd.data.with_sample_ids(
@@ -177,6 +179,8 @@ class CachedTest(parameterized.TestCase):
         ):
             distiller.fit(data.map(augment).batch(8), epochs=1, verbose=0)
 
+    # Input-pipeline behaviour, the same on both backends.
+    @tiny.IN_JAX_PASS
     def test_refusals(self):
         directory = _cache(
             self, self.teacher, self.x, kind="sampled", k=4, temperature=2.0
@@ -232,6 +236,8 @@ class CachedTest(parameterized.TestCase):
         with self.assertRaisesRegex(ValueError, "with_sample_ids"):
             distiller.fit(self.x, self.y, verbose=0)
 
+    # Input-pipeline behaviour, the same on both backends.
+    @tiny.IN_JAX_PASS
     def test_incomplete_cache_is_refused(self):
         directory = self.create_tempdir().full_path
         data = ksd.data.with_sample_ids(
@@ -244,6 +250,8 @@ class CachedTest(parameterized.TestCase):
         with self.assertRaisesRegex(ValueError, "incomplete"):
             ksd.teachers.Cached(directory)
 
+    # Input-pipeline behaviour, the same on both backends.
+    @tiny.IN_JAX_PASS
     def test_saved_distiller_reads_the_same_cache(self):
         directory = _cache(self, self.teacher, self.x)
         distiller, _ = _fit(ksd.teachers.Cached(directory), self.x, self.y)
@@ -255,6 +263,8 @@ class CachedTest(parameterized.TestCase):
             ksd.data.with_sample_ids(self.x), self.y, epochs=1, verbose=0
         )
 
+    # Input-pipeline behaviour, the same on both backends.
+    @tiny.IN_JAX_PASS
     def test_tfds_split_with_shuffled_files(self):
         # Ids keyed by tfds record: a cache written from one shuffled read
         # serves another (a misaligned id would fail the inputs' check).
@@ -289,6 +299,8 @@ class CachedTest(parameterized.TestCase):
         ).history
         self.assertTrue(np.isfinite(history["distillation_loss"]).all())
 
+    # Input-pipeline behaviour, the same on both backends.
+    @tiny.IN_JAX_PASS
     def test_memory_and_memory_map_paths_and_one_check_per_dataset(self):
         from unittest import mock
 
@@ -331,6 +343,8 @@ class CachedTest(parameterized.TestCase):
         for a, b in zip(*weights):
             np.testing.assert_array_equal(a, b)
 
+    # Input-pipeline behaviour, the same on both backends.
+    @tiny.IN_JAX_PASS
     def test_repeated_ids_are_read_alike(self):
         # Oversampling: a cache is only read, so an id may repeat (a bank,
         # which writes a row per id, refuses it).
