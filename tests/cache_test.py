@@ -112,6 +112,30 @@ class WriteTeacherOutputsTest(parameterized.TestCase):
             atol=1e-5,
         )
 
+    def test_sampled_sequences_have_a_distribution_per_position(self):
+        teacher = tiny.language_model(seed=1)
+        tokens = np.random.default_rng(0).integers(0, 11, (24, 6))
+        directory = self.create_tempdir().full_path
+        _write(
+            teacher,
+            ksd.data.with_sample_ids(tokens.astype("int32")),
+            directory,
+            kind="sampled",
+            k=5,
+            dtype="float32",
+        )
+        ids = _rows(directory, "ids").astype("int64")
+        weights = _rows(directory, "weights")
+        self.assertEqual(ids.shape, (24, 6, 5))
+        np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-6)
+        log_p = _log_softmax(keras.ops.convert_to_numpy(teacher(tokens)))
+        used = weights > 0
+        np.testing.assert_allclose(
+            _rows(directory, "log_probs")[used],
+            np.take_along_axis(log_p, ids, -1)[used],
+            atol=1e-5,
+        )
+
     def test_sampled_weights_estimate_the_distribution(self):
         # RS-KD: the share of k draws is an unbiased estimate of p; with
         # 4,000 draws per sample it is within 4 standard errors of p.
