@@ -157,6 +157,22 @@ class Distiller(keras.Model):
                 "samples, teacher generations): the second would discard "
                 f"the first's batch. Received: terms {rewriting}"
             )
+        cached = [
+            teacher.name
+            for term in terms
+            for root in term.teachers
+            for teacher in root.walk()
+            if isinstance(teacher, Cached)
+        ]
+        if rewriting and cached:
+            raise ValueError(
+                f"Term '{rewriting[0]}' replaces the training batch inside "
+                "the step, but a cached teacher holds outputs for the "
+                "dataset's own inputs, joined before the step: its targets "
+                "would belong to other sequences. Use the live teacher with "
+                f"on-policy or generated batches. Received: cached teachers "
+                f"{cached}"
+            )
         activation = final_activation(student)
         if terms and activation is not None:
             refuse_probabilities("student", student.name, activation)

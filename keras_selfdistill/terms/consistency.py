@@ -5,6 +5,7 @@ from keras_selfdistill import _arguments
 from keras_selfdistill._forward import OUTPUT
 from keras_selfdistill._forward import VIEW
 from keras_selfdistill.exits import one_hot_labels
+from keras_selfdistill.teachers.cached import Cached
 from keras_selfdistill.teachers.frozen_model import as_teacher
 from keras_selfdistill.terms.term import Term
 
@@ -153,6 +154,15 @@ class Consistency(Term):
 
     def attach(self, student):
         if self.teacher is not None:
+            for teacher in self.teacher.walk():
+                if isinstance(teacher, Cached) and teacher.kind != "dense":
+                    raise ValueError(
+                        f"Consistency '{self.name}' compares whole "
+                        "distributions, but the cached teacher "
+                        f"'{teacher.name}' holds {teacher.kind} targets. Use "
+                        "a dense cache or a live teacher. Received: "
+                        f"kind={teacher.kind!r}"
+                    )
             self.teacher.attach(student)
 
     def view(self, inputs, training=None):

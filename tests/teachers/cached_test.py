@@ -366,3 +366,31 @@ class CachedTest(parameterized.TestCase):
         ):
             history = distiller.fit(*data, epochs=1, verbose=0).history
             self.assertTrue(np.isfinite(history["distillation_loss"]).all())
+
+    def test_refused_beside_generated_batches_and_in_consistency(self):
+        # A cache holds targets of the dataset's inputs, joined before the
+        # step: batches replaced in the step, or whole-distribution terms
+        # given sparse targets, would read the wrong targets.
+        directory = _cache(
+            self, self.teacher, self.x, kind="top_k", k=2, temperature=2.0
+        )
+        with self.assertRaisesRegex(ValueError, "replaces the training batch"):
+            ksd.Distiller(
+                tiny.language_model(),
+                [
+                    ksd.terms.Distillation(
+                        ksd.teachers.Cached(_cache(self, self.teacher, self.x))
+                    ),
+                    ksd.terms.OnPolicy(2),
+                ],
+            )
+        with self.assertRaisesRegex(ValueError, "holds top_k targets"):
+            ksd.Distiller(
+                tiny.mlp(),
+                [
+                    ksd.terms.Consistency(
+                        keras.layers.Identity(),
+                        teacher=ksd.teachers.Cached(directory),
+                    )
+                ],
+            )
