@@ -3,6 +3,7 @@
 from keras_selfdistill import cache
 from keras_selfdistill import data
 from keras_selfdistill import datasets
+from keras_selfdistill import diffusion
 from keras_selfdistill import exits
 from keras_selfdistill import files
 from keras_selfdistill import generations
@@ -22,6 +23,7 @@ __all__ = [
     "cache",
     "data",
     "datasets",
+    "diffusion",
     "exits",
     "files",
     "generations",

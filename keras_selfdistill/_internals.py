@@ -53,6 +53,33 @@ def compiled_loss(model):
         ) from error
 
 
+# Keras saves a layer's own variables but not its seed generators' state:
+# a run resumed from a backup would draw the first epochs' numbers again.
+_SEED_STATE = "seed_generator_state"
+
+
+def save_seed_state(layer, store):
+    """Adds `layer.seed_generator`'s state to its saved variables."""
+    generator = getattr(layer, "seed_generator", None)
+    if generator is not None:
+        store[_SEED_STATE] = generator.state
+
+
+def load_with_seed_state(layer, store):
+    """`Layer.load_own_variables`, plus the state `save_seed_state` added.
+
+    Keras's own refuses a store with more entries than the layer's
+    variables, so the variables are assigned here by their index, as
+    Keras's saving numbers them.
+    """
+    own = layer._trainable_variables + layer._non_trainable_variables
+    for i, variable in enumerate(own):
+        variable.assign(store[f"{i}"])
+    generator = getattr(layer, "seed_generator", None)
+    if generator is not None and _SEED_STATE in store:
+        generator.state.assign(store[_SEED_STATE])
+
+
 def producing_operation(tensor):
     """The operation (layer) that produced a Functional model's tensor."""
     history = getattr(tensor, "_keras_history", None)

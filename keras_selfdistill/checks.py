@@ -339,7 +339,11 @@ def check_fit_data(x, y, distiller, num_samples, unique_ids=True):
     classes = teacher.num_classes(distiller.student)
     if x is None:
         return x
-    if distiller.check_data and distiller.terms:
+    if (
+        distiller.check_data
+        and distiller.terms
+        and all(term.reads_logits for term in distiller.terms)
+    ):
         first = _first_batch(x)
         if first is not None:
             check_logits(distiller, first)

@@ -489,9 +489,41 @@ class Distiller(keras.Model):
             x = select_input(x, self.input_key, "The student")
         return self._forward.final(x, training=False)
 
+    def _refuse_evaluation(self, what):
+        silent = [term.name for term in self.terms if not term.evaluates]
+        if silent:
+            raise ValueError(
+                f"Terms {silent} run the student only on the batches they "
+                "build in the training step, so there is no validation "
+                "loss to compute on the data as given. Measure the model "
+                "another way (a diffusion model by its samples: "
+                "`keras_selfdistill.diffusion.sample`). Received: "
+                f"{what}"
+            )
+
+    def evaluate(self, *args, **kwargs):
+        self._refuse_evaluation("a call to `evaluate`")
+        return super().evaluate(*args, **kwargs)
+
     def fit(self, *args, **kwargs):
         bound = inspect.signature(keras.Model.fit).bind(self, *args, **kwargs)
         arguments = bound.arguments
+        silent = [term.name for term in self.terms if not term.evaluates]
+        if silent and _internals.compiled_loss(self) is not None:
+            # Checked here: JAX's trainer builds a compiled loss by calling
+            # the student on the data as given, which such a student cannot
+            # take.
+            raise ValueError(
+                f"Terms {silent} build their own regression targets: "
+                "compile the distiller without `loss`. Received: a compiled "
+                "loss"
+            )
+        if arguments.get("validation_data") is not None:
+            self._refuse_evaluation("validation_data")
+        if arguments.get("validation_split"):
+            self._refuse_evaluation(
+                f"validation_split={arguments['validation_split']!r}"
+            )
         id_limits = [t.num_samples for t in self.teachers if t.keyed_by_id]
         given = arguments.get("x")
         arguments["x"] = checks.check_fit_data(

@@ -168,6 +168,24 @@ def _projection(target, direction):
     return float(np.sum(target * direction)) / norm
 
 
+def fresh_compile_kwargs(compile_kwargs):
+    """`compile_kwargs` with a new copy of its optimizer instance, if any.
+
+    Each model of a loop of trainings gets an optimizer of its own: one
+    instance compiled into two models would carry the first one's
+    iterations and moments into the second.
+    """
+    import keras
+
+    kwargs = dict(compile_kwargs)
+    optimizer = kwargs.get("optimizer")
+    if isinstance(optimizer, keras.optimizers.Optimizer):
+        kwargs["optimizer"] = optimizer.__class__.from_config(
+            optimizer.get_config()
+        )
+    return kwargs
+
+
 def fit_generations(
     build_student,
     x,
@@ -273,13 +291,7 @@ def fit_generations(
         student = build_student()
         terms = [] if teacher is None else [Distillation(teacher, xi=weight)]
         distiller = Distiller(student, terms)
-        kwargs = dict(compile_kwargs)
-        optimizer = kwargs.get("optimizer")
-        if isinstance(optimizer, keras.optimizers.Optimizer):
-            kwargs["optimizer"] = optimizer.__class__.from_config(
-                optimizer.get_config()
-            )
-        distiller.compile(**kwargs)
+        distiller.compile(**fresh_compile_kwargs(compile_kwargs))
         history = distiller.fit(
             x, y, validation_data=validation_data, **fit_kwargs
         )

@@ -24,6 +24,7 @@ KINDS = (
     "families",
     "sequence",
     "sequence_kd",
+    "diffusion",
 )
 BATCH = 8
 VOCABULARY = 8
@@ -46,6 +47,18 @@ def _model(keras, seed):
     h1 = keras.layers.Dense(8, activation="relu", name="h1")(inputs)
     h2 = keras.layers.Dense(8, activation="relu", name="h2")(h1)
     return keras.Model(inputs, keras.layers.Dense(3, name="logits")(h2))
+
+
+def _diffusion_model(keras, ksd, seed):
+    keras.utils.set_random_seed(seed)
+    model = ksd.diffusion.unet((4, 4, 1), widths=(3, 4), embedding_dim=4)
+    # The velocity layer starts at zero, which would make both models'
+    # first outputs equal.
+    layer = model.get_layer("velocity")
+    layer.kernel.assign(
+        keras.random.normal(layer.kernel.shape, stddev=0.1, seed=seed)
+    )
+    return model
 
 
 def _language_model(keras, seed):
@@ -106,6 +119,8 @@ def distiller(keras, ksd, kind, jit_compile=False):
     prepare(keras, ksd, [kind])
     language = kind.startswith("sequence")
     student = (_language_model if language else _model)(keras, 2)
+    if kind == "diffusion":
+        student = _diffusion_model(keras, ksd, 2)
     teachers = {
         "frozen": lambda: _model(keras, 1),
         # A cached teacher's dense outputs as a member.
@@ -164,6 +179,15 @@ def distiller(keras, ksd, kind, jit_compile=False):
         # The student's own greedy continuations (GKD). Every step, and
         # greedy: TensorFlow draws other random numbers under XLA.
         terms = [term, ksd.terms.OnPolicy(2, temperature=0)]
+    elif kind == "diffusion":
+        # Progressive distillation: a 4-step DDIM teacher, a 2-step
+        # student, noise and times drawn for the global batch.
+        terms = [
+            ksd.terms.Denoising(
+                ksd.teachers.DDIM(_diffusion_model(keras, ksd, 1), 4),
+                seed=5,
+            )
+        ]
     elif kind == "sequence_kd":
         terms = [
             ksd.terms.SequenceKD(_language_model(keras, 1), prompt_length=3)
@@ -195,9 +219,10 @@ def distiller(keras, ksd, kind, jit_compile=False):
     distiller = ksd.Distiller(student, terms)
     distiller.compile(
         optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
-        # GKD (the sequence configuration) minimises the divergence alone.
+        # GKD (the sequence configuration) minimises the divergence alone;
+        # a diffusion model regresses on its term's targets.
         loss=None
-        if kind == "sequence"
+        if kind in ("sequence", "diffusion")
         else keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         jit_compile=jit_compile,
     )
@@ -229,6 +254,9 @@ def data(ksd, kind):
         y = rng.integers(0, VOCABULARY, size=(32, SEQUENCE))
         lengths = rng.integers(1, SEQUENCE + 1, size=(32, 1))
         w = (np.arange(SEQUENCE) < lengths).astype("float32")
+    if kind == "diffusion":
+        images = rng.uniform(-1, 1, size=(32, 4, 4, 1)).astype("float32")
+        return tf.data.Dataset.from_tensor_slices(images).batch(BATCH)
     data = tf.data.Dataset.from_tensor_slices((x, y, w))
     if kind in _WITH_IDS:
         data = ksd.data.with_sample_ids(data)

@@ -1,6 +1,7 @@
 """Where soft targets come from: layers that own their state."""
 
 from keras_selfdistill.teachers.cached import Cached
+from keras_selfdistill.teachers.ddim import DDIM
 from keras_selfdistill.teachers.ema import EMA
 from keras_selfdistill.teachers.ensemble import Ensemble
 from keras_selfdistill.teachers.frozen_model import FrozenModel
@@ -11,6 +12,7 @@ from keras_selfdistill.teachers.teacher import Teacher
 
 __all__ = [
     "Cached",
+    "DDIM",
     "EMA",
     "Ensemble",
     "FrozenModel",

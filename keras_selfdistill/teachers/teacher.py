@@ -286,6 +286,13 @@ class Teacher(keras.layers.Layer, metaclass=abc.ABCMeta):
         # Not tracked as a sublayer: the distiller saves the student.
         object.__setattr__(self, "_student", student)
 
+    def save_own_variables(self, store):
+        super().save_own_variables(store)
+        _internals.save_seed_state(self, store)
+
+    def load_own_variables(self, store):
+        _internals.load_with_seed_state(self, store)
+
     def get_config(self):
         config = super().get_config()
         config.pop("dtype", None)

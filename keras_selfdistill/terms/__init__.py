@@ -2,6 +2,7 @@
 
 from keras_selfdistill.terms.auxiliary_exits import AuxiliaryExits
 from keras_selfdistill.terms.consistency import Consistency
+from keras_selfdistill.terms.denoising import Denoising
 from keras_selfdistill.terms.distillation import Distillation
 from keras_selfdistill.terms.feature_distillation import FeatureDistillation
 from keras_selfdistill.terms.on_policy import OnPolicy
@@ -11,6 +12,7 @@ from keras_selfdistill.terms.term import Term
 __all__ = [
     "AuxiliaryExits",
     "Consistency",
+    "Denoising",
     "Distillation",
     "FeatureDistillation",
     "OnPolicy",

@@ -396,21 +396,6 @@ class OnPolicy(Term):
             ops.broadcast_to(keep, ops.shape(full[:, :length])), "float32"
         )
 
-    # Keras saves a layer's weights but not its seed generators' state; a
-    # run resumed from a backup would draw the first epochs' coins again.
-    _SEED_STATE = "seed_generator_state"
-
-    def save_own_variables(self, store):
-        super().save_own_variables(store)
-        store[self._SEED_STATE] = self.seed_generator.state
-
-    def load_own_variables(self, store):
-        own = self._trainable_variables + self._non_trainable_variables
-        for i, variable in enumerate(own):
-            variable.assign(store[f"{i}"])
-        if self._SEED_STATE in store:
-            self.seed_generator.state.assign(store[self._SEED_STATE])
-
     def get_config(self):
         config = super().get_config()
         config.pop("weight", None)

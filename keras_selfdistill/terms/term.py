@@ -50,6 +50,28 @@ def replica_mean(value):
     )
 
 
+def draw_for_global_batch(draw, shape):
+    """`draw(shape)` of this replica's rows, the same on any device count.
+
+    `draw` takes a shape whose first axis is the batch. Under a
+    `tf.distribute` strategy each replica holds `1/N` of the global batch
+    and the same seed: drawing `shape` on each would give every replica
+    the same numbers, and other numbers than one device draws for the
+    whole batch. Each replica draws for the global batch and keeps its
+    own slice (replica `r` holds rows `r·b` to `(r + 1)·b` of an evenly
+    split batch). On JAX the step holds the global batch already.
+    """
+    replicas = _replicas()
+    if replicas is None or replicas == 1:
+        return draw(shape)
+    import tensorflow as tf
+
+    local = shape[0]
+    values = draw((local * replicas,) + tuple(shape[1:]))
+    replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+    return values[replica * local : (replica + 1) * local]
+
+
 def hyperparameter_property(name, doc=None):
     """A term attribute reading and assigning hyperparameter `name`.
 
@@ -356,6 +378,27 @@ class Term(keras.layers.Layer, metaclass=abc.ABCMeta):
         """Whether the term overrides `rewrite_batch`."""
         return type(self).rewrite_batch is not Term.rewrite_batch
 
+    @property
+    def reads_logits(self):
+        """Whether the student's outputs are logits to this term.
+
+        `fit` checks on the first batch that the student does not return
+        probabilities only when every term reads logits; a term whose
+        student outputs something else (a diffusion model's velocity) says
+        `False`. Defaults to `True`.
+        """
+        return True
+
+    @property
+    def evaluates(self):
+        """Whether `evaluate` can run the student on the data as given.
+
+        `False` for a term whose student only runs on the batch it
+        rewrites (noisy images and their times): `evaluate` and
+        `validation_data` are then refused. Defaults to `True`.
+        """
+        return True
+
     def _bind(self, model):
         # A weak reference: the model owns the term, and saving walks
         # attributes, which must not lead back to the model.
@@ -387,6 +430,13 @@ class Term(keras.layers.Layer, metaclass=abc.ABCMeta):
     def _reduce(self, per_sample, sample_weight):
         return self._reducer(per_sample, per_sample, sample_weight)
 
+    def save_own_variables(self, store):
+        super().save_own_variables(store)
+        _internals.save_seed_state(self, store)
+
+    def load_own_variables(self, store):
+        _internals.load_with_seed_state(self, store)
+
     def _serialize_hyperparameter(self, name):
         value = self._hyperparameters.get(name)
         if isinstance(value, schedules.Schedule):
@@ -407,8 +457,9 @@ class Term(keras.layers.Layer, metaclass=abc.ABCMeta):
         for name in ("weight", "xi", "temperature"):
             if isinstance(config.get(name), dict):
                 config[name] = schedules._deserialize(config[name])
-        # The Keras objects a term holds: its teacher, an augmentation.
-        for name in ("teacher", "augment"):
+        # The Keras objects a term holds: its teacher, an augmentation, a
+        # diffusion schedule.
+        for name in ("teacher", "augment", "schedule"):
             if isinstance(config.get(name), dict):
                 config[name] = keras.saving.deserialize_keras_object(
                     config[name]

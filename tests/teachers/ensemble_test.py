@@ -86,3 +86,34 @@ class EnsembleTest(parameterized.TestCase):
         distiller.compile(optimizer="adam", loss=tiny.sparse_ce())
         history = distiller.fit(x, y, epochs=2, verbose=0)
         self.assertTrue(np.isfinite(history.history["distillation_loss"]).all())
+
+    def test_seed_state_is_saved(self):
+        # A run resumed from a backup continues the stream of dropped
+        # members instead of drawing the first epochs' again.
+        def build():
+            distiller = ksd.Distiller(
+                tiny.mlp(name="student", seed=9),
+                [
+                    ksd.terms.Distillation(
+                        ksd.teachers.Ensemble(
+                            [tiny.mlp(name=f"m{i}", seed=i) for i in range(2)],
+                            drop_rate=0.3,
+                            seed=0,
+                        )
+                    )
+                ],
+            )
+            distiller.compile(optimizer="adam", loss=tiny.sparse_ce())
+            return distiller
+
+        distiller = build()
+        distiller.fit(*tiny.data(n=16), epochs=1, verbose=0)
+        state = distiller.terms[0].teacher.seed_generator.state
+        path = self.create_tempdir().full_path + "/d.weights.h5"
+        distiller.save_weights(path)
+        restored = build()
+        restored.load_weights(path)
+        np.testing.assert_array_equal(
+            restored.terms[0].teacher.seed_generator.state, state
+        )
+        self.assertGreater(int(keras.ops.convert_to_numpy(state)[1]), 0)

@@ -1,0 +1,116 @@
+"""Where the bare Distiller's epoch time goes: its input checks.
+
+Interleaved epochs, as in `overhead.py` (same pair, data and batch size),
+of plain `student.fit`, the Distiller with no terms and with cached
+teacher KD, each with the input checks on (the default) and off
+(`check_data=False`). Reports the median and the minimum epoch per variant
+and their ratios to plain `fit`.
+
+    python benchmarks/distiller_floor.py [--rounds 9]
+"""
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import keras_selfdistill as ksd  # noqa: E402
+from keras_selfdistill import demo  # noqa: E402
+
+
+class _EpochTimer(keras.callbacks.Callback):
+    def on_epoch_begin(self, epoch, logs=None):
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds = time.perf_counter() - self.start
+
+
+def _loss():
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=9)
+    args = parser.parse_args(argv)
+    (x, y), _ = ksd.datasets.load_mnist()
+    train = tf.data.Dataset.from_tensor_slices((x, y)).batch(64).cache()
+    train = train.repeat(4)
+    with_ids = ksd.data.with_sample_ids(
+        tf.data.Dataset.from_tensor_slices((x, y))
+    )
+    with_ids = with_ids.batch(64).cache().repeat(4)
+    keras.utils.set_random_seed(0)
+    teacher = demo.teacher_model()
+    teacher.compile("adam", _loss(), jit_compile=False)
+    teacher.fit(train, epochs=1, verbose=0)
+    cache = tempfile.mkdtemp(prefix="floor_cache_")
+    ksd.cache.write_teacher_outputs(
+        teacher, ksd.data.with_sample_ids(x), cache, len(y), verbose=0
+    )
+    student = demo.student_model()
+
+    def copy(name):
+        clone = keras.models.clone_model(student)
+        clone.set_weights(student.get_weights())
+        clone.name = name
+        return clone
+
+    def distiller(name, terms, check_data):
+        model = ksd.Distiller(copy(name), terms, check_data=check_data)
+        model.compile("adam", _loss(), jit_compile=False)
+        return model
+
+    def cached_kd():
+        return [
+            ksd.terms.Distillation(
+                ksd.teachers.Cached(cache), temperature=4.0, xi=0.9
+            )
+        ]
+
+    plain = copy("plain")
+    plain.compile("adam", _loss(), jit_compile=False)
+    variants = {
+        "plain `student.fit`": (plain, train),
+        "Distiller, no terms": (distiller("a", [], True), train),
+        "Distiller, no terms, `check_data=False`": (
+            distiller("b", [], False),
+            train,
+        ),
+        "Distiller, cached KD": (distiller("c", cached_kd(), True), with_ids),
+        "Distiller, cached KD, `check_data=False`": (
+            distiller("d", cached_kd(), False),
+            with_ids,
+        ),
+    }
+    times = {name: [] for name in variants}
+    for round_index in range(args.rounds + 1):
+        for name, (model, data) in variants.items():
+            timer = _EpochTimer()
+            model.fit(data, epochs=1, verbose=0, callbacks=[timer])
+            if round_index:
+                times[name].append(timer.seconds)
+    plain_median = statistics.median(times["plain `student.fit`"])
+    plain_min = min(times["plain `student.fit`"])
+    print(
+        "| variant | median epoch s | × plain (median) | min epoch s | "
+        "× plain (min) |"
+    )
+    print("|---|---|---|---|---|")
+    for name, values in times.items():
+        median, low = statistics.median(values), min(values)
+        print(
+            f"| {name} | {median:.3f} | {median / plain_median:.2f} | "
+            f"{low:.3f} | {low / plain_min:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

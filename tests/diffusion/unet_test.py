@@ -1,0 +1,68 @@
+import os
+import subprocess
+import sys
+import tempfile
+
+import keras
+import numpy as np
+from absl.testing import parameterized
+
+import keras_selfdistill as ksd
+from tests import tiny
+
+
+class UNetTest(parameterized.TestCase):
+    def test_shapes_and_parameters(self):
+        model = ksd.diffusion.unet()
+        self.assertEqual(model.count_params(), 386337)
+        out = model([np.zeros((2, 28, 28, 1)), np.zeros((2,))])
+        self.assertEqual(tuple(out.shape), (2, 28, 28, 1))
+        small = ksd.diffusion.unet((8, 12, 3), widths=(4, 8, 8))
+        out = small([np.zeros((1, 8, 12, 3)), np.zeros((1,))])
+        self.assertEqual(tuple(out.shape), (1, 8, 12, 3))
+
+    def test_the_time_input_changes_the_output(self):
+        model = ksd.diffusion.unet((8, 8, 1), widths=(4, 8))
+        layer = model.get_layer("velocity")
+        layer.kernel.assign(np.ones(layer.kernel.shape) * 0.1)
+        z = np.random.default_rng(0).normal(size=(1, 8, 8, 1))
+        a = keras.ops.convert_to_numpy(model([z, np.array([-5.0])]))
+        b = keras.ops.convert_to_numpy(model([z, np.array([5.0])]))
+        self.assertGreater(np.abs(a - b).max(), 1e-4)
+
+    @tiny.ONCE
+    def test_loads_without_the_library(self):
+        model = ksd.diffusion.unet((8, 8, 1), widths=(4, 8))
+        layer = model.get_layer("velocity")
+        layer.kernel.assign(np.ones(layer.kernel.shape) * 0.1)
+        folder = tempfile.mkdtemp()
+        path = os.path.join(folder, "unet.keras")
+        model.save(path)
+        z = np.ones((2, 8, 8, 1), "float32")
+        logsnr = np.array([-1.0, 2.0], "float32")
+        np.save(os.path.join(folder, "z.npy"), z)
+        np.save(os.path.join(folder, "logsnr.npy"), logsnr)
+        script = (
+            "import sys; sys.modules['keras_selfdistill'] = None\n"
+            "import numpy as np, keras\n"
+            f"m = keras.saving.load_model({path!r}, safe_mode=True)\n"
+            "x = [np.load('z.npy'), np.load('logsnr.npy')]\n"
+            "np.save('out.npy', m.predict(x, verbose=0))\n"
+        )
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+        subprocess.run(
+            [sys.executable, "-c", script], check=True, env=env, cwd=folder
+        )
+        np.testing.assert_allclose(
+            np.load(os.path.join(folder, "out.npy")),
+            keras.ops.convert_to_numpy(model([z, logsnr])),
+            atol=1e-6,
+        )
+
+    def test_bad_shapes(self):
+        with self.assertRaisesRegex(ValueError, "divisible by 4"):
+            ksd.diffusion.unet((10, 10, 1))
+        with self.assertRaisesRegex(ValueError, "height, width, channels"):
+            ksd.diffusion.unet((28, 28))
+        with self.assertRaisesRegex(ValueError, "positive integers"):
+            ksd.diffusion.unet(widths=(16, 0))
