@@ -4,6 +4,7 @@ import pathlib
 
 import nbclient
 import nbformat
+import numpy as np
 from absl.testing import parameterized
 
 from tests import tiny
@@ -128,6 +129,54 @@ class TuningScriptTest(parameterized.TestCase):
         )
 
 
+@tiny.ONCE
+class ProgressiveDistillationScriptTest(parameterized.TestCase):
+    def test_every_option_described(self):
+        parser = _load("progressive_distillation").build_parser()
+        for action in parser._actions:
+            self.assertTrue(action.help, msg=action.option_strings)
+
+    def test_runs_on_bundled_data(self):
+        out = self.create_tempdir().full_path
+        result = _load("progressive_distillation").main(
+            [
+                "--data",
+                "bundled_mnist",
+                "--limit",
+                "512",
+                "--base-steps",
+                "20",
+                "--round-steps",
+                "4",
+                "--start-steps",
+                "4",
+                "--end-steps",
+                "1",
+                "--samples",
+                "64",
+                "--output-dir",
+                out,
+            ]
+        )
+        self.assertEqual(
+            sorted(k for k in result if "/" in k),
+            [
+                "distilled/1",
+                "distilled/2",
+                "undistilled/1",
+                "undistilled/2",
+                "undistilled/4",
+            ],
+        )
+        for key, scores in result.items():
+            if "/" in key:
+                self.assertTrue(np.isfinite(list(scores.values())).all())
+        self.assertTrue(os.path.exists(os.path.join(out, "base.keras")))
+        self.assertTrue(
+            os.path.exists(os.path.join(out, "rounds", "steps-1.keras"))
+        )
+
+
 @tiny.IN_JAX_PASS
 class LanguageModelScriptTest(parameterized.TestCase):
     def test_ce_kd_and_gkd_on_the_standard_library(self):
@@ -152,6 +201,7 @@ NOTEBOOKS = {
     "auxiliary_exits": "block2.keras",
     "scaling_out": None,
     "language_model": "student_lm.keras",
+    "progressive_distillation": "student_2_steps.keras",
 }
 
 

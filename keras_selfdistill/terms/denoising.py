@@ -68,13 +68,15 @@ class Denoising(Term):
         keras_selfdistill.diffusion.unet(),
         [keras_selfdistill.terms.Denoising()],
     )
-    base.compile(optimizer=keras.optimizers.Adam(2e-4, use_ema=True))
-    base.fit(images, batch_size=128, epochs=20)
-    student = keras_selfdistill.Distiller(
-        keras.models.clone_model(base.student),
-        [keras_selfdistill.terms.Denoising(
-            keras_selfdistill.teachers.DDIM(base.student, num_steps=16))],
-    )
+    base.compile(optimizer=keras.optimizers.Adam(1e-3, use_ema=True))
+    base.fit(images, batch_size=128, epochs=8)
+    teacher = keras_selfdistill.teachers.DDIM(base.student, num_steps=16)
+    student = keras.models.clone_model(base.student)
+    student.set_weights(base.student.get_weights())
+    distilled = keras_selfdistill.Distiller(
+        student, [keras_selfdistill.terms.Denoising(teacher)])
+    distilled.compile(optimizer=keras.optimizers.Adam(1e-4))
+    distilled.fit(images, batch_size=128, epochs=2)  # samples in 8 steps
     ```
     """
 
