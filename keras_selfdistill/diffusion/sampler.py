@@ -26,7 +26,7 @@ def denoise(model, z, logsnr, clip=False):
     logsnr = ops.cast(logsnr, "float32") * ops.ones((batch,), "float32")
     velocity = ops.cast(model([z, logsnr], training=False), "float32")
     velocity = ops.stop_gradient(velocity)
-    alpha, sigma = _broadcast(alpha_sigma(logsnr), z)
+    alpha, sigma = per_sample(alpha_sigma(logsnr), z)
     x = alpha * z - sigma * velocity
     if not clip:
         return x, sigma * z + alpha * velocity
@@ -34,7 +34,8 @@ def denoise(model, z, logsnr, clip=False):
     return x, (z - alpha * x) / sigma
 
 
-def _broadcast(values, like):
+def per_sample(values, like):
+    """Each `(batch,)` tensor of `values` shaped to broadcast over `like`."""
     rank = len(like.shape)
     return [ops.reshape(v, (-1,) + (1,) * (rank - 1)) for v in values]
 
@@ -47,7 +48,7 @@ def ddim_step(model, z, t, s, schedule, clip=False):
     `(z_s, x̂)`.
     """
     x, eps = denoise(model, z, schedule(t), clip=clip)
-    alpha_s, sigma_s = _broadcast(
+    alpha_s, sigma_s = per_sample(
         alpha_sigma(schedule(s) * ops.ones((ops.shape(z)[0],))), z
     )
     return alpha_s * x + sigma_s * eps, x

@@ -5,6 +5,7 @@ from keras_selfdistill.diffusion.cosine_schedule import CosineSchedule
 from keras_selfdistill.diffusion.cosine_schedule import alpha_sigma
 from keras_selfdistill.diffusion.sampler import ddim_step
 from keras_selfdistill.diffusion.sampler import denoise
+from keras_selfdistill.diffusion.sampler import per_sample
 from keras_selfdistill.teachers.frozen_model import FrozenModel
 from keras_selfdistill.teachers.teacher import check_positive_int
 
@@ -104,16 +105,12 @@ class DDIM(FrozenModel):
         x_mid, eps_mid = denoise(
             self.model, z_mid, self.schedule(u - 0.5 / steps)
         )
-        shape = (-1,) + (1,) * (len(z.shape) - 1)
-        alpha_s, sigma_s = alpha_sigma(self.schedule(u_s))
-        alpha_t, sigma_t = alpha_sigma(self.schedule(u))
-        alpha_s, sigma_s, alpha_t, sigma_t = (
-            ops.reshape(v, shape) for v in (alpha_s, sigma_s, alpha_t, sigma_t)
-        )
+        alpha_s, sigma_s = per_sample(alpha_sigma(self.schedule(u_s)), z)
+        alpha_t, sigma_t = per_sample(alpha_sigma(self.schedule(u)), z)
         z_s = alpha_s * x_mid + sigma_s * eps_mid
         ratio = sigma_s / sigma_t
         target = (z_s - ratio * z) / (alpha_s - ratio * alpha_t)
-        last = ops.reshape(ops.equal(i, 0), shape)
+        (last,) = per_sample([ops.equal(i, 0)], z)
         return ops.stop_gradient(ops.where(last, x_mid, target))
 
     def get_config(self):

@@ -5,6 +5,7 @@ from keras_selfdistill import _arguments
 from keras_selfdistill import _internals
 from keras_selfdistill.diffusion.cosine_schedule import CosineSchedule
 from keras_selfdistill.diffusion.cosine_schedule import alpha_sigma
+from keras_selfdistill.diffusion.sampler import per_sample
 from keras_selfdistill.teachers.ddim import DDIM
 from keras_selfdistill.terms.term import Term
 from keras_selfdistill.terms.term import draw_for_global_batch
@@ -192,7 +193,7 @@ class Denoising(Term):
             )
             t = (ops.cast(i, "float32") + 1.0) / steps
         logsnr = self.schedule(t)
-        alpha, sigma = _per_sample(alpha_sigma(logsnr), images)
+        alpha, sigma = per_sample(alpha_sigma(logsnr), images)
         z = alpha * images + sigma * eps
         if self.teacher is None:
             target = images
@@ -208,7 +209,7 @@ class Denoising(Term):
         """The weighted error of each sample, from the rewritten labels."""
         z = ops.cast(y["z"], "float32")
         logsnr = ops.cast(y["logsnr"], "float32")
-        alpha, sigma = _per_sample(alpha_sigma(logsnr), z)
+        alpha, sigma = per_sample(alpha_sigma(logsnr), z)
         x = alpha * z - sigma * ops.cast(velocity, "float32")
         axes = tuple(range(1, len(z.shape)))
         error = ops.mean(ops.square(x - ops.cast(y["target"], "float32")), axes)
@@ -233,8 +234,3 @@ class Denoising(Term):
         config["weighting"] = self.weighting
         config["seed"] = self.seed
         return config
-
-
-def _per_sample(values, like):
-    rank = len(like.shape)
-    return [ops.reshape(v, (-1,) + (1,) * (rank - 1)) for v in values]
