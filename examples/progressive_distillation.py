@@ -98,6 +98,7 @@ def _fit_steps(distiller, data, steps, callbacks=()):
         data,
         epochs=epochs,
         steps_per_epoch=per_epoch,
+        shuffle=False,  # the dataset is shuffled
         verbose=0,
         callbacks=list(callbacks),
     )
@@ -143,6 +144,7 @@ def distil(
         directory=directory,
         compile_kwargs={"optimizer": optimizer},
         epochs=1,
+        shuffle=False,
         seed=seed,
         verbose=0,
     )

@@ -5,6 +5,7 @@ import numpy as np
 from absl.testing import parameterized
 
 import keras_selfdistill as ksd
+from tests import tiny
 from tests.diffusion import reference
 
 
@@ -86,6 +87,9 @@ class ProgressiveDistillationTest(parameterized.TestCase):
             max(np.abs(a - b).max() for a, b in zip(first, second)), 0
         )
 
+    # Backend-independent (files, callbacks and `fit`; the step's resume is
+    # the harness's): once, in the TensorFlow pass.
+    @tiny.ONCE
     def test_resumes_between_and_within_rounds(self):
         root = self.create_tempdir().full_path
         uninterrupted = _rounds(os.path.join(root, "full"))

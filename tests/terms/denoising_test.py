@@ -48,9 +48,12 @@ class DenoisingTest(parameterized.TestCase):
         self.assertIsInstance(restored.teacher, ksd.teachers.DDIM)
         self.assertEqual(restored.teacher.num_steps, 4)
 
-    @parameterized.product(
-        teacher_steps=[None, 4],
-        weighting=["truncated_snr", "snr_plus_one", "snr", "constant"],
+    @parameterized.named_parameters(
+        ("truncated_snr_teacher", 4, "truncated_snr"),
+        ("truncated_snr_data", None, "truncated_snr"),
+        ("snr_plus_one_teacher", 4, "snr_plus_one"),
+        ("snr_data", None, "snr"),
+        ("constant_teacher", 4, "constant"),
     )
     def test_fit_loss_matches_numpy(self, teacher_steps, weighting):
         # A zero learning rate: the History's loss is the loss of the
