@@ -86,7 +86,11 @@ def progressive_distillation(
         compile_kwargs: Keyword arguments of `Distiller.compile`, with
             `optimizer` (an instance is copied for each round) and no
             `loss`. Defaults to Adam at 1e-4 with the official gradient
-            clipping (global norm 1).
+            clipping (global norm 1), at a constant rate: the official
+            code anneals it linearly to 0 over each round, which needs
+            the round's length (give a `PolynomialDecay` to
+            `end_learning_rate=0` over the round's steps, as the example
+            does).
         **fit_kwargs: Passed to every round's `fit` (`epochs`,
             `batch_size`, `callbacks`, ...). `schedule`, `weighting` and
             `seed` go to the `Denoising` term and its teacher instead (a

@@ -17,7 +17,9 @@ from keras_selfdistill.diffusion.cosine_schedule import alpha_sigma
 def denoise(model, z, logsnr, clip=False):
     """The model's `(x̂, ε̂)` at `z`, without gradient.
 
-    From the velocity: `x̂ = α·z − σ·v` and `ε̂ = σ·z + α·v`. With
+    From the velocity: `x̂ = α·z − σ·v` and `ε̂ = σ·z + α·v` (the official
+    code takes `ε̂ = (z − α·x̂) / σ`, equal in exact arithmetic; this form
+    does not divide by a `σ` of 4.5e-5 at the clean end). With
     `clip=True`, `x̂` is clipped to `[−1, 1]` and `ε̂` recomputed from it as
     `(z − α·x̂) / σ`, as the official `_run_model(clip_x=True)` does.
     """

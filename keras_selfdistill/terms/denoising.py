@@ -38,8 +38,11 @@ class Denoising(Term):
     `"constant"` the x-space error. The log-SNR is bounded by the schedule
     (±20 by default), so every weight is finite at both ends of time.
 
-    Compile the distiller without a `loss` and fit it on images alone
-    (the model is unconditional; labels are refused). The noise and times
+    Compile the distiller without a `loss` and fit it on images alone,
+    as floats in `[−1, 1]` (the model is unconditional; labels and
+    integer pixels are refused; floats on another scale cannot be told
+    apart and train a model of that scale, which the sampler's clipping
+    to `[−1, 1]` then cuts). The noise and times
     are drawn from this term's seed generator, a variable, so a resumed
     run draws what an uninterrupted one does. `evaluate` and
     `validation_data` are refused: measure a sampler by its samples
@@ -174,6 +177,13 @@ class Denoising(Term):
             raise ValueError(
                 f"Term '{self.name}' reads batches of images `(batch, ...)`. "
                 f"Received: inputs {x!r}"
+            )
+        if "int" in str(x.dtype):
+            raise ValueError(
+                f"Term '{self.name}' reads images scaled to [-1, 1]; integer "
+                "pixels (a tfds image's uint8) would be noised as if they "
+                "were that scale. Map them first, e.g. `image / 127.5 - 1`. "
+                f"Received: inputs of dtype {x.dtype}"
             )
         images = ops.cast(x, "float32")
         shape = ops.shape(images)

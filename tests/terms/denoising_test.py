@@ -150,6 +150,12 @@ class DenoisingTest(parameterized.TestCase):
             distiller.fit(images, validation_data=images, verbose=0)
         with self.assertRaisesRegex(ValueError, "no validation loss"):
             distiller.evaluate(images, verbose=0)
+        with self.assertRaisesRegex(ValueError, "integer"):
+            # A fresh distiller: JAX leaves one whose step failed while
+            # tracing unusable.
+            _distiller().fit(
+                (images * 100).astype("uint8"), epochs=1, verbose=0
+            )
         with self.assertRaisesRegex(ValueError, "images alone"):
             distiller.fit(images, np.zeros(8), epochs=1, verbose=0)
         labelled = _distiller()
