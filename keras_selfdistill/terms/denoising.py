@@ -2,7 +2,6 @@ import keras
 from keras import ops
 
 from keras_selfdistill import _arguments
-from keras_selfdistill import _internals
 from keras_selfdistill.diffusion.cosine_schedule import CosineSchedule
 from keras_selfdistill.diffusion.cosine_schedule import alpha_sigma
 from keras_selfdistill.diffusion.sampler import per_sample
@@ -160,12 +159,6 @@ class Denoising(Term):
             )
 
     def rewrite_batch(self, x, y, sample_weight):
-        if _internals.compiled_loss(self._model()) is not None:
-            raise ValueError(
-                f"Term '{self.name}' builds its own regression targets: "
-                "compile the distiller without `loss`. Received: a compiled "
-                "loss"
-            )
         if y is not None:
             raise ValueError(
                 f"Term '{self.name}' trains an unconditional diffusion model "
