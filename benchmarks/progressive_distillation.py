@@ -60,20 +60,12 @@ class _StopAfter(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
-def _mean_se(values):
+def _mean_se(values, digits=2):
     mean = statistics.mean(values)
     if len(values) < 2:
-        return f"{mean:.2f}"
+        return f"{mean:.{digits}f}"
     se = statistics.stdev(values) / len(values) ** 0.5
-    return f"{mean:.2f} ± {se:.2f}"
-
-
-def _mean_se4(values):
-    mean = statistics.mean(values)
-    if len(values) < 2:
-        return f"{mean:.4f}"
-    se = statistics.stdev(values) / len(values) ** 0.5
-    return f"{mean:.4f} ± {se:.4f}"
+    return f"{mean:.{digits}f} ± {se:.{digits}f}"
 
 
 def main(argv=None):
@@ -151,7 +143,7 @@ def main(argv=None):
             print(
                 f"| {steps} | {name} | "
                 f"{_mean_se([r['fid'] for r in runs])} | "
-                f"{_mean_se4([r['kid'] for r in runs])} | "
+                f"{_mean_se([r['kid'] for r in runs], 4)} | "
                 f"{_mean_se([r['class_entropy'] for r in runs])} |"
             )
     print("\n| steps | distilled FID ÷ undistilled FID (per seed) |")
