@@ -14,8 +14,8 @@ ONCE = pytest.mark.skipif(
 )
 
 
-# Tests run once, under the JAX pass, the shorter of the two that `make
-# test` runs at once: notebook kernels (on TensorFlow, whichever pass
+# Tests run once, under the JAX pass, to balance the two that `make test`
+# runs at once: notebook kernels (on TensorFlow, whichever pass
 # starts them) and the language-model script.
 IN_JAX_PASS = pytest.mark.skipif(
     keras.backend.backend() != "jax",
