@@ -18,6 +18,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_selfdistill as ksd  # noqa: E402
@@ -34,6 +35,19 @@ class _EpochTimer(keras.callbacks.Callback):
 
 def _loss():
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _hand_written_kd(y_true, y_pred):
+    ops = keras.ops
+    labels = ops.cast(y_true[:, 0], "int32")
+    teacher = y_true[:, 1:] / 4.0
+    student = y_pred / 4.0
+    log_p = ops.log_softmax(teacher)
+    kl = ops.sum(ops.exp(log_p) * (log_p - ops.log_softmax(student)), -1)
+    ce = keras.losses.sparse_categorical_crossentropy(
+        labels, y_pred, from_logits=True
+    )
+    return 0.1 * ce + 0.9 * 16.0 * kl
 
 
 def main(argv=None):
@@ -53,9 +67,6 @@ def main(argv=None):
         tf.data.Dataset.from_tensor_slices((x, y))
     )
     with_ids = with_ids.batch(64).cache().repeat(4)
-    if args.input == "numpy":
-        train = (x, y)
-        with_ids = (ksd.data.with_sample_ids(x), y)
     keras.utils.set_random_seed(0)
     teacher = demo.teacher_model()
     teacher.compile("adam", _loss(), jit_compile=False)
@@ -84,10 +95,23 @@ def main(argv=None):
             )
         ]
 
+    log_probs = keras.ops.convert_to_numpy(
+        keras.ops.log_softmax(teacher.predict(x, verbose=0))
+    )
+    y_kd = np.concatenate([y[:, None], log_probs], axis=1).astype("float32")
+    kd_data = tf.data.Dataset.from_tensor_slices((x, y_kd)).batch(64)
+    kd_data = kd_data.cache().repeat(4)
+    if args.input == "numpy":
+        train = (x, y)
+        with_ids = (ksd.data.with_sample_ids(x), y)
+        kd_data = (x, y_kd)
     plain = copy("plain")
     plain.compile("adam", _loss(), jit_compile=False)
+    hand_written = copy("hand_written")
+    hand_written.compile("adam", _hand_written_kd, jit_compile=False)
     variants = {
         "plain `student.fit`": (plain, train),
+        "plain `student.fit`, hand-written KD loss": (hand_written, kd_data),
         "Distiller, no terms": (distiller("a", [], True), train),
         "Distiller, no terms, `check_data=False`": (
             distiller("b", [], False),
@@ -99,6 +123,7 @@ def main(argv=None):
             with_ids,
         ),
     }
+
     def seconds_per_epoch(model, data):
         if args.input == "dataset":
             timer = _EpochTimer()

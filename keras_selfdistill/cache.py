@@ -78,25 +78,34 @@ def _shard_directory(directory, shard):
 
 
 def _array_specs(manifest):
-    """`{name: (row shape, dtype)}` of the kind's arrays."""
+    """`{name: (row shape, dtype)}` of the kind's arrays.
+
+    The row shape of a cache of augmented views starts with the views.
+    """
     shape = tuple(manifest["output_shape"])
     positions, vocabulary = shape[:-1], shape[-1]
     k = manifest.get("k")
     ids = "uint16" if vocabulary <= np.iinfo("uint16").max else "int32"
     dtype = manifest["dtype"]
     if manifest["kind"] == "dense":
-        return {"log_probs": (shape, dtype)}
-    if manifest["kind"] == "top_k":
-        return {
+        specs = {"log_probs": (shape, dtype)}
+    elif manifest["kind"] == "top_k":
+        specs = {
             "ids": (positions + (k,), ids),
             "log_probs": (positions + (k,), dtype),
             "rest": (positions, "float32"),
         }
-    return {
-        "ids": (positions + (k,), ids),
-        "weights": (positions + (k,), dtype),
-        "log_probs": (positions + (k,), dtype),
-    }
+    else:
+        specs = {
+            "ids": (positions + (k,), ids),
+            "weights": (positions + (k,), dtype),
+            "log_probs": (positions + (k,), dtype),
+        }
+    views = manifest.get("views")
+    if views:
+        # One row per sample holds all its views: `(views, ...)`.
+        specs = {n: ((views,) + shape, t) for n, (shape, t) in specs.items()}
+    return specs
 
 
 def open_shard(directory, manifest, shard, mode="r"):
@@ -183,6 +192,49 @@ def _sample(log_probs, draws, seed, sample_ids):
     )
 
 
+def augmentation_name(augment):
+    """The name the manifest records for `augment` (`None` without one)."""
+    if augment is None:
+        return None
+    name = getattr(augment, "__qualname__", None) or type(augment).__name__
+    module = getattr(augment, "__module__", None)
+    return name if module is None else f"{module}.{name}"
+
+
+def view_inputs(x, augment, seed, views, view, batched):
+    """`x` with its inputs replaced by their augmented view `view`.
+
+    `x` holds the inputs with sample ids (a batch when `batched`); `view` is
+    a view index, one for the batch or one per sample. Sample `i`'s view
+    `v` is `augment(inputs, [seed, i · views + v])`, the seeds the writer
+    used.
+    """
+    import tensorflow as tf
+
+    from keras_selfdistill.teachers.teacher import INPUTS
+
+    ids = tf.reshape(tf.cast(x[SAMPLE_ID], "int64"), [-1])
+    view = tf.cast(view, "int64") + tf.zeros_like(ids)
+    first = tf.fill(tf.shape(ids), tf.constant(seed, "int64"))
+    seeds = tf.stack([first, ids * views + view], axis=1)
+    inputs = select_input(x, None, "The augmentation")
+    if batched:
+        specs = tf.nest.map_structure(
+            lambda t: tf.TensorSpec(t.shape[1:], t.dtype), inputs
+        )
+        augmented = tf.map_fn(
+            lambda pair: augment(pair[0], pair[1]),
+            (inputs, seeds),
+            fn_output_signature=specs,
+        )
+    else:
+        augmented = augment(inputs, seeds[0])
+    if INPUTS in x:
+        return dict(x, **{INPUTS: augmented})
+    # Inputs that are a dict of features: `augment` returns the features.
+    return dict(x, **augmented)
+
+
 def _batches(data, batch_size):
     """Batches of `(inputs with ids, ...)` as NumPy, from any supported data."""
     import tensorflow as tf
@@ -254,6 +306,8 @@ def write_teacher_outputs(
     batch_size=256,
     seed=0,
     verbose="auto",
+    augment=None,
+    views=None,
 ):
     """Runs a teacher once over a dataset and writes its outputs to disk.
 
@@ -285,6 +339,14 @@ def write_teacher_outputs(
       their log-probabilities. Each sample's draws are seeded by `seed`
       and its id.
 
+    Augmented views. With `augment` and `views`, each sample is written
+    `views` times, for `augment(x, seed)` of its inputs at the seeds
+    `[seed, id · views + v]`, `v = 0 … views − 1`: the augmentation is
+    replayable, so training (`keras_selfdistill.teachers.Cached` given the
+    same `augment`) applies the same augmentation to the inputs it reads
+    and takes the target of that view. `views` equal to the number of
+    epochs gives every epoch its own augmentation of every sample.
+
     Reference:
     - [Anshumann et al., 2025](https://arxiv.org/abs/2503.16870) (RS-KD,
       Sparse Logit Sampling)
@@ -297,7 +359,7 @@ def write_teacher_outputs(
             (`keras_selfdistill.data.with_sample_ids(x)`), or a
             `tf.data.Dataset` of them (`x` or `(x, y, ...)`, batched or
             not), without random augmentation: the cache holds one target
-            per sample.
+            per sample (per view with `augment`).
         directory: Where the cache is written (created if missing). A
             directory holding a cache written with other settings is
             refused.
@@ -314,6 +376,14 @@ def write_teacher_outputs(
         seed: Seed of the `"sampled"` draws. Defaults to `0`.
         verbose: `"auto"`, `0` or `1`: the progress bar. Defaults to
             `"auto"` (shown).
+        augment: A stateless augmentation `augment(x, seed)` of one
+            example's inputs, written with TensorFlow ops (it runs in the
+            input pipeline on every backend), `seed` a shape-`(2,)` int64
+            tensor for `tf.image.stateless_random_*` and
+            `tf.random.stateless_*`. It must return inputs of the same
+            shape and dtype. Requires `views`. Defaults to `None`.
+        views: Number of augmented views written per sample (an integer
+            >= 1) with `augment`. Defaults to `None` (no augmentation).
 
     Returns:
         The manifest, a dict.
@@ -364,6 +434,21 @@ def write_teacher_outputs(
         raise ValueError(
             f'`dtype` must be "float16" or "float32". Received: dtype={dtype!r}'
         )
+    if (augment is None) != (views is None):
+        raise ValueError(
+            "Augmented views need both `augment` (the stateless "
+            "augmentation) and `views` (how many per sample). Received: "
+            f"augment={augment!r}, views={views!r}"
+        )
+    if views is not None and (not _arguments.is_integer(views) or views < 1):
+        raise ValueError(
+            f"`views` must be an integer >= 1. Received: views={views!r}"
+        )
+    if augment is not None and not callable(augment):
+        raise TypeError(
+            "`augment` must be a function `augment(x, seed)`. Received: "
+            f"augment={augment!r}"
+        )
     # The name the user gave (a model's, or the teacher's), for the record.
     teacher_name = getattr(teacher, "name", None)
     teacher = as_teacher(teacher, "write_teacher_outputs")
@@ -387,6 +472,8 @@ def write_teacher_outputs(
         "temperature": float(temperature),
         "dtype": dtype,
         "seed": int(seed),
+        "views": None if views is None else int(views),
+        "augment": augmentation_name(augment),
     }
     manifest = None
     if os.path.exists(manifest_path(directory)):
@@ -429,7 +516,35 @@ def write_teacher_outputs(
             )
             if np.all(done == prints):
                 continue
-        log_probs = _to_numpy(targets.predict_on_batch(x))
+        if views is None:
+            log_probs = _to_numpy(targets.predict_on_batch(x))
+            fresh = _rows_of(kind, log_probs, k, seed, ids)
+        else:
+            per_view = [
+                _to_numpy(
+                    targets.predict_on_batch(
+                        # NumPy, which every backend's model takes.
+                        {
+                            key: keras.tree.map_structure(np.asarray, value)
+                            for key, value in view_inputs(
+                                x, augment, seed, views, view, True
+                            ).items()
+                        }
+                    )
+                )
+                for view in range(views)
+            ]
+            log_probs = per_view[0]
+            # Each view's draws have a seed of their own.
+            fresh = [
+                np.stack(arrays, axis=1)
+                for arrays in zip(
+                    *(
+                        _rows_of(kind, values, k, seed, ids * views + view)
+                        for view, values in enumerate(per_view)
+                    )
+                )
+            ]
         if manifest is None:
             manifest = dict(
                 settings,
@@ -441,7 +556,6 @@ def write_teacher_outputs(
                 complete=False,
             )
             _write_manifest(directory, manifest)
-        fresh = _rows_of(kind, log_probs, k, seed, ids)
         fresh = [
             np.maximum(a, LOG_FLOOR) if n in ("log_probs", "rest") else a
             for n, a in zip(ARRAYS[kind], fresh)

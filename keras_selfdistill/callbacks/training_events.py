@@ -34,8 +34,10 @@ class TrainingEvents(keras.callbacks.Callback):
             teacher.on_train_begin()
 
     def on_epoch_begin(self, epoch, logs=None):
-        counted = int(_internals.to_numpy(self.distiller.epoch))
-        self.distiller.epoch.assign(max(counted, epoch))
+        counted = max(int(_internals.to_numpy(self.distiller.epoch)), epoch)
+        self.distiller.epoch.assign(counted)
+        for teacher in self.distiller.teachers:
+            teacher.on_epoch_begin(counted)
 
     def on_epoch_end(self, epoch, logs=None):
         if self.first_epoch and not logs:

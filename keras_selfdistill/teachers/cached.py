@@ -39,6 +39,16 @@ class Cached(Teacher):
     inputs, as a live teacher given the pipeline's inputs would compute
     them.
 
+    Augmented views. A cache written with `augment` and `views` is read
+    with the same `augment`: the join applies it to each sample's inputs
+    as the writer did, for view `v = (id + epoch) mod views` (every view in
+    turn, a different one for neighbouring ids), and takes the target of
+    that view. The pipeline then gives the un-augmented inputs, which the
+    check compares with the writer's. `epoch` is the distiller's epoch
+    counter, so a resumed run sees the views an uninterrupted one would.
+    Such a cache is read from `tf.data` datasets only, and is the only
+    cached teacher of its distiller.
+
     `"dense"` caches of one model give its log-probabilities, which every
     loss and term reads like logits, at any temperature (`T_w · log p` at
     the written temperature `T_w` is the logits less a constant). A dense
@@ -50,6 +60,11 @@ class Cached(Teacher):
     Args:
         directory: The cache written by
             `keras_selfdistill.cache.write_teacher_outputs`.
+        augment: The augmentation the cache's views were written with
+            (`write_teacher_outputs(..., augment=..., views=...)`), required
+            for such a cache and refused otherwise. To load a saved
+            distiller, register it with
+            `keras.saving.register_keras_serializable`. Defaults to `None`.
         name: Name of the teacher. Defaults to `"cached"`.
 
     Example:
@@ -69,7 +84,7 @@ class Cached(Teacher):
 
     keyed_by_id = True
 
-    def __init__(self, directory, name=None, **kwargs):
+    def __init__(self, directory, augment=None, name=None, **kwargs):
         kwargs.pop("input_key", None)
         super().__init__(name=name, **kwargs)
         self.directory = os.fspath(directory)
@@ -83,6 +98,27 @@ class Cached(Teacher):
             )
         self.kind = self.manifest["kind"]
         self.num_samples = self.manifest["num_samples"]
+        self.views = self.manifest.get("views")
+        written = self.manifest.get("augment")
+        if isinstance(augment, dict):
+            augment = keras.saving.deserialize_keras_object(augment)
+        given = cache.augmentation_name(augment)
+        if (written is None) != (augment is None) or (
+            written is not None and given != written
+        ):
+            raise ValueError(
+                f"The cache in '{self.directory}' was written "
+                + (
+                    f"with {self.views} views of the augmentation "
+                    f"'{written}', and is read with that augmentation only, "
+                    "which replays the writer's views"
+                    if written is not None
+                    else "without augmentation, so it takes no `augment`"
+                )
+                + f". Received: augment={given!r}"
+            )
+        self.augment = augment
+        object.__setattr__(self, "_epoch", None)
         object.__setattr__(self, "_shards", None)
         object.__setattr__(self, "_verified", None)
         object.__setattr__(self, "_verified_data", None)
@@ -101,6 +137,20 @@ class Cached(Teacher):
         cannot.
         """
         return self.kind == "dense" and self.manifest.get("any_temperature")
+
+    def _epoch_variable(self):
+        """The epoch the input pipeline reads to choose views."""
+        if self._epoch is None:
+            import tensorflow as tf
+
+            with tf.init_scope():
+                variable = tf.Variable(0, dtype=tf.int64, trainable=False)
+            object.__setattr__(self, "_epoch", variable)
+        return self._epoch
+
+    def on_epoch_begin(self, epoch):
+        if self.views:
+            self._epoch_variable().assign(epoch)
 
     def _arrays(self):
         if self._shards is None:
@@ -230,6 +280,10 @@ class Cached(Teacher):
         config = super().get_config()
         config.pop("input_key", None)
         config["directory"] = self.directory
+        if self.augment is not None:
+            config["augment"] = keras.saving.serialize_keras_object(
+                self.augment
+            )
         return config
 
 
@@ -256,6 +310,15 @@ def join(teachers, x, given=None):
     def inputs_of(x):
         return select_input(x, None, "Cached teacher")
 
+    viewed = [teacher for teacher in teachers if teacher.views]
+    if viewed and len(teachers) > 1:
+        raise ValueError(
+            "A cached teacher with augmented views sets the inputs the "
+            "student sees, so it must be the only cached teacher: another "
+            "cache's targets would be for other inputs. Received: cached "
+            f"teachers {names}, with views {[t.name for t in viewed]}"
+        )
+
     if isinstance(x, tf.data.Dataset):
         spec = x.element_spec
         x_spec = spec[0] if isinstance(spec, tuple) else spec
@@ -268,10 +331,13 @@ def join(teachers, x, given=None):
         # Made here, eagerly: the map function captures them.
         in_memory = {teacher.name: teacher._tensors() for teacher in teachers}
 
+        epoch = viewed[0]._epoch_variable() if viewed else None
+
         def add(*element):
             features = element[0]
             ids = tf.reshape(features[SAMPLE_ID], [-1])
             outputs = {}
+            inputs = features
             for teacher in teachers:
                 specs = cache._array_specs(teacher.manifest)
                 names = cache.ARRAYS[teacher.kind]
@@ -306,13 +372,29 @@ def join(teachers, x, given=None):
                     values = tf.cond(tf.reshape(check, []), checked, read)
                 else:
                     values = read()
-                outputs[teacher.name] = tuple(
+                values = [
                     tf.ensure_shape(v, [None] + list(specs[n][0]))
-                    if batched
-                    else tf.reshape(v, specs[n][0])
                     for v, n in zip(values, names)
+                ]
+                if teacher.views:
+                    # View (id + epoch) mod views of each sample: its
+                    # target, and its inputs augmented as the writer did.
+                    view = (tf.cast(ids, "int64") + epoch) % teacher.views
+                    values = [
+                        tf.gather(v, view, axis=1, batch_dims=1) for v in values
+                    ]
+                    inputs = cache.view_inputs(
+                        features,
+                        teacher.augment,
+                        teacher.manifest["seed"],
+                        teacher.views,
+                        view if batched else view[0],
+                        batched,
+                    )
+                outputs[teacher.name] = tuple(
+                    v if batched else v[0] for v in values
                 )
-            features = dict(features, **{TEACHER_OUTPUTS: outputs})
+            features = dict(inputs, **{TEACHER_OUTPUTS: outputs})
             return (features,) + element[1:]
 
         return x.map(add, num_parallel_calls=tf.data.AUTOTUNE).prefetch(
@@ -320,6 +402,15 @@ def join(teachers, x, given=None):
         )
     if not isinstance(x, dict) or SAMPLE_ID not in x:
         raise ValueError(_NO_IDS.format(spec=type(x).__name__))
+    if viewed:
+        raise ValueError(
+            f"Cached teacher '{viewed[0].name}' holds augmented views, which "
+            "the input pipeline augments anew every epoch: pass the "
+            "training data as a `tf.data.Dataset` "
+            "(`tf.data.Dataset.from_tensor_slices((x, y))` after "
+            "`with_sample_ids`, then shuffle and batch). Received: NumPy "
+            "inputs"
+        )
     inputs = inputs_of(x)
     size = len(x[SAMPLE_ID])
     prints = _array_fingerprints(inputs, size)

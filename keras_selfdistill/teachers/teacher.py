@@ -191,8 +191,8 @@ class Teacher(keras.layers.Layer, metaclass=abc.ABCMeta):
         """This teacher and every teacher it holds, depth first.
 
         The `Distiller` calls the hooks (`update`, `on_train_begin`,
-        `on_epoch_end`) and the data checks on each of them, so a teacher
-        that holds teachers does not forward its hooks.
+        `on_epoch_begin`, `on_epoch_end`) and the data checks on each of
+        them, so a teacher that holds teachers does not forward its hooks.
         """
         return [self]
 
@@ -201,6 +201,13 @@ class Teacher(keras.layers.Layer, metaclass=abc.ABCMeta):
 
     def on_train_begin(self):
         """Called eagerly when `fit` starts."""
+
+    def on_epoch_begin(self, epoch):
+        """Called eagerly at the start of each training epoch.
+
+        `epoch` counts the distiller's trained epochs (across `fit` calls
+        and restarts), from 0.
+        """
 
     def on_epoch_end(self, epoch):
         """Called eagerly at the end of each training epoch."""

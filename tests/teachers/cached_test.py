@@ -40,6 +40,170 @@ def _fit(teacher, x, y, epochs=2, **term_kwargs):
     return distiller, history
 
 
+@keras.saving.register_keras_serializable(package="cached_test")
+def _noise(x, seed):
+    """A stateless augmentation: Gaussian noise seeded per view."""
+    noise = tf.random.stateless_normal(tf.shape(x), seed, dtype=x.dtype)
+    return x + 0.5 * noise
+
+
+def _other_noise(x, seed):
+    noise = tf.random.stateless_normal(tf.shape(x), seed, dtype=x.dtype)
+    return x - 0.5 * noise
+
+
+def _view(x, sample_id, view, views, seed=0):
+    """Sample `sample_id`'s view in NumPy terms: the writer's seeds."""
+    seeds = tf.constant([seed, sample_id * views + view], "int64")
+    return _noise(tf.constant(x), seeds).numpy()
+
+
+class ViewsTest(parameterized.TestCase):
+    """Caches of augmented views, replayed in the input pipeline."""
+
+    def setUp(self):
+        self.x, self.y = tiny.data()
+        self.teacher = tiny.mlp(seed=5)
+
+    def test_writer_stores_each_view_of_each_sample(self):
+        directory = _cache(self, self.teacher, self.x, augment=_noise, views=3)
+        stored = np.load(f"{directory}/shard-00000/log_probs.npy")
+        self.assertEqual(stored.shape, (24, 3, 3))
+        for sample_id in (0, 7, 23):
+            for view in range(3):
+                augmented = _view(self.x[sample_id], sample_id, view, 3)
+                logits = self.teacher.predict(augmented[None], verbose=0)
+                expected = keras.ops.convert_to_numpy(
+                    keras.ops.log_softmax(logits)
+                )[0]
+                np.testing.assert_allclose(
+                    stored[sample_id, view], expected, atol=1e-5
+                )
+        # The views differ: each has its own seed.
+        self.assertGreater(np.abs(stored[:, 0] - stored[:, 1]).max(), 1e-3)
+
+    def test_join_replays_the_view_of_each_epoch(self):
+        directory = _cache(self, self.teacher, self.x, augment=_noise, views=3)
+        teacher = ksd.teachers.Cached(directory, augment=_noise)
+        stored = np.load(f"{directory}/shard-00000/log_probs.npy")
+        data = ksd.data.with_sample_ids(
+            tf.data.Dataset.from_tensor_slices((self.x, self.y))
+        )
+        for batched in (True, False):
+            pipeline = data.shuffle(24, seed=1)
+            if batched:
+                pipeline = pipeline.batch(5)
+            joined = ksd.teachers.cached.join([teacher], pipeline)
+            for epoch in (0, 1, 4):
+                teacher.on_epoch_begin(epoch)
+                seen = 0
+                for features, _ in joined.as_numpy_iterator():
+                    ids = np.reshape(features["sample_id"], -1)
+                    inputs = np.reshape(features["inputs"], (-1, 4))
+                    rows = features["teacher_outputs"][teacher.name][0]
+                    rows = np.reshape(rows, (-1, 3))
+                    for sample_id, given, row in zip(ids, inputs, rows):
+                        view = (sample_id + epoch) % 3
+                        np.testing.assert_allclose(
+                            given,
+                            _view(self.x[sample_id], sample_id, view, 3),
+                            atol=1e-6,
+                        )
+                        np.testing.assert_array_equal(
+                            row, stored[sample_id, view]
+                        )
+                        seen += 1
+                self.assertEqual(seen, 24)
+
+    def test_fit_equals_the_live_teacher_on_the_same_views(self):
+        # One view: the same augmentation every epoch, which a live
+        # teacher sees when the pipeline applies it.
+        directory = _cache(self, self.teacher, self.x, augment=_noise, views=1)
+        data = ksd.data.with_sample_ids(
+            tf.data.Dataset.from_tensor_slices((self.x, self.y))
+        ).batch(8)
+        augmented = data.map(
+            lambda x, y: (
+                ksd.cache.view_inputs(x, _noise, 0, 1, 0, batched=True),
+                y,
+            )
+        )
+
+        def fit(teacher, dataset):
+            distiller = ksd.Distiller(
+                tiny.mlp(seed=1),
+                [ksd.terms.Distillation(teacher, temperature=2.0, xi=0.5)],
+            )
+            distiller.compile(optimizer="sgd", loss=tiny.sparse_ce())
+            history = distiller.fit(dataset, epochs=2, verbose=0).history
+            return distiller.student.get_weights(), history
+
+        cached_weights, cached = fit(
+            ksd.teachers.Cached(directory, augment=_noise), data
+        )
+        live_weights, live = fit(self.teacher, augmented)
+        np.testing.assert_allclose(
+            cached["distillation_loss"], live["distillation_loss"], rtol=1e-5
+        )
+        for a, b in zip(cached_weights, live_weights):
+            np.testing.assert_allclose(a, b, atol=1e-6)
+
+    def test_fit_moves_to_the_next_view_each_epoch(self):
+        directory = _cache(self, self.teacher, self.x, augment=_noise, views=2)
+        teacher = ksd.teachers.Cached(directory, augment=_noise)
+        distiller = ksd.Distiller(
+            tiny.mlp(seed=1), [ksd.terms.Distillation(teacher)]
+        )
+        distiller.compile(optimizer="sgd", loss=tiny.sparse_ce())
+        data = ksd.data.with_sample_ids(
+            tf.data.Dataset.from_tensor_slices((self.x, self.y))
+        ).batch(8)
+        history = distiller.fit(data, epochs=3, verbose=0).history
+        self.assertTrue(np.isfinite(history["distillation_loss"]).all())
+        self.assertEqual(int(teacher._epoch_variable().numpy()), 2)
+        restored = ksd.teachers.Cached.from_config(teacher.get_config())
+        self.assertIs(restored.augment, _noise)
+
+    @tiny.IN_JAX_PASS
+    def test_refusals(self):
+        samples = ksd.data.with_sample_ids(self.x)
+        for kwargs, error, message in (
+            ({"augment": _noise}, ValueError, "both `augment`"),
+            ({"views": 2}, ValueError, "both `augment`"),
+            ({"augment": _noise, "views": 0}, ValueError, "`views` must"),
+            ({"augment": "flip", "views": 2}, TypeError, "must be a func"),
+        ):
+            with self.assertRaisesRegex(error, message):
+                ksd.cache.write_teacher_outputs(
+                    self.teacher,
+                    samples,
+                    self.create_tempdir().full_path,
+                    24,
+                    verbose=0,
+                    **kwargs,
+                )
+        plain = _cache(self, self.teacher, self.x)
+        viewed = _cache(self, self.teacher, self.x, augment=_noise, views=2)
+        for directory, augment, message in (
+            (plain, _noise, "without augmentation"),
+            (viewed, None, "with 2 views of the augmentation"),
+            (viewed, _other_noise, "Received: augment='tests"),
+        ):
+            with self.assertRaisesRegex(ValueError, message):
+                ksd.teachers.Cached(directory, augment=augment)
+        teacher = ksd.teachers.Cached(viewed, augment=_noise)
+        distiller = ksd.Distiller(
+            tiny.mlp(seed=1), [ksd.terms.Distillation(teacher)]
+        )
+        distiller.compile(optimizer="sgd", loss=tiny.sparse_ce())
+        with self.assertRaisesRegex(ValueError, "as a `tf.data.Dataset`"):
+            distiller.fit(samples, self.y, epochs=1, verbose=0)
+        with self.assertRaisesRegex(ValueError, "only cached teacher"):
+            ksd.teachers.cached.join(
+                [teacher, ksd.teachers.Cached(plain, name="plain")], samples
+            )
+
+
 class CachedTest(parameterized.TestCase):
     def setUp(self):
         self.x, self.y = tiny.data()
