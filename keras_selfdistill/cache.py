@@ -235,8 +235,13 @@ def view_inputs(x, augment, seed, views, view, batched):
     return dict(x, **augmented)
 
 
-def _batches(data, batch_size):
-    """Batches of `(inputs with ids, ...)` as NumPy, from any supported data."""
+def _batches(data, batch_size, augment=None, seed=0, views=None):
+    """Batches of `(inputs with ids, fingerprints, views)` as NumPy.
+
+    From any supported data; `views` holds the batch's augmented views
+    (inputs with ids, one per view), computed in the input pipeline, or is
+    `None` without augmentation.
+    """
     import tensorflow as tf
 
     if isinstance(data, dict) and SAMPLE_ID in data:
@@ -260,12 +265,20 @@ def _batches(data, batch_size):
         data = data.batch(batch_size)
 
     def first(*element):
-        # The hash of the inputs the teacher sees, stored beside its rows.
+        # The hash of the inputs the teacher sees (before any augmentation),
+        # stored beside its rows.
         x = element[0]
         inputs = select_input(x, None, "write_teacher_outputs")
-        return x, fingerprints_of(inputs, batched=True)
+        viewed = ()
+        if views is not None:
+            viewed = tuple(
+                view_inputs(x, augment, seed, views, view, True)
+                for view in range(views)
+            )
+        return x, fingerprints_of(inputs, batched=True), viewed
 
-    yield from data.map(first).as_numpy_iterator()
+    for x, prints, viewed in data.map(first).as_numpy_iterator():
+        yield x, prints, (list(viewed) if views is not None else None)
 
 
 class _Targets(keras.Model):
@@ -498,7 +511,7 @@ def write_teacher_outputs(
     shards = {}
     written = 0 if manifest is None else _count_written(directory, manifest)
     progress.update(written)
-    for x, prints in _batches(data, batch_size):
+    for x, prints, viewed in _batches(data, batch_size, augment, seed, views):
         ids = np.asarray(x[SAMPLE_ID]).astype("int64").reshape(-1)
         if ids.size and (ids.min() < 0 or ids.max() >= num_samples):
             raise ValueError(
@@ -521,18 +534,7 @@ def write_teacher_outputs(
             fresh = _rows_of(kind, log_probs, k, seed, ids)
         else:
             per_view = [
-                _to_numpy(
-                    targets.predict_on_batch(
-                        # NumPy, which every backend's model takes.
-                        {
-                            key: keras.tree.map_structure(np.asarray, value)
-                            for key, value in view_inputs(
-                                x, augment, seed, views, view, True
-                            ).items()
-                        }
-                    )
-                )
-                for view in range(views)
+                _to_numpy(targets.predict_on_batch(inputs)) for inputs in viewed
             ]
             log_probs = per_view[0]
             # Each view's draws have a seed of their own.
