@@ -24,6 +24,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from distiller_floor import _hand_written_kd  # noqa: E402
 
 import keras_selfdistill as ksd  # noqa: E402
 from keras_selfdistill import demo  # noqa: E402
@@ -31,17 +32,6 @@ from keras_selfdistill import demo  # noqa: E402
 
 def _loss():
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-
-def _hand_written_kd(y_true, y_pred):
-    ops = keras.ops
-    labels = ops.cast(y_true[:, 0], "int32")
-    log_p = ops.log_softmax(y_true[:, 1:] / 4.0)
-    kl = ops.sum(ops.exp(log_p) * (log_p - ops.log_softmax(y_pred / 4.0)), -1)
-    ce = keras.losses.sparse_categorical_crossentropy(
-        labels, y_pred, from_logits=True
-    )
-    return 0.1 * ce + 0.9 * 16.0 * kl
 
 
 def main(argv=None):
