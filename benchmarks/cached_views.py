@@ -31,6 +31,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from cached_teacher import _ce  # noqa: E402
+from cached_teacher import _Epochs  # noqa: E402
+from cached_teacher import _mean_error  # noqa: E402
 
 import keras_selfdistill as ksd  # noqa: E402
 from keras_selfdistill import demo  # noqa: E402
@@ -50,27 +53,6 @@ def _random_shift(features, y):
     padded = tf.pad(x, [[PAD, PAD], [PAD, PAD], [0, 0]])
     shifted = tf.image.random_crop(padded, tf.shape(x))
     return dict(features, inputs=shifted), y
-
-
-def _ce():
-    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-
-class _EpochTimer(keras.callbacks.Callback):
-    def on_train_begin(self, logs=None):
-        self.seconds = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.seconds.append(time.perf_counter() - self.start)
-
-
-def _mean_error(values):
-    values = np.asarray(values, "float64")
-    error = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else 0
-    return f"{values.mean():.2f} ± {error:.2f}"
 
 
 def main(argv=None):
@@ -138,7 +120,7 @@ def main(argv=None):
                 ]
             distiller = ksd.Distiller(copy, terms)
             distiller.compile("adam", _ce(), jit_compile=False)
-            timer = _EpochTimer()
+            timer = _Epochs()
             distiller.fit(
                 data.batch(64),
                 epochs=args.epochs,
@@ -149,7 +131,7 @@ def main(argv=None):
             accuracy[name].append(
                 100.0 * np.mean(np.argmax(logits, -1) == y_test)
             )
-            epoch_seconds[name].extend(timer.seconds[1:])
+            epoch_seconds[name].extend(timer.times[1:])
 
     print(
         f"Teacher test accuracy {100 * teacher_accuracy:.2f}%; "
