@@ -12,15 +12,17 @@ Three parts, each printing Markdown tables:
 - `sequence`: the language-model example's byte-level transformers on the
   standard library's sources, a fixed set of windows (the cache is keyed
   by window), forward-KL KD per token (`mean_with_sample_weight`) from
-  the live teacher and from dense, top-k and sampled caches, the same
-  number of steps and seeds. Reports held-out perplexity and tokens per
-  second.
+  the live teacher and from dense, top-k and sampled caches (independent
+  and systematic draws), the same number of steps and seeds. Reports
+  held-out perplexity and tokens per second.
 - `bytes`: bytes per sample of each kind at vocabularies 10, 32k and 256k
   (one position per sample, a random linear teacher).
 
     python benchmarks/cached_teacher.py --part classification --seeds 3
     python benchmarks/cached_teacher.py --part sequence --seeds 3
     python benchmarks/cached_teacher.py --part bytes
+
+`--methods` runs some of the methods only (`live` is always needed).
 """
 
 import argparse
@@ -40,15 +42,18 @@ import tensorflow as tf  # noqa: E402
 import keras_selfdistill as ksd  # noqa: E402
 from keras_selfdistill import demo  # noqa: E402
 
+# `sampled` draws independently (RS-KD), `systematic` evenly spaced.
+METHODS = ("ce", "live", "dense", "top_k", "sampled", "systematic")
+
 
 def _ce():
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
-def _mean_error(values):
+def _mean_error(values, digits=2):
     values = np.asarray(values, "float64")
     error = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else 0
-    return f"{values.mean():.2f} ± {error:.2f}"
+    return f"{values.mean():.{digits}f} ± {error:.{digits}f}"
 
 
 def _size(directory):
@@ -60,8 +65,8 @@ def _size(directory):
     return total
 
 
-def _write(teacher, data, num_samples, kind, k, temperature, root):
-    directory = os.path.join(root, f"{kind}_{k}")
+def _write(teacher, data, num_samples, kind, k, temperature, root, sampling):
+    directory = os.path.join(root, f"{kind}_{k}_{sampling}")
     start = time.perf_counter()
     ksd.cache.write_teacher_outputs(
         teacher,
@@ -72,27 +77,31 @@ def _write(teacher, data, num_samples, kind, k, temperature, root):
         k=k,
         temperature=temperature,
         verbose=0,
+        sampling=sampling,
     )
     seconds = time.perf_counter() - start
     return directory, num_samples / seconds, _size(directory) / num_samples
 
 
 def _write_all(args, teacher, ids, num_samples, temperature, unit):
-    """Dense, top-k and sampled caches, with the writer's rate and size."""
+    """The caches `args.methods` read, with the writer's rate and size."""
     root = tempfile.mkdtemp(prefix="cached_teacher_")
     caches = {}
     print(f"| cache | writer {unit}s/s | bytes per {unit} |")
     print("|---|---|---|")
-    for kind, k in (
-        ("dense", None),
-        ("top_k", args.top_k),
-        ("sampled", args.draws),
+    for method, kind, k, sampling in (
+        ("dense", "dense", None, None),
+        ("top_k", "top_k", args.top_k, None),
+        ("sampled", "sampled", args.draws, None),
+        ("systematic", "sampled", args.draws, "systematic"),
     ):
+        if method not in args.methods:
+            continue
         directory, rate, size = _write(
-            teacher, ids, num_samples, kind, k, temperature, root
+            teacher, ids, num_samples, kind, k, temperature, root, sampling
         )
-        caches[kind] = directory
-        label = kind if k is None else f"{kind} (k = {k})"
+        caches[method] = directory
+        label = method if k is None else f"{method} (k = {k})"
         print(f"| {label} | {rate:,.0f} | {size:,.1f} |")
     return caches
 
@@ -118,7 +127,7 @@ def classification(args):
     ids = ksd.data.with_sample_ids(x)
     print(f"teacher test accuracy {100 * teacher_accuracy:.2f}%\n")
     caches = _write_all(args, teacher, ids, len(x), 4.0, "sample")
-    methods = ("ce", "live", "dense", "top_k", "sampled")
+    methods = args.methods
     accuracy = {m: [] for m in methods}
     epoch = {m: [] for m in methods}
     for seed in range(args.seeds):
@@ -203,7 +212,7 @@ def sequence(args):
     )
     ids = ksd.data.with_sample_ids(x)
     caches = _write_all(args, teacher, ids, len(x), 1.0, "window")
-    methods = ("ce", "live", "dense", "top_k", "sampled")
+    methods = args.methods
     perplexity = {m: [] for m in methods}
     speed = {m: [] for m in methods}
     for seed in range(args.seeds):
@@ -244,14 +253,26 @@ def sequence(args):
         f"\n{args.seeds} seeds, {args.steps} steps of 32 windows, Adam 1e-3, "
         "forward KL at T = 1\n"
     )
-    print("| method | held-out perplexity | Δ vs live (paired) | tokens/s |")
-    print("|---|---|---|---|")
+    compared = ["live"] + (["dense"] if "dense" in methods else [])
+    print(
+        "| method | held-out perplexity | "
+        + " | ".join(f"Δ vs {c} (paired)" for c in compared)
+        + " | tokens/s |"
+    )
+    print("|---" * (3 + len(compared)) + "|")
     for method in methods:
-        delta = np.asarray(perplexity[method]) - np.asarray(perplexity["live"])
+        deltas = [
+            _mean_error(
+                np.asarray(perplexity[method]) - np.asarray(perplexity[c]), 3
+            )
+            if method != c
+            else ""
+            for c in compared
+        ]
         print(
-            f"| {method} | {_mean_error(perplexity[method])} | "
-            f"{_mean_error(delta) if method != 'live' else ''} | "
-            f"{statistics.median(speed[method]):,.0f} |"
+            f"| {method} | {_mean_error(perplexity[method], 3)} | "
+            + " | ".join(deltas)
+            + f" | {statistics.median(speed[method]):,.0f} |"
         )
 
 
@@ -311,7 +332,15 @@ def main(argv=None):
     parser.add_argument(
         "--teacher-steps", type=int, default=3000, help="sequence teacher"
     )
+    parser.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help=f"comma-separated, of {','.join(METHODS)} (live is needed)",
+    )
     args = parser.parse_args(argv)
+    args.methods = tuple(args.methods.split(","))
+    if "live" not in args.methods or set(args.methods) - set(METHODS):
+        parser.error(f"--methods: live and any of {METHODS}")
     {"classification": classification, "sequence": sequence, "bytes": sizes}[
         args.part
     ](args)

@@ -15,7 +15,8 @@ library (`numpy.load`, memory-mapped):
     most likely first) and `rest.npy` (the log of the mass outside them);
   - `sampled`: `ids.npy`, `weights.npy` and `log_probs.npy`: the distinct
     classes among `k` draws from the teacher's distribution, their share
-    of the draws and their log-probability (RS-KD).
+    of the draws and their log-probability (RS-KD); the manifest says
+    whether the draws were independent or systematic (`"sampling"`).
 
 NumPy files rather than TFRecord or a saved `tf.data` dataset: a row is
 found by its id with one memory-mapped read, so training reads the rows of
@@ -39,6 +40,7 @@ FORMAT = "keras_selfdistill.teacher_outputs"
 VERSION = 1
 MANIFEST = "manifest.json"
 KINDS = ("dense", "top_k", "sampled")
+SAMPLING = ("multinomial", "systematic")
 # The file of each kind's arrays, in the order the targets use them.
 ARRAYS = {
     "dense": ("log_probs",),
@@ -147,23 +149,30 @@ def _top_k(log_probs, k):
     return top, values, rest
 
 
-def _sample(log_probs, draws, seed, sample_ids):
+def _sample(log_probs, draws, seed, sample_ids, sampling="multinomial"):
     """RS-KD's sparse targets: `draws` classes drawn from the teacher.
 
     Each sample's draws come from its own generator, seeded by `seed` and
     its id, so a restarted writer draws what an uninterrupted one did.
-    Returns the distinct classes (padded with class 0 at weight 0), their
-    share of the draws and their log-probabilities.
+    `"multinomial"` draws are independent (RS-KD's); `"systematic"` ones
+    are the points `(u + j) / draws`, `j = 0 … draws − 1`, of one uniform
+    `u` per position through the cumulative distribution, so a class of
+    probability `p` is drawn `⌊draws·p⌋` or `⌈draws·p⌉` times, `draws·p`
+    in expectation. Returns the distinct classes (padded with class 0 at
+    weight 0), their share of the draws and their log-probabilities.
     """
     shape = log_probs.shape
     rows = log_probs.reshape(-1, shape[-1])
     per_sample = rows.shape[0] // shape[0]
+    width = 1 if sampling == "systematic" else draws
     uniforms = np.concatenate(
         [
-            np.random.default_rng([seed, int(i)]).random((per_sample, draws))
+            np.random.default_rng([seed, int(i)]).random((per_sample, width))
             for i in sample_ids
         ]
     )
+    if sampling == "systematic":
+        uniforms = (uniforms + np.arange(draws)) / draws
     cumulative = np.cumsum(np.exp(rows), axis=-1)
     cumulative /= cumulative[:, -1:]
     # One sorted array for all rows: row r's values lie in [r, r + 1].
@@ -321,6 +330,7 @@ def write_teacher_outputs(
     verbose="auto",
     augment=None,
     views=None,
+    sampling=None,
 ):
     """Runs a teacher once over a dataset and writes its outputs to disk.
 
@@ -350,7 +360,12 @@ def write_teacher_outputs(
       teacher's distribution, stored as the distinct classes with their
       share of the draws (an unbiased estimate of the distribution) and
       their log-probabilities. Each sample's draws are seeded by `seed`
-      and its id.
+      and its id. With `sampling="systematic"` the `k` draws of a position
+      are evenly spaced through the teacher's cumulative distribution
+      from one random offset (systematic sampling): still unbiased, each
+      class is drawn `⌊k·p⌋` or `⌈k·p⌉` times instead of a binomial
+      number, so a cache of `k` draws carries less noise. This is our
+      addition; RS-KD draws independently (`"multinomial"`, the default).
 
     Augmented views. With `augment` and `views`, each sample is written
     `views` times, for `augment(x, seed)` of its inputs at the seeds
@@ -397,6 +412,11 @@ def write_teacher_outputs(
             shape and dtype. Requires `views`. Defaults to `None`.
         views: Number of augmented views written per sample (an integer
             >= 1) with `augment`. Defaults to `None` (no augmentation).
+        sampling: How `"sampled"` targets are drawn: `"multinomial"`
+            (independent draws, RS-KD's) or `"systematic"` (evenly spaced
+            draws from one random offset per position). Defaults to `None`,
+            which is `"multinomial"` for `"sampled"` and refused with other
+            kinds.
 
     Returns:
         The manifest, a dict.
@@ -447,6 +467,13 @@ def write_teacher_outputs(
         raise ValueError(
             f'`dtype` must be "float16" or "float32". Received: dtype={dtype!r}'
         )
+    if kind == "sampled" and sampling is None:
+        sampling = "multinomial"
+    if sampling is not None and (kind != "sampled" or sampling not in SAMPLING):
+        raise ValueError(
+            f'`sampling` is one of {SAMPLING}, for kind="sampled" only. '
+            f"Received: sampling={sampling!r}, kind={kind!r}"
+        )
     if (augment is None) != (views is None):
         raise ValueError(
             "Augmented views need both `augment` (the stateless "
@@ -487,6 +514,7 @@ def write_teacher_outputs(
         "seed": int(seed),
         "views": None if views is None else int(views),
         "augment": augmentation_name(augment),
+        "sampling": sampling,
     }
     manifest = None
     if os.path.exists(manifest_path(directory)):
@@ -531,7 +559,7 @@ def write_teacher_outputs(
                 continue
         if views is None:
             log_probs = _to_numpy(targets.predict_on_batch(x))
-            fresh = _rows_of(kind, log_probs, k, seed, ids)
+            fresh = _rows_of(kind, log_probs, k, seed, ids, sampling)
         else:
             per_view = [
                 _to_numpy(targets.predict_on_batch(inputs)) for inputs in viewed
@@ -542,7 +570,9 @@ def write_teacher_outputs(
                 np.stack(arrays, axis=1)
                 for arrays in zip(
                     *(
-                        _rows_of(kind, values, k, seed, ids * views + view)
+                        _rows_of(
+                            kind, values, k, seed, ids * views + view, sampling
+                        )
                         for view, values in enumerate(per_view)
                     )
                 )
@@ -587,7 +617,7 @@ def write_teacher_outputs(
     return manifest
 
 
-def _rows_of(kind, log_probs, k, seed, ids):
+def _rows_of(kind, log_probs, k, seed, ids, sampling=None):
     if kind == "dense":
         return (log_probs,)
     if kind == "top_k":
@@ -597,7 +627,7 @@ def _rows_of(kind, log_probs, k, seed, ids):
                 f"{log_probs.shape[-1]} classes."
             )
         return _top_k(log_probs.astype("float64"), k)
-    return _sample(log_probs.astype("float64"), k, seed, ids)
+    return _sample(log_probs.astype("float64"), k, seed, ids, sampling)
 
 
 def _to_numpy(value):

@@ -41,23 +41,23 @@ def _log_ratio(teacher_logits, student_logits, temperature):
     log_p = ops.log_softmax(teacher_logits / temperature, axis=-1)
     log_q = ops.log_softmax(student_logits / temperature, axis=-1)
 
-    def precise():
-        d = (teacher_logits - student_logits) / temperature
-        shifted = d - ops.max(d, axis=-1, keepdims=True)
-        narrow = ops.min(shifted, axis=-1, keepdims=True) > -1.0
-        # Over a span below 1, Σ q·expm1 stays above e⁻¹ − 1; the floor
-        # only keeps the unused rows finite (their gradient would be NaN).
-        mean = ops.sum(ops.exp(log_q) * ops.expm1(shifted), -1, keepdims=True)
-        ratio = shifted - ops.log1p(ops.maximum(mean, -0.9))
-        return ops.where(narrow, ratio, log_p - log_q)
-
+    plain = log_p - log_q
     known = _internals.concrete_scalar(temperature)
-    if known is not None:
-        ratio = precise() if known >= _PRECISE_FROM else log_p - log_q
-    else:
-        ratio = ops.cond(
-            temperature >= _PRECISE_FROM, precise, lambda: log_p - log_q
-        )
+    if known is not None and known < _PRECISE_FROM:
+        return log_p, log_q, plain
+    d = (teacher_logits - student_logits) / temperature
+    shifted = d - ops.max(d, axis=-1, keepdims=True)
+    narrow = ops.min(shifted, axis=-1, keepdims=True) > -1.0
+    if known is None:
+        # A select, not a `cond`: the temperature is a variable in the
+        # compiled step, and a `cond`'s gradient doubles the trace time.
+        narrow = ops.logical_and(narrow, temperature >= _PRECISE_FROM)
+    # Over a span below 1, Σ q·expm1 stays above e⁻¹ − 1; the floor only
+    # keeps the unused rows finite (their gradient would be NaN).
+    mean = ops.sum(ops.exp(log_q) * ops.expm1(shifted), -1, keepdims=True)
+    ratio = ops.where(
+        narrow, shifted - ops.log1p(ops.maximum(mean, -0.9)), plain
+    )
     return log_p, log_q, ratio
 
 

@@ -173,6 +173,44 @@ class WriteTeacherOutputsTest(parameterized.TestCase):
         for row, mask in zip(ids, used):
             self.assertLen(set(row[mask]), mask.sum())
 
+    def test_systematic_draws_are_the_floor_or_ceiling_and_unbiased(self):
+        # Systematic sampling: k evenly spaced draws from one offset draw a
+        # class of probability p ⌊k·p⌋ or ⌈k·p⌉ times, k·p on average.
+        draws, copies = 7, 2000
+        directory = self.create_tempdir().full_path
+        manifest = _write(
+            self.teacher,
+            ksd.data.with_sample_ids(np.repeat(self.x[:2], copies // 2, 0)),
+            directory,
+            num_samples=copies,
+            kind="sampled",
+            k=draws,
+            temperature=2.0,
+            dtype="float32",
+            sampling="systematic",
+        )
+        self.assertEqual(manifest["sampling"], "systematic")
+        ids = _rows(directory, "ids").astype("int64")
+        counts = np.zeros((copies, self.reference.shape[-1]))
+        np.add.at(
+            counts,
+            (np.arange(copies)[:, None].repeat(draws, 1), ids),
+            _rows(directory, "weights") * draws,
+        )
+        expected = draws * np.exp(np.repeat(self.reference[:2], copies // 2, 0))
+        self.assertTrue(np.all(counts >= np.floor(expected) - 1e-4))
+        self.assertTrue(np.all(counts <= np.ceil(expected) + 1e-4))
+        # Not always the floor: the offsets differ between ids.
+        self.assertGreater(np.mean(counts > np.floor(expected) + 0.5), 0.1)
+        # Each count's variance is at most 1/4: the mean over the copies
+        # of a row is within 4 standard errors of k·p.
+        for row in range(2):
+            mean = counts[row * copies // 2 : (row + 1) * copies // 2].mean(0)
+            error = 0.5 / np.sqrt(copies // 2)
+            self.assertLess(
+                np.max(np.abs(mean - expected[row * copies // 2])), 4 * error
+            )
+
     def test_a_restarted_writer_writes_what_an_uninterrupted_one_did(self):
         data = ksd.data.with_sample_ids(
             tf.data.Dataset.from_tensor_slices(self.x)
@@ -231,6 +269,11 @@ class WriteTeacherOutputsTest(parameterized.TestCase):
             ({"temperature": 0}, "temperature=0"),
             ({"dtype": "int8"}, "dtype='int8'"),
             ({"num_samples": 10}, r"ids must lie in \[0, num_samples=10\)"),
+            ({"sampling": "systematic"}, 'for kind="sampled" only'),
+            (
+                {"kind": "sampled", "k": 2, "sampling": "stratified"},
+                "sampling='stratified'",
+            ),
         ):
             with self.assertRaisesRegex(ValueError, message):
                 _write(self.teacher, data, directory, **kwargs)
