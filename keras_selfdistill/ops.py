@@ -33,7 +33,9 @@ def _log_ratio(teacher_logits, student_logits, temperature):
     `d = (t − s)/T` spans less than 1 take the ratio from `d` instead:
     `log p − log q = d − log Σ q·exp(d)`, with the logarithm as
     `log1p(Σ q·expm1(d − max d))`; other rows, and lower temperatures, keep
-    the plain difference (one branch runs, so small T pays nothing).
+    the plain difference. A temperature known when the graph is built
+    (a number, an eager step) below 8 builds the plain difference alone;
+    a traced one (a variable a callback may change) selects per row.
     """
     teacher_logits = ops.cast(teacher_logits, "float32")
     student_logits = ops.cast(student_logits, "float32")

@@ -1,0 +1,136 @@
+"""What a `tf.data` map costs an epoch of the demo's student.
+
+One epoch is the 4,000 bundled MNIST images in batches of 64 from a
+cached `tf.data` pipeline; each variant is one `fit` of `--epochs` epochs,
+timed per epoch from `on_epoch_begin` to `on_epoch_end`, and reported as
+the median of the epochs after the first, over `--rounds` interleaved
+rounds. Variants: plain `student.fit` on images with ids; the same with
+one `map` that gathers a row of a 4,000 × 10 table per id, and with that
+gather inside a `tf.cond`; the Distiller without terms (its input checks
+are one `map`); cached teacher KD in the `fit` that checks each sample's
+inputs (the join's `map` chooses between hashing and gathering with a
+`cond`), and in a second `fit` on the same dataset object (a gather only).
+
+    python benchmarks/pipeline_stages.py [--rounds 3] [--epochs 6]
+"""
+
+import argparse
+import os
+import statistics
+import tempfile
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from distiller_floor import _EpochTimer  # noqa: E402
+from distiller_floor import _loss  # noqa: E402
+
+import keras_selfdistill as ksd  # noqa: E402
+from keras_selfdistill import demo  # noqa: E402
+
+
+class OnImages(keras.Model):
+    """The student on `(images, ids)` inputs, ignoring the ids."""
+
+    def __init__(self, student):
+        super().__init__()
+        self.student = student
+
+    def call(self, inputs):
+        return self.student(inputs[0])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=6)
+    args = parser.parse_args(argv)
+    (x, y), _ = ksd.datasets.load_mnist()
+    keras.utils.set_random_seed(0)
+    teacher = demo.teacher_model()
+    cache = tempfile.mkdtemp(prefix="stages_cache_")
+    ksd.cache.write_teacher_outputs(
+        teacher, ksd.data.with_sample_ids(x), cache, len(y), verbose=0
+    )
+    student = demo.student_model()
+    table = tf.random.normal((len(x), 10))
+    autotune = tf.data.AUTOTUNE
+
+    def images_and_ids():
+        ids = tf.range(len(x))
+        data = tf.data.Dataset.from_tensor_slices(((x, ids), y))
+        return data.batch(64).cache()
+
+    def with_sample_ids():
+        data = tf.data.Dataset.from_tensor_slices((x, y))
+        return ksd.data.with_sample_ids(data).batch(64).cache()
+
+    def gather(inputs, labels):
+        images, ids = inputs
+        return (images, tf.gather(table, ids)), labels
+
+    def gather_in_cond(inputs, labels):
+        images, ids = inputs
+        rows = tf.cond(
+            tf.reduce_min(ids) >= 0,
+            lambda: tf.gather(table, ids),
+            lambda: tf.zeros((tf.size(ids), 10)),
+        )
+        return (images, rows), labels
+
+    def plain(data):
+        model = OnImages(keras.models.clone_model(student))
+        model.compile("adam", _loss(), jit_compile=False)
+        return model, data
+
+    def distiller(terms):
+        model = ksd.Distiller(keras.models.clone_model(student), terms)
+        model.compile("adam", _loss(), jit_compile=False)
+        return model
+
+    def cached_kd():
+        teacher = ksd.teachers.Cached(cache)
+        return [ksd.terms.Distillation(teacher, temperature=4.0, xi=0.9)]
+
+    def epoch(model, data):
+        timer = _EpochTimer()
+        model.fit(data, epochs=args.epochs, verbose=0, callbacks=[timer])
+        return statistics.median(timer.times[1:])
+
+    names = (
+        "plain `fit`, images and ids",
+        "+ one `map` with a gather",
+        "+ one `map` with a gather inside a `cond`",
+        "Distiller, no terms (the checks' `map`)",
+        "Distiller, cached KD, first `fit` (checks the inputs)",
+        "Distiller, cached KD, second `fit` (gathers only)",
+    )
+    times = {name: [] for name in names}
+    for _ in range(args.rounds):
+        for name, data in zip(
+            names[:3],
+            (
+                images_and_ids(),
+                images_and_ids().map(gather, num_parallel_calls=autotune),
+                images_and_ids().map(
+                    gather_in_cond, num_parallel_calls=autotune
+                ),
+            ),
+        ):
+            times[name].append(epoch(*plain(data)))
+        data = tf.data.Dataset.from_tensor_slices((x, y)).batch(64).cache()
+        times[names[3]].append(epoch(distiller([]), data))
+        model, data = distiller(cached_kd()), with_sample_ids()
+        times[names[4]].append(epoch(model, data))
+        times[names[5]].append(epoch(model, data))
+    base = statistics.median(times[names[0]])
+    print("| variant | median epoch ms | × plain |")
+    print("|---|---|---|")
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(f"| {name} | {1e3 * median:.1f} | {median / base:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
