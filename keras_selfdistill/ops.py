@@ -33,9 +33,7 @@ def _log_ratio(teacher_logits, student_logits, temperature):
     `d = (t − s)/T` spans less than 1 take the ratio from `d` instead:
     `log p − log q = d − log Σ q·exp(d)`, with the logarithm as
     `log1p(Σ q·expm1(d − max d))`; other rows, and lower temperatures, keep
-    the plain difference. A temperature known when the graph is built
-    (a number, an eager step) below 8 builds the plain difference alone;
-    a traced one (a variable a callback may change) selects per row.
+    the plain difference (one branch runs, so small T pays nothing).
     """
     teacher_logits = ops.cast(teacher_logits, "float32")
     student_logits = ops.cast(student_logits, "float32")
@@ -43,23 +41,23 @@ def _log_ratio(teacher_logits, student_logits, temperature):
     log_p = ops.log_softmax(teacher_logits / temperature, axis=-1)
     log_q = ops.log_softmax(student_logits / temperature, axis=-1)
 
-    plain = log_p - log_q
+    def precise():
+        d = (teacher_logits - student_logits) / temperature
+        shifted = d - ops.max(d, axis=-1, keepdims=True)
+        narrow = ops.min(shifted, axis=-1, keepdims=True) > -1.0
+        # Over a span below 1, Σ q·expm1 stays above e⁻¹ − 1; the floor
+        # only keeps the unused rows finite (their gradient would be NaN).
+        mean = ops.sum(ops.exp(log_q) * ops.expm1(shifted), -1, keepdims=True)
+        ratio = shifted - ops.log1p(ops.maximum(mean, -0.9))
+        return ops.where(narrow, ratio, log_p - log_q)
+
     known = _internals.concrete_scalar(temperature)
-    if known is not None and known < _PRECISE_FROM:
-        return log_p, log_q, plain
-    d = (teacher_logits - student_logits) / temperature
-    shifted = d - ops.max(d, axis=-1, keepdims=True)
-    narrow = ops.min(shifted, axis=-1, keepdims=True) > -1.0
-    if known is None:
-        # A select, not a `cond`: the temperature is a variable in the
-        # compiled step, and a `cond`'s gradient doubles the trace time.
-        narrow = ops.logical_and(narrow, temperature >= _PRECISE_FROM)
-    # Over a span below 1, Σ q·expm1 stays above e⁻¹ − 1; the floor only
-    # keeps the unused rows finite (their gradient would be NaN).
-    mean = ops.sum(ops.exp(log_q) * ops.expm1(shifted), -1, keepdims=True)
-    ratio = ops.where(
-        narrow, shifted - ops.log1p(ops.maximum(mean, -0.9)), plain
-    )
+    if known is not None:
+        ratio = precise() if known >= _PRECISE_FROM else log_p - log_q
+    else:
+        ratio = ops.cond(
+            temperature >= _PRECISE_FROM, precise, lambda: log_p - log_q
+        )
     return log_p, log_q, ratio
 
 
