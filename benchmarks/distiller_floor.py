@@ -48,6 +48,20 @@ def _loss():
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
+def demo_cache(prefix):
+    """The bundled MNIST, the demo's (untrained) teacher, its dense cache
+    in a new directory named with `prefix`, and a demo student:
+    `(x, y, teacher, directory, student)`, seeded."""
+    (x, y), _ = ksd.datasets.load_mnist()
+    keras.utils.set_random_seed(0)
+    teacher = demo.teacher_model()
+    directory = tempfile.mkdtemp(prefix=prefix)
+    ksd.cache.write_teacher_outputs(
+        teacher, ksd.data.with_sample_ids(x), directory, len(y), verbose=0
+    )
+    return x, y, teacher, directory, demo.student_model()
+
+
 def _hand_written_kd(y_true, y_pred):
     ops = keras.ops
     labels = ops.cast(y_true[:, 0], "int32")

@@ -17,7 +17,6 @@ inputs (the join's `map` chooses between hashing and gathering with a
 import argparse
 import os
 import statistics
-import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -25,9 +24,9 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from distiller_floor import _EpochTimer  # noqa: E402
 from distiller_floor import _loss  # noqa: E402
+from distiller_floor import demo_cache  # noqa: E402
 
 import keras_selfdistill as ksd  # noqa: E402
-from keras_selfdistill import demo  # noqa: E402
 
 
 class OnImages(keras.Model):
@@ -46,14 +45,7 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=6)
     args = parser.parse_args(argv)
-    (x, y), _ = ksd.datasets.load_mnist()
-    keras.utils.set_random_seed(0)
-    teacher = demo.teacher_model()
-    cache = tempfile.mkdtemp(prefix="stages_cache_")
-    ksd.cache.write_teacher_outputs(
-        teacher, ksd.data.with_sample_ids(x), cache, len(y), verbose=0
-    )
-    student = demo.student_model()
+    x, y, _, cache, student = demo_cache("stages_cache_")
     table = tf.random.normal((len(x), 10))
     autotune = tf.data.AUTOTUNE
 

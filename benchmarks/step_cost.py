@@ -16,7 +16,6 @@ over plain, which is what the step adds whatever feeds it.
 import argparse
 import os
 import statistics
-import tempfile
 import time
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -25,9 +24,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from distiller_floor import _hand_written_kd  # noqa: E402
+from distiller_floor import demo_cache  # noqa: E402
 
 import keras_selfdistill as ksd  # noqa: E402
-from keras_selfdistill import demo  # noqa: E402
 
 
 def _loss():
@@ -44,14 +43,7 @@ def main(argv=None):
     # TensorFlow warns when five models' train functions are traced, as
     # this script does on purpose.
     tf.get_logger().setLevel("ERROR")
-    (x, y), _ = ksd.datasets.load_mnist()
-    keras.utils.set_random_seed(0)
-    teacher = demo.teacher_model()
-    cache = tempfile.mkdtemp(prefix="step_cache_")
-    ksd.cache.write_teacher_outputs(
-        teacher, ksd.data.with_sample_ids(x), cache, len(y), verbose=0
-    )
-    student = demo.student_model()
+    x, y, teacher, cache, student = demo_cache("step_cache_")
 
     def copy(loss=None):
         clone = keras.models.clone_model(student)
