@@ -1,3 +1,4 @@
+import keras
 import numpy as np
 from absl.testing import parameterized
 from keras import ops
@@ -89,6 +90,139 @@ class KLDivergenceTest(parameterized.TestCase):
         got = ksd_ops.kl_divergence(big, self.student.astype("float16"), 4.0)
         self.assertEqual(ops.convert_to_numpy(got).dtype, np.float32)
         self.assertTrue(np.all(np.isfinite(ops.convert_to_numpy(got))))
+
+
+def _tempered_kl64(teacher, student, temperature, reverse):
+    """`T² · KL` per row in float64 (`KL(q ‖ p)` when `reverse`)."""
+    p = _softmax(teacher / temperature)
+    q = _softmax(student / temperature)
+    return temperature**2 * (_kl(q, p) if reverse else _kl(p, q))
+
+
+def _finite_difference(function, x, step=1e-6):
+    """The gradient of the scalar `function(x)`, central differences."""
+    gradient = np.zeros_like(x)
+    for index in np.ndindex(x.shape):
+        up, down = x.copy(), x.copy()
+        up[index] += step
+        down[index] -= step
+        gradient[index] = (function(up) - function(down)) / (2 * step)
+    return gradient
+
+
+class ClosedFormGradientTest(parameterized.TestCase):
+    """`kl_divergence` and `reverse_kl_divergence` differentiate in closed
+    form; the reference is float64 central differences of the definition.
+    """
+
+    def setUp(self):
+        rng = np.random.default_rng(7)
+        self.teacher = rng.normal(size=(5, 6)) * 3
+        self.student = rng.normal(size=(5, 6)) * 3
+        # A different weight per row, as a reduction with sample weights.
+        self.upstream = rng.uniform(0.5, 2.0, size=5)
+
+    @parameterized.product(reverse=(False, True), temperature=(1.0, 4.0, 100.0))
+    def test_gradients_match_finite_differences(self, reverse, temperature):
+        function = (
+            ksd_ops.reverse_kl_divergence if reverse else ksd_ops.kl_divergence
+        )
+        upstream = self.upstream.astype("float32")
+        got = tiny.gradients(
+            lambda v: ops.sum(
+                upstream * function(v["teacher"], v["student"], temperature)
+            ),
+            {
+                "teacher": self.teacher.astype("float32"),
+                "student": self.student.astype("float32"),
+            },
+        )
+        for name in ("teacher", "student"):
+
+            def weighted(x, name=name):
+                arguments = {"teacher": self.teacher, "student": self.student}
+                arguments[name] = x
+                values = _tempered_kl64(
+                    arguments["teacher"],
+                    arguments["student"],
+                    temperature,
+                    reverse,
+                )
+                return np.sum(self.upstream * values)
+
+            expected = _finite_difference(weighted, getattr(self, name))
+            scale = np.abs(expected).max()
+            np.testing.assert_allclose(
+                got[name], expected, rtol=1e-3, atol=1e-4 * scale, err_msg=name
+            )
+
+    def test_second_derivative_matches_finite_differences(self):
+        # The gradient of Σ (∂L/∂s)², L = Σ T²·KL(p ‖ q): it differentiates
+        # the closed form itself.
+        temperature = 2.0
+        teacher = self.teacher.astype("float32")
+        student = self.student.astype("float32")
+
+        def loss(s):
+            return ops.sum(ksd_ops.kl_divergence(teacher, s, temperature))
+
+        if keras.backend.backend() == "jax":
+            import jax
+
+            got = jax.grad(lambda s: ops.sum(ops.square(jax.grad(loss)(s))))(
+                student
+            )
+        else:
+            import tensorflow as tf
+
+            s = tf.constant(student)
+            with tf.GradientTape() as outer:
+                outer.watch(s)
+                with tf.GradientTape() as inner:
+                    inner.watch(s)
+                    value = loss(s)
+                total = ops.sum(ops.square(inner.gradient(value, s)))
+            got = outer.gradient(total, s)
+        p = _softmax(self.teacher / temperature)
+
+        def reference(s):
+            q = _softmax(s / temperature)
+            return np.sum((temperature * (q - p)) ** 2)
+
+        np.testing.assert_allclose(
+            np.asarray(got),
+            _finite_difference(reference, self.student),
+            atol=1e-4,
+        )
+
+    def test_backward_pass_does_not_branch(self):
+        # The precise branch for large temperatures is a `cond` in the
+        # forward pass; differentiating through it would add a second one
+        # (and keep its intermediates) in the backward pass.
+        if keras.backend.backend() != "tensorflow":
+            self.skipTest("Counts TensorFlow graph operations.")
+        import tensorflow as tf
+
+        temperature = tf.Variable(4.0)
+        teacher = tf.constant(self.teacher.astype("float32"))
+
+        @tf.function
+        def gradient(student):
+            with tf.GradientTape() as tape:
+                tape.watch(student)
+                value = ops.sum(
+                    ksd_ops.kl_divergence(teacher, student, temperature)
+                )
+            return tape.gradient(value, student)
+
+        graph = gradient.get_concrete_function(
+            tf.TensorSpec((None, 6), "float32")
+        ).graph.as_graph_def()
+        nodes = list(graph.node) + [
+            n for f in graph.library.function for n in f.node_def
+        ]
+        branches = [n.op for n in nodes if n.op in ("If", "StatelessIf")]
+        self.assertEqual(branches, ["StatelessIf"])
 
 
 class ReverseKLDivergenceTest(parameterized.TestCase):
@@ -244,8 +378,6 @@ class StandardizeLogitsTest(parameterized.TestCase):
         )
 
     def test_constant_row_has_a_finite_gradient(self):
-        import keras
-
         if keras.backend.backend() != "tensorflow":
             self.skipTest("The gradient tape is TensorFlow's.")
         import tensorflow as tf
