@@ -539,7 +539,15 @@ class Distiller(keras.Model):
         if cached:
             # Last in the pipeline: after the user's shuffling, augmentation
             # and batching, so the check sees what the student sees.
-            arguments["x"] = join_cached(cached, arguments["x"], given)
+            arguments["x"] = join_cached(
+                cached,
+                arguments["x"],
+                given,
+                keep_ids=any(
+                    t.keyed_by_id and not isinstance(t, Cached)
+                    for t in self.teachers
+                ),
+            )
         if arguments.get("y") is None and "sample_weight" in arguments:
             # Keras drops the weights of label-free NumPy data.
             batches = data.label_free_with_weights(

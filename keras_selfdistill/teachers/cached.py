@@ -6,6 +6,7 @@ import numpy as np
 from keras import ops
 
 from keras_selfdistill import cache
+from keras_selfdistill.teachers.teacher import FINGERPRINT
 from keras_selfdistill.teachers.teacher import SAMPLE_ID
 from keras_selfdistill.teachers.teacher import TEACHER_OUTPUTS
 from keras_selfdistill.teachers.teacher import Teacher
@@ -287,10 +288,12 @@ class Cached(Teacher):
         return config
 
 
-def join(teachers, x, given=None):
+def join(teachers, x, given=None, keep_ids=True):
     """`x` with the rows of each cached teacher, for `fit`'s training data.
 
-    NumPy inputs with sample ids gain the rows directly; a `tf.data`
+    NumPy inputs with sample ids gain the rows directly, and lose the ids
+    and fingerprints unless `keep_ids` (another teacher reads them in the
+    step): fewer arrays for Keras to slice each batch. A `tf.data`
     dataset gains a final `map` that reads them for each batch. `given` is
     the object the user passed to `fit` (which `x` may wrap): the checks
     of its samples are remembered across `fit` calls.
@@ -417,6 +420,8 @@ def join(teachers, x, given=None):
     outputs = {
         teacher.name: teacher.rows(x[SAMPLE_ID], prints) for teacher in teachers
     }
+    if not keep_ids:
+        x = {k: v for k, v in x.items() if k not in (SAMPLE_ID, FINGERPRINT)}
     return dict(x, **{TEACHER_OUTPUTS: outputs})
 
 

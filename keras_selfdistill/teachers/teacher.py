@@ -23,9 +23,11 @@ def select_input(x, input_key, owner):
     `x[input_key]` when `input_key` is set, otherwise `x` itself, in both
     cases without the sample ids and fingerprints that
     `keras_selfdistill.data.with_sample_ids` adds (`{"inputs": x,
-    "sample_id": ids, "sample_fingerprint": f}` gives `x`).
+    "sample_id": ids, "sample_fingerprint": f}` gives `x`), and without
+    the cached teachers' rows that `fit` joins (NumPy inputs lose their ids
+    once joined).
     """
-    if isinstance(x, dict) and SAMPLE_ID in x:
+    if isinstance(x, dict) and (SAMPLE_ID in x or TEACHER_OUTPUTS in x):
         x = {key: value for key, value in x.items() if key not in _ID_KEYS}
         if input_key is None and set(x) == {INPUTS}:
             return x[INPUTS]

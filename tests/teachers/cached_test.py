@@ -235,6 +235,35 @@ class CachedTest(parameterized.TestCase):
         for a, b in zip(self._weights(cached), self._weights(live)):
             np.testing.assert_allclose(a, b, atol=1e-6)
 
+    def test_numpy_inputs_lose_their_ids_unless_a_bank_reads_them(self):
+        # Joined NumPy inputs carry the cache rows: the ids and fingerprints
+        # are dropped (fewer arrays to slice per batch) unless another
+        # teacher reads ids in the step, as a prediction bank does.
+        directory = _cache(self, self.teacher, self.x)
+        samples = ksd.data.with_sample_ids(self.x)
+        teacher = ksd.teachers.Cached(directory)
+        for keep_ids, keys in (
+            (False, ["inputs"]),
+            (True, ["inputs", "sample_fingerprint", "sample_id"]),
+        ):
+            joined = ksd.teachers.cached.join(
+                [teacher], samples, None, keep_ids
+            )
+            self.assertEqual(sorted(joined), sorted(keys + ["teacher_outputs"]))
+        bank = ksd.teachers.PastPredictions(len(self.x), 3)
+        distiller = ksd.Distiller(
+            tiny.mlp(seed=1),
+            [
+                ksd.terms.Distillation(ksd.teachers.Cached(directory)),
+                ksd.terms.Distillation(bank, xi=0.5, name="self"),
+            ],
+        )
+        distiller.compile(optimizer="sgd", loss=tiny.sparse_ce())
+        history = distiller.fit(samples, self.y, batch_size=8, epochs=2)
+        self.assertEqual(len(history.history["self_loss"]), 2)
+        # The bank's second epoch had targets: the ids reached the step.
+        self.assertGreater(history.history["self_loss"][1], 0.0)
+
     def test_ensembles_write_and_read_dense_caches(self):
         # An ensemble's cache trains as the live ensemble, and a cached
         # member trains as the live member inside an ensemble.
