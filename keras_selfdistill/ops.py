@@ -75,8 +75,11 @@ def _tempered_kl(teacher_logits, student_logits, temperature, reverse=False):
     `∂(T²·KL(p‖q))/∂s = T·(q − p)`, `∂(T²·KL(p‖q))/∂t = T·p·(r − K)`;
     `∂(T²·KL(q‖p))/∂s = −T·q·(r + K)`, `∂(T²·KL(q‖p))/∂t = T·(p − q)`.
     These are the exact derivatives (Hinton et al., 2015, eq. 2, for the
-    first). Autodiff would differentiate through `_log_ratio`'s precise
-    branch instead: a `cond` whose intermediates TensorFlow keeps for the
+    first). The loss `L` depends on `t/T` and `s/T` times `T²`, so
+    `T·∂L/∂T = 2L − Σ t·∂L/∂t − Σ s·∂L/∂s` (Euler's theorem on homogeneous
+    functions): a trainable temperature gets its exact gradient too.
+    Autodiff would differentiate through `_log_ratio`'s precise branch
+    instead: a `cond` whose intermediates TensorFlow keeps for the
     backward pass, 0.04 ms of a 0.9 ms step on the demo's student. The
     clamp at 0 (rounding only) is left out of the gradient.
     """
@@ -98,19 +101,46 @@ def _tempered_kl(teacher_logits, student_logits, temperature, reverse=False):
         def gradient(*args, upstream=None):
             if upstream is None:
                 (upstream,) = args
-            scale = temperature * ops.expand_dims(upstream, -1)
+            upstream = ops.expand_dims(upstream, -1)
             if reverse:
-                teacher = scale * (p - q)
-                student = -scale * q * (ratio + kl)
+                teacher = temperature * (p - q)
+                student = -temperature * q * (ratio + kl)
             else:
-                teacher = scale * p * (ratio - kl)
-                student = scale * (q - p)
-            return teacher, student, ops.zeros_like(temperature)
+                teacher = temperature * p * (ratio - kl)
+                student = temperature * (q - p)
+            # Per row, `∂L/∂T` from the two gradients (docstring).
+            through_logits = ops.sum(
+                teacher * teacher_logits + student * student_logits,
+                axis=-1,
+                keepdims=True,
+            )
+            per_row = (2.0 * ops.square(temperature) * kl - through_logits) / (
+                temperature
+            )
+            return (
+                teacher * upstream,
+                student * upstream,
+                _sum_to_shape(per_row * upstream, temperature),
+            )
 
         value = ops.square(temperature) * ops.maximum(ops.squeeze(kl, -1), 0.0)
         return value, gradient
 
     return divergence(teacher_logits, student_logits, temperature)
+
+
+def _sum_to_shape(values, like):
+    """`values` summed over the axes that `like` was broadcast along."""
+    shape = tuple(like.shape)
+    if not shape:
+        return ops.sum(values)
+    extra = len(values.shape) - len(shape)
+    if extra > 0:
+        values = ops.sum(values, axis=tuple(range(extra)))
+    axes = tuple(
+        i for i, (a, b) in enumerate(zip(shape, values.shape)) if a == 1 != b
+    )
+    return ops.sum(values, axis=axes, keepdims=True) if axes else values
 
 
 def kl_divergence(teacher_logits, student_logits, temperature=1.0):

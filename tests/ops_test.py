@@ -124,33 +124,42 @@ class ClosedFormGradientTest(parameterized.TestCase):
 
     @parameterized.product(reverse=(False, True), temperature=(1.0, 4.0, 100.0))
     def test_gradients_match_finite_differences(self, reverse, temperature):
+        # With respect to both logits and to the temperature (a trainable
+        # temperature gets its gradient from the closed form too).
         function = (
             ksd_ops.reverse_kl_divergence if reverse else ksd_ops.kl_divergence
         )
         upstream = self.upstream.astype("float32")
+        values = {
+            "teacher": self.teacher,
+            "student": self.student,
+            "temperature": np.array(temperature),
+        }
         got = tiny.gradients(
             lambda v: ops.sum(
-                upstream * function(v["teacher"], v["student"], temperature)
+                upstream
+                * function(v["teacher"], v["student"], v["temperature"])
             ),
-            {
-                "teacher": self.teacher.astype("float32"),
-                "student": self.student.astype("float32"),
-            },
+            {k: v.astype("float32") for k, v in values.items()},
         )
-        for name in ("teacher", "student"):
+        # ∂L/∂T is O(1/T²) at large T and loses digits in float32, in this
+        # closed form as in autodiff (on TensorFlow, 6e-3 and 1.3e-2 off at
+        # T = 100 for reverse KL, 0.2 for both at T = 1000): checked at 1
+        # and 4 only.
+        names = list(values) if temperature < 10 else ["teacher", "student"]
+        for name in names:
 
             def weighted(x, name=name):
-                arguments = {"teacher": self.teacher, "student": self.student}
-                arguments[name] = x
-                values = _tempered_kl64(
+                arguments = dict(values, **{name: x})
+                per_row = _tempered_kl64(
                     arguments["teacher"],
                     arguments["student"],
-                    temperature,
+                    arguments["temperature"],
                     reverse,
                 )
-                return np.sum(self.upstream * values)
+                return np.sum(self.upstream * per_row)
 
-            expected = _finite_difference(weighted, getattr(self, name))
+            expected = _finite_difference(weighted, values[name])
             scale = np.abs(expected).max()
             np.testing.assert_allclose(
                 got[name], expected, rtol=1e-3, atol=1e-4 * scale, err_msg=name
