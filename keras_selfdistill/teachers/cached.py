@@ -123,7 +123,6 @@ class Cached(Teacher):
         object.__setattr__(self, "_shards", None)
         object.__setattr__(self, "_verified", None)
         object.__setattr__(self, "_verified_data", None)
-        object.__setattr__(self, "_pending", None)
 
     @property
     def temperature(self):
@@ -150,25 +149,9 @@ class Cached(Teacher):
             object.__setattr__(self, "_epoch", variable)
         return self._epoch
 
-    def _pending_variable(self):
-        """Whether some sample of the `fit`'s dataset is still unchecked.
-
-        Read by the input pipeline, so that once every sample was checked
-        its batches skip the call into Python that asks which were.
-        """
-        if self._pending is None:
-            import tensorflow as tf
-
-            with tf.init_scope():
-                variable = tf.Variable(True, trainable=False)
-            object.__setattr__(self, "_pending", variable)
-        return self._pending
-
     def on_epoch_begin(self, epoch):
         if self.views:
             self._epoch_variable().assign(epoch)
-        if self._pending is not None and self._verified is not None:
-            self._pending.assign(not self._verified.all())
 
     def _arrays(self):
         if self._shards is None:
@@ -198,7 +181,6 @@ class Cached(Teacher):
             return False
         object.__setattr__(self, "_verified", np.zeros(self.num_samples, bool))
         object.__setattr__(self, "_verified_data", data)
-        self._pending_variable().assign(True)
         return True
 
     def _tensors(self):
@@ -386,21 +368,11 @@ def join(teachers, x, given=None, keep_ids=True):
 
                 if checks[teacher.name]:
                     # Hashed only while some id of the batch is unchecked:
-                    # in the first epoch of the fit. From the epoch after
-                    # the last sample's check, no batch asks Python.
-                    def maybe_checked(
-                        teacher=teacher, checked=checked, read=read
-                    ):
-                        check = tf.numpy_function(
-                            teacher.unverified, [ids], tf.bool, stateful=False
-                        )
-                        return tf.cond(tf.reshape(check, []), checked, read)
-
-                    values = tf.cond(
-                        teacher._pending_variable().read_value(),
-                        maybe_checked,
-                        read,
+                    # in the first epoch of the fit.
+                    check = tf.numpy_function(
+                        teacher.unverified, [ids], tf.bool, stateful=False
                     )
+                    values = tf.cond(tf.reshape(check, []), checked, read)
                 else:
                     values = read()
                 values = [

@@ -536,36 +536,6 @@ class CachedTest(parameterized.TestCase):
         for a, b in zip(*weights):
             np.testing.assert_array_equal(a, b)
 
-    def test_no_call_into_python_once_every_sample_is_checked(self):
-        # The first epoch asks Python, batch by batch, which ids are still
-        # unchecked; from the epoch after the last check the pipeline reads
-        # a variable instead.
-        from unittest import mock
-
-        directory = _cache(self, self.teacher, self.x)
-        dataset = ksd.data.with_sample_ids(
-            tf.data.Dataset.from_tensor_slices((self.x, self.y))
-        ).batch(8)
-        batches = int(dataset.cardinality())
-        calls, per_epoch = [], []
-        original = ksd.teachers.Cached.unverified
-
-        def counted(teacher, ids):
-            calls.append(1)
-            return original(teacher, ids)
-
-        epochs = keras.callbacks.LambdaCallback(
-            on_epoch_end=lambda epoch, logs: per_epoch.append(len(calls))
-        )
-        distiller = ksd.Distiller(
-            tiny.mlp(seed=1),
-            [ksd.terms.Distillation(ksd.teachers.Cached(directory))],
-        )
-        distiller.compile(optimizer="sgd", loss=tiny.sparse_ce())
-        with mock.patch.object(ksd.teachers.Cached, "unverified", counted):
-            distiller.fit(dataset, epochs=3, verbose=0, callbacks=[epochs])
-        self.assertEqual(per_epoch, [batches] * 3)
-
     # Input-pipeline behaviour, the same on both backends.
     @tiny.IN_JAX_PASS
     def test_repeated_ids_are_read_alike(self):
