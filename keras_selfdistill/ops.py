@@ -120,27 +120,16 @@ def _tempered_kl(teacher_logits, student_logits, temperature, reverse=False):
             return (
                 teacher * upstream,
                 student * upstream,
-                _sum_to_shape(per_row * upstream, temperature),
+                # A scalar (the docstrings' contract), in its own shape.
+                ops.reshape(
+                    ops.sum(per_row * upstream), ops.shape(temperature)
+                ),
             )
 
         value = ops.square(temperature) * ops.maximum(ops.squeeze(kl, -1), 0.0)
         return value, gradient
 
     return divergence(teacher_logits, student_logits, temperature)
-
-
-def _sum_to_shape(values, like):
-    """`values` summed over the axes that `like` was broadcast along."""
-    shape = tuple(like.shape)
-    if not shape:
-        return ops.sum(values)
-    extra = len(values.shape) - len(shape)
-    if extra > 0:
-        values = ops.sum(values, axis=tuple(range(extra)))
-    axes = tuple(
-        i for i, (a, b) in enumerate(zip(shape, values.shape)) if a == 1 != b
-    )
-    return ops.sum(values, axis=axes, keepdims=True) if axes else values
 
 
 def kl_divergence(teacher_logits, student_logits, temperature=1.0):
