@@ -137,7 +137,10 @@ def kl_divergence(teacher_logits, student_logits, temperature=1.0):
 
     The `T²` factor keeps the gradient magnitude independent of the
     temperature (Hinton et al., 2015, section 2). The value is zero when the
-    logits are equal and unchanged when a constant is added to a row.
+    logits are equal and unchanged when a constant is added to a row. The
+    gradient is the exact closed form, `T·(q − p)` for the student's
+    logits (also for the teacher's logits and the temperature), not
+    autodiff through the branch that keeps the value precise at large `T`.
 
     Reference:
     - [Hinton et al., 2015](https://arxiv.org/abs/1503.02531)
@@ -163,7 +166,8 @@ def reverse_kl_divergence(teacher_logits, student_logits, temperature=1.0):
     """Mode-seeking distillation: `T² · KL(softmax(s/T) ‖ softmax(t/T))`.
 
     Reverse KL lets the student concentrate on the teacher's main modes
-    instead of covering all of them, as used by MiniLLM.
+    instead of covering all of them, as used by MiniLLM. The gradient is
+    the exact closed form (see `kl_divergence`).
 
     Reference:
     - [Gu et al., 2024](https://arxiv.org/abs/2306.08543)
