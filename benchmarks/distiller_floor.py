@@ -7,10 +7,13 @@ teacher KD, each with the input checks on (the default) and off
 and their ratios to plain `fit`.
 
 With `--input numpy` each timed unit is one `fit` of `--epochs` epochs on
-the NumPy arrays, as the demo feeds them; the table then has two parts:
-the `fit` call's whole time per epoch (its setup and tracing included),
-and the steady epoch, the median of the epochs after the first, timed
-from `on_epoch_begin` to `on_epoch_end`.
+the NumPy arrays, as the demo feeds them; the table then has three
+parts: the `fit` call's whole time per epoch (its setup and tracing
+included); the steady epoch, the median of the epochs after the first,
+timed from `on_epoch_begin` to `on_epoch_end`; and every epoch after the
+first of every round, whose minimum is the variant's epoch without
+interference (BENCHMARKS.md: epoch times here are bimodal, and the median
+of a `fit` mixes the two modes).
 
     python benchmarks/distiller_floor.py [--rounds 9]
     python benchmarks/distiller_floor.py --input numpy --epochs 30
@@ -150,11 +153,12 @@ def main(argv=None):
     }
 
     def seconds_per_epoch(model, data):
-        """The epoch's seconds: `(whole fit / epochs, steady epoch)`."""
+        """The epoch's seconds: `(whole fit / epochs, steady epoch, the
+        epochs after the first)`."""
         timer = _EpochTimer()
         if args.input == "dataset":
             model.fit(data, epochs=1, verbose=0, callbacks=[timer])
-            return timer.seconds, timer.seconds
+            return timer.seconds, timer.seconds, [timer.seconds]
         start = time.perf_counter()
         model.fit(
             *data,
@@ -164,19 +168,26 @@ def main(argv=None):
             callbacks=[timer],
         )
         whole = (time.perf_counter() - start) / args.epochs
-        return whole, statistics.median(timer.times[1:] or timer.times)
+        later = timer.times[1:] or timer.times
+        return whole, statistics.median(later), later
 
     times = {name: [] for name in variants}
     steady = {name: [] for name in variants}
+    epochs = {name: [] for name in variants}
     for round_index in range(args.rounds + 1):
         for name, (model, data) in variants.items():
-            whole, epoch = seconds_per_epoch(model, data)
+            whole, epoch, later = seconds_per_epoch(model, data)
             if round_index:
                 times[name].append(whole)
                 steady[name].append(epoch)
+                epochs[name].extend(later)
     parts = [("", times)]
     if args.input == "numpy":
-        parts = [("whole fit / epochs: ", times), ("steady epoch: ", steady)]
+        parts = [
+            ("whole fit / epochs: ", times),
+            ("steady epoch: ", steady),
+            ("every later epoch: ", epochs),
+        ]
     print(
         "| variant | median epoch s | × plain (median) | min epoch s | "
         "× plain (min) |"

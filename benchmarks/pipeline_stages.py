@@ -2,16 +2,21 @@
 
 One epoch is the 4,000 bundled MNIST images in batches of 64 from a
 cached `tf.data` pipeline; each variant is one `fit` of `--epochs` epochs,
-timed per epoch from `on_epoch_begin` to `on_epoch_end`, and reported as
-the median of the epochs after the first, over `--rounds` interleaved
-rounds. Variants: plain `student.fit` on images with ids; the same with
-one `map` that gathers a row of a 4,000 × 10 table per id, and with that
-gather inside a `tf.cond`; the Distiller without terms (its input checks
+timed per epoch from `on_epoch_begin` to `on_epoch_end`; the epochs after
+the first of `--rounds` interleaved rounds give each variant's median and
+minimum (the epoch without interference, BENCHMARKS.md). Variants: plain
+`student.fit` on images with ids; the same with one `map` that gathers a
+row of a 4,000 × 10 table per id, and with that gather inside a
+`tf.cond`; the Distiller without terms (its input checks
 are one `map`); cached teacher KD in the `fit` that checks each sample's
 inputs (the join's `map` chooses between hashing and gathering with a
 `cond`), and in a second `fit` on the same dataset object (a gather only).
+`--student cnn` trains the demo's CNN teacher architecture as the student
+instead of the MLP: a step about ten times longer, against the same
+pipeline stages.
 
     python benchmarks/pipeline_stages.py [--rounds 3] [--epochs 6]
+        [--student mlp|cnn]
 """
 
 import argparse
@@ -27,6 +32,7 @@ from distiller_floor import _loss  # noqa: E402
 from distiller_floor import demo_cache  # noqa: E402
 
 import keras_selfdistill as ksd  # noqa: E402
+from keras_selfdistill import demo  # noqa: E402
 
 
 class OnImages(keras.Model):
@@ -44,8 +50,16 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument(
+        "--student",
+        choices=("mlp", "cnn"),
+        default="mlp",
+        help="the demo's MLP student, or its CNN teacher's architecture",
+    )
     args = parser.parse_args(argv)
     x, y, _, cache, student = demo_cache("stages_cache_")
+    if args.student == "cnn":
+        student = demo.teacher_model()
     table = tf.random.normal((len(x), 10))
     autotune = tf.data.AUTOTUNE
 
@@ -88,7 +102,7 @@ def main(argv=None):
     def epoch(model, data):
         timer = _EpochTimer()
         model.fit(data, epochs=args.epochs, verbose=0, callbacks=[timer])
-        return statistics.median(timer.times[1:])
+        return timer.times[1:]
 
     names = (
         "plain `fit`, images and ids",
@@ -110,18 +124,25 @@ def main(argv=None):
                 ),
             ),
         ):
-            times[name].append(epoch(*plain(data)))
+            times[name].extend(epoch(*plain(data)))
         data = tf.data.Dataset.from_tensor_slices((x, y)).batch(64).cache()
-        times[names[3]].append(epoch(distiller([]), data))
+        times[names[3]].extend(epoch(distiller([]), data))
         model, data = distiller(cached_kd()), with_sample_ids()
-        times[names[4]].append(epoch(model, data))
-        times[names[5]].append(epoch(model, data))
+        times[names[4]].extend(epoch(model, data))
+        times[names[5]].extend(epoch(model, data))
     base = statistics.median(times[names[0]])
-    print("| variant | median epoch ms | × plain |")
-    print("|---|---|---|")
+    fastest = min(times[names[0]])
+    print(
+        "| variant | median epoch ms | × plain (median) | min epoch ms | "
+        "× plain (min) |"
+    )
+    print("|---|---|---|---|---|")
     for name, values in times.items():
-        median = statistics.median(values)
-        print(f"| {name} | {1e3 * median:.1f} | {median / base:.2f} |")
+        median, low = statistics.median(values), min(values)
+        print(
+            f"| {name} | {1e3 * median:.1f} | {median / base:.2f} | "
+            f"{1e3 * low:.1f} | {low / fastest:.2f} |"
+        )
 
 
 if __name__ == "__main__":
