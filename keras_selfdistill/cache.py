@@ -537,6 +537,8 @@ def write_teacher_outputs(
         unit_name="sample",
     )
     shards = {}
+    # The most rows of a batch so far: shorter batches are padded to it.
+    width = 0
     written = 0 if manifest is None else _count_written(directory, manifest)
     progress.update(written)
     for x, prints, viewed in _batches(data, batch_size, augment, seed, views):
@@ -557,12 +559,13 @@ def write_teacher_outputs(
             )
             if np.all(done == prints):
                 continue
+        width = max(width, ids.size)
         if views is None:
-            log_probs = _to_numpy(targets.predict_on_batch(x))
+            log_probs = _predict(targets, x, ids.size, width)
             fresh = _rows_of(kind, log_probs, k, seed, ids, sampling)
         else:
             per_view = [
-                _to_numpy(targets.predict_on_batch(inputs)) for inputs in viewed
+                _predict(targets, inputs, ids.size, width) for inputs in viewed
             ]
             log_probs = per_view[0]
             # Each view's draws have a seed of their own.
@@ -632,6 +635,22 @@ def _rows_of(kind, log_probs, k, seed, ids, sampling=None):
 
 def _to_numpy(value):
     return np.asarray(keras.ops.convert_to_numpy(value), "float64")
+
+
+def _predict(targets, x, rows, width):
+    """The targets of a batch of `rows` rows, computed on `width` rows.
+
+    A shorter batch (the last one, usually) is padded by repeating its last
+    row, and the padding's outputs are dropped: every batch then has the
+    traced shape, and Keras's predict function is traced once per writer
+    instead of again for the last batch.
+    """
+    if rows < width:
+        x = keras.tree.map_structure(
+            lambda a: np.concatenate([a, np.repeat(a[-1:], width - rows, 0)]),
+            x,
+        )
+    return _to_numpy(targets.predict_on_batch(x))[:rows]
 
 
 def _shard(shards, directory, manifest, sample_id):

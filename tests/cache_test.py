@@ -36,6 +36,46 @@ def _write(teacher, data, directory, **kwargs):
     )
 
 
+class _Counting(keras.Model):
+    """A teacher that counts the Python calls of its `call`: its traces."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.calls = 0
+
+    def call(self, x):
+        self.calls += 1
+        return self.inner(x)
+
+
+class WriterTracingTest(parameterized.TestCase):
+    def test_a_short_last_batch_is_padded_not_traced_again(self):
+        x, _ = tiny.data()
+        calls = {}
+        # Batches of 5: four whole ones; then four and a short one of 2.
+        for rows in (20, 22):
+            teacher = _Counting(tiny.mlp(seed=5))
+            directory = self.create_tempdir().full_path
+            _write(
+                teacher,
+                ksd.data.with_sample_ids(x[:rows]),
+                directory,
+                num_samples=rows,
+                batch_size=5,
+                temperature=2.0,
+            )
+            calls[rows] = teacher.calls
+            # The padded batch's own rows are the teacher's.
+            expected = _log_softmax(
+                keras.ops.convert_to_numpy(teacher.inner(x[:rows])) / 2.0
+            )
+            np.testing.assert_allclose(
+                _rows(directory, "log_probs"), expected, atol=2e-3
+            )
+        self.assertEqual(calls[22], calls[20])
+
+
 # The writer's files are the backend's teacher outputs written by NumPy;
 # `teachers/cached_test` writes and reads them on both backends. These run
 # once, in the shorter JAX pass.

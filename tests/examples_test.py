@@ -22,7 +22,11 @@ def _load(name):
 @tiny.ONCE
 class CommandLineTest(parameterized.TestCase):
     @parameterized.parameters(
-        "teacher_student", "auxiliary_exits", "self_distillation", "tuning"
+        "teacher_student",
+        "auxiliary_exits",
+        "self_distillation",
+        "tuning",
+        "cached_teacher",
     )
     def test_offline_default_and_every_option_described(self, name):
         parser = _load(name).build_parser()
@@ -195,6 +199,33 @@ class LanguageModelScriptTest(parameterized.TestCase):
             self.assertGreater(run["tokens_per_second"], 0)
 
 
+@tiny.ONCE
+class CachedTeacherScriptTest(parameterized.TestCase):
+    def test_writes_caches_trains_from_them_restarts_and_refuses(self):
+        script = _load("cached_teacher")
+        out = self.create_tempdir().full_path
+        result = script.main(
+            ["--epochs", "1", "--teacher-epochs", "1", "--limit", "256"]
+            + ["--output-dir", out]
+        )
+        for method in script.METHODS:
+            self.assertBetween(result[method]["accuracy"], 0.0, 1.0)
+            self.assertGreater(result[method]["seconds_per_epoch"], 0)
+        sizes = {name: size for name, (_, _, size) in result["caches"].items()}
+        # Ten float16 log-probabilities and an int32 fingerprint a sample
+        # (shards are padded to whole files): dense is the largest of the
+        # three kinds' at k = 3 and below the sampled one's 8 draws.
+        self.assertBetween(sizes["dense"], 24.0, 26.0)
+        self.assertLess(sizes["top_k"], sizes["dense"])
+        self.assertGreater(sizes["sampled"], sizes["dense"])
+        self.assertTrue(result["restart_identical"])
+        self.assertIn(
+            "differ from those the teacher's outputs were written for",
+            result["augmentation_error"],
+        )
+        self.assertTrue(os.path.exists(os.path.join(out, "student.keras")))
+
+
 NOTEBOOKS = {
     "teacher_kd": "student.keras",
     "self_distillation": None,
@@ -202,6 +233,7 @@ NOTEBOOKS = {
     "scaling_out": None,
     "language_model": "student_lm.keras",
     "progressive_distillation": "student_2_steps.keras",
+    "cached_teacher": "student_cached.keras",
 }
 
 
