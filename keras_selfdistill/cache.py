@@ -640,12 +640,13 @@ def _to_numpy(value):
 def _predict(targets, x, rows, width):
     """The targets of a batch of `rows` rows, computed on `width` rows.
 
-    A shorter batch (the last one, usually) is padded by repeating its last
-    row, and the padding's outputs are dropped: every batch then has the
-    traced shape, and Keras's predict function is traced once per writer
-    instead of again for the last batch.
+    A shorter batch of arrays (the last one, usually) is padded by repeating
+    its last row, and the padding's outputs are dropped: every batch then
+    has the traced shape, and Keras's predict function is traced once per
+    writer instead of again for the last batch.
     """
-    if rows < width:
+    leaves = keras.tree.flatten(x)
+    if rows < width and all(isinstance(a, np.ndarray) for a in leaves):
         x = keras.tree.map_structure(
             lambda a: np.concatenate([a, np.repeat(a[-1:], width - rows, 0)]),
             x,
