@@ -212,9 +212,9 @@ class CachedTeacherScriptTest(parameterized.TestCase):
             self.assertBetween(result[method]["accuracy"], 0.0, 1.0)
             self.assertGreater(result[method]["seconds_per_epoch"], 0)
         sizes = {name: size for name, (_, _, size) in result["caches"].items()}
-        # Ten float16 log-probabilities and an int32 fingerprint a sample
-        # (shards are padded to whole files): dense is the largest of the
-        # three kinds' at k = 3 and below the sampled one's 8 draws.
+        # Dense: ten float16 log-probabilities and an int32 fingerprint a
+        # sample, and each `.npy` file's header. Top-3 stores less, 8 draws
+        # more.
         self.assertBetween(sizes["dense"], 24.0, 26.0)
         self.assertLess(sizes["top_k"], sizes["dense"])
         self.assertGreater(sizes["sampled"], sizes["dense"])
