@@ -17,6 +17,10 @@ of a `fit` mixes the two modes).
 
     python benchmarks/distiller_floor.py [--rounds 9]
     python benchmarks/distiller_floor.py --input numpy --epochs 30
+    KERAS_BACKEND=jax python benchmarks/distiller_floor.py --input numpy
+
+On JAX every model is compiled with `jit` (Keras's default there); on
+TensorFlow none uses XLA.
 """
 
 import argparse
@@ -33,6 +37,10 @@ import tensorflow as tf  # noqa: E402
 
 import keras_selfdistill as ksd  # noqa: E402
 from keras_selfdistill import demo  # noqa: E402
+
+# XLA is slower than TensorFlow's graphs on this CPU (BENCHMARKS.md); JAX
+# without `jit` runs op by op, so JAX compiles as Keras does by default.
+JIT = keras.backend.backend() == "jax"
 
 
 class _EpochTimer(keras.callbacks.Callback):
@@ -97,7 +105,7 @@ def main(argv=None):
     with_ids = with_ids.batch(64).cache().repeat(4)
     keras.utils.set_random_seed(0)
     teacher = demo.teacher_model()
-    teacher.compile("adam", _loss(), jit_compile=False)
+    teacher.compile("adam", _loss(), jit_compile=JIT)
     teacher.fit(train, epochs=1, verbose=0)
     cache = tempfile.mkdtemp(prefix="floor_cache_")
     ksd.cache.write_teacher_outputs(
@@ -113,7 +121,7 @@ def main(argv=None):
 
     def distiller(name, terms, check_data):
         model = ksd.Distiller(copy(name), terms, check_data=check_data)
-        model.compile("adam", _loss(), jit_compile=False)
+        model.compile("adam", _loss(), jit_compile=JIT)
         return model
 
     def cached_kd():
@@ -134,9 +142,9 @@ def main(argv=None):
         with_ids = (ksd.data.with_sample_ids(x), y)
         kd_data = (x, y_kd)
     plain = copy("plain")
-    plain.compile("adam", _loss(), jit_compile=False)
+    plain.compile("adam", _loss(), jit_compile=JIT)
     hand_written = copy("hand_written")
-    hand_written.compile("adam", _hand_written_kd, jit_compile=False)
+    hand_written.compile("adam", _hand_written_kd, jit_compile=JIT)
     variants = {
         "plain `student.fit`": (plain, train),
         "plain `student.fit`, hand-written KD loss": (hand_written, kd_data),
