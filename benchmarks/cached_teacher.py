@@ -56,13 +56,24 @@ def _mean_error(values, digits=2):
     return f"{values.mean():.{digits}f} ± {error:.{digits}f}"
 
 
-def _size(directory):
-    total = 0
-    for folder, _, files in os.walk(directory):
-        for name in files:
-            if name.endswith(".npy"):
-                total += os.path.getsize(os.path.join(folder, name))
-    return total
+def _example(name):
+    """The module of `examples/<name>.py`."""
+    path = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        "examples",
+        f"{name}.py",
+    )
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# The example's measures of a cache's size and of an epoch.
+_EXAMPLE = _example("cached_teacher")
+_size = _EXAMPLE.folder_bytes
+_Epochs = _EXAMPLE.EpochTimer
 
 
 def _write(teacher, data, num_samples, kind, k, temperature, root, sampling):
@@ -104,17 +115,6 @@ def _write_all(args, teacher, ids, num_samples, temperature, unit):
         label = method if k is None else f"{method} (k = {k})"
         print(f"| {label} | {rate:,.0f} | {size:,.1f} |")
     return caches
-
-
-class _Epochs(keras.callbacks.Callback):
-    def on_train_begin(self, logs=None):
-        self.times = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.times.append(time.perf_counter() - self.start)
 
 
 def classification(args):
@@ -178,21 +178,8 @@ def classification(args):
         )
 
 
-def _language_model_module():
-    path = os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-        "examples",
-        "language_model.py",
-    )
-    spec = importlib.util.spec_from_file_location("language_model", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["language_model"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def sequence(args):
-    lm = _language_model_module()
+    lm = _example("language_model")
     train, held_out = lm.corpus()
     x, y = lm.windows(train, args.length)
     rng = np.random.default_rng(0)
@@ -298,6 +285,7 @@ def sizes(args):
                 k,
                 1.0,
                 os.path.join(root, str(vocabulary)),
+                None,
             )
             label = kind if k is None else f"{kind} (k = {k})"
             print(f"| {vocabulary:,} | {label} | {size:,.1f} |")
