@@ -5,7 +5,8 @@ and JAX (neither can raise from compiled code). So `Distiller.fit` checks
 NumPy data once before training and checks each `tf.data` batch in the
 input pipeline, where it runs on the host, overlapped with training, and
 raises `tf.errors.InvalidArgumentError` with the message below on every
-backend and with `jit_compile=True`.
+backend and with `jit_compile=True`. A dataset of known size read for
+several epochs is checked over its first pass (`Distiller.fit`).
 """
 
 import types

@@ -89,9 +89,10 @@ class Distiller(keras.Model):
             `None` (the student reads the whole inputs).
         check_data: Whether `fit` checks the training data (finite inputs,
             labels in range, sample ids): once for NumPy arrays, and per
-            batch in the `tf.data` pipeline, on the host beside training.
-            Defaults to `True`; `False` skips the per-batch checks, e.g.
-            for large image batches on a CPU-bound input pipeline.
+            batch in the `tf.data` pipeline, on the host beside training,
+            over the dataset's first pass (`fit`). Defaults to `True`;
+            `False` skips the per-batch checks, e.g. for large image batches
+            on a CPU-bound input pipeline.
         name: Name of the model. Defaults to `"distiller"`.
 
     Example:
@@ -506,6 +507,18 @@ class Distiller(keras.Model):
         return super().evaluate(*args, **kwargs)
 
     def fit(self, *args, **kwargs):
+        """Trains the student: `keras.Model.fit`'s arguments and return.
+
+        The training data is checked first (`check_data`) and joined to
+        the rows of cached teachers (`keras_selfdistill.teachers.Cached`).
+        A `tf.data` dataset of known size, read for more than one epoch
+        without `steps_per_epoch`, is checked over its first pass only:
+        Keras reads that pass and then the dataset as given, repeated, from
+        one iterator, with `steps_per_epoch` set to the dataset's size, so
+        every epoch is still one pass, reshuffled as the dataset shuffles.
+        On a small CPU a per-batch stage of the input pipeline costs about
+        what a small student's step does (`benchmarks/pipeline_stages.py`).
+        """
         bound = inspect.signature(keras.Model.fit).bind(self, *args, **kwargs)
         arguments = bound.arguments
         silent = [term.name for term in self.terms if not term.evaluates]
@@ -536,10 +549,11 @@ class Distiller(keras.Model):
             unique_ids=any(t.writes_by_id for t in self.teachers),
         )
         cached = [t for t in self.teachers if isinstance(t, Cached)]
+        later = self._later_passes(given, arguments, cached)
         if cached:
             # Last in the pipeline: after the user's shuffling, augmentation
             # and batching, so the check sees what the student sees.
-            arguments["x"] = join_cached(
+            joined = join_cached(
                 cached,
                 arguments["x"],
                 given,
@@ -547,7 +561,18 @@ class Distiller(keras.Model):
                     t.keyed_by_id and not isinstance(t, Cached)
                     for t in self.teachers
                 ),
+                later=later,
             )
+            if later is None:
+                arguments["x"] = joined
+            else:
+                arguments["x"], later = joined
+        if later is not None and arguments["x"] is not later:
+            # One pass checked, then the pipeline as given: Keras reads the
+            # one iterator for `steps_per_epoch` steps an epoch.
+            steps = int(given.cardinality())
+            arguments["x"] = arguments["x"].concatenate(later.repeat())
+            arguments["steps_per_epoch"] = steps
         if arguments.get("y") is None and "sample_weight" in arguments:
             # Keras drops the weights of label-free NumPy data.
             batches = data.label_free_with_weights(
@@ -584,6 +609,34 @@ class Distiller(keras.Model):
             if message is None:
                 raise
             raise ValueError(message) from error
+
+    def _later_passes(self, given, arguments, cached):
+        """The pipeline of the passes after the first, or None.
+
+        A `tf.data` dataset of known size, read for more than one epoch,
+        is checked (`check_data`, a cached teacher's inputs) over its first
+        pass only: the same samples, through the same pipeline, need no
+        second check, and a per-batch stage of the pipeline costs on a
+        small CPU as much as the training step (BENCHMARKS.md). None where
+        the checks run every epoch instead: a dataset of unknown or
+        infinite size, or with `steps_per_epoch` (a pass is then not an
+        epoch), a Keras distribution (whose sharding reads the batch size
+        of the pipeline's end), and a cache of augmented views (whose
+        epoch the pipeline reads).
+        """
+        import tensorflow as tf
+
+        if (
+            not isinstance(given, tf.data.Dataset)
+            or arguments.get("steps_per_epoch") is not None
+            or arguments.get("epochs", 1) - arguments.get("initial_epoch", 0)
+            < 2
+            or keras.distribution.distribution() is not None
+            or any(teacher.views for teacher in cached)
+        ):
+            return None
+        size = int(given.cardinality())
+        return given if size > 0 else None
 
     def save(self, filepath, *args, **kwargs):
         if str(filepath).endswith((".h5", ".hdf5")):

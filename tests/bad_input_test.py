@@ -69,6 +69,40 @@ class BadInputTest(parameterized.TestCase):
         restored = ksd.Distiller.from_config(distiller.get_config())
         self.assertFalse(restored.check_data)
 
+    def test_a_dataset_is_checked_over_its_first_pass(self):
+        dataset = tf.data.Dataset.from_tensor_slices((self.x, self.y))
+        dataset = dataset.shuffle(24, seed=0).batch(8)
+        _, given = tiny.fit_arguments(_distiller(), dataset, epochs=3)
+        # One pass checked, then the dataset as given, one pass an epoch.
+        self.assertEqual(given["steps_per_epoch"], 3)
+        epochs = [
+            np.concatenate(
+                [np.asarray(x) for x, _ in given["x"].skip(i).take(3)]
+            )
+            for i in (0, 3, 6)
+        ]
+        for epoch in epochs:
+            np.testing.assert_array_equal(
+                np.sort(epoch, axis=0), np.sort(self.x, axis=0)
+            )
+        self.assertFalse(np.array_equal(epochs[1], epochs[2]))
+        # Where a pass is not an epoch, or there is one epoch, every batch.
+        for data, arguments in (
+            (dataset, {"epochs": 1}),
+            (dataset.repeat(3), {"epochs": 3, "steps_per_epoch": 3}),
+            (dataset.repeat(), {"epochs": 2, "steps_per_epoch": 3}),
+            (dataset.filter(lambda x, y: True), {"epochs": 2}),
+        ):
+            _, given = tiny.fit_arguments(_distiller(), data, **arguments)
+            self.assertEqual(
+                given.get("steps_per_epoch"),
+                arguments.get("steps_per_epoch"),
+            )
+        self.x[20, 1] = np.nan
+        dataset = tf.data.Dataset.from_tensor_slices((self.x, self.y))
+        with self.assertRaisesRegex(PIPELINE, "NaN or infinite"):
+            _distiller().fit(dataset.batch(8), epochs=3, verbose=0)
+
     @parameterized.named_parameters(("eager", False), ("xla", True))
     def test_nan_in_dataset_inputs(self, jit_compile):
         self.x[3, 1] = np.inf

@@ -146,3 +146,22 @@ def language_model(vocabulary=11, length=6, name=None, seed=0):
     h = keras.layers.Embedding(vocabulary, 6)(tokens)
     h = keras.layers.Dense(8, activation="relu")(h)
     return keras.Model(tokens, keras.layers.Dense(vocabulary)(h), name=name)
+
+
+def fit_arguments(model, *args, **kwargs):
+    """`model.fit(...)`'s History and the arguments Keras's `fit` received."""
+    import functools
+    from unittest import mock
+
+    received = {}
+    original = keras.Model.fit
+
+    @functools.wraps(original)
+    def spy(self, **arguments):
+        received.update(arguments)
+        return original(self, **arguments)
+
+    kwargs.setdefault("verbose", 0)
+    with mock.patch.object(keras.Model, "fit", spy):
+        history = model.fit(*args, **kwargs)
+    return history, received

@@ -18,23 +18,27 @@ class Cached(Teacher):
     """A teacher whose outputs were computed once and are read from disk.
 
     `keras_selfdistill.cache.write_teacher_outputs` runs the teacher over
-    the training data once; this teacher reads its outputs back. `fit`
-    joins each batch to the cache rows of its sample ids as the last step
-    of the input pipeline (after any shuffling and batching), so the rows
-    arrive with the batch and the training step runs no teacher forward.
-    The cache is memory-mapped and never loaded whole.
+    the training data once; this teacher reads its outputs back by sample
+    id, so the training step runs no teacher forward. NumPy inputs get
+    their rows once, when `fit` starts. From a `tf.data` dataset, caches
+    up to 256 MB are read into memory once and the training step gathers
+    each batch's rows by id (on JAX up to 16 MB, `JAX_STEP_BYTES`, which
+    the compiled step holds as a constant); larger ones, and caches of
+    augmented views, are joined to each batch by a last `map` of the input
+    pipeline (after any shuffling and batching), from the memory map. The
+    cache is never loaded whole beyond that.
 
-    The joined batch is checked against the cache: on each sample's first
-    visit in a `fit` call, its inputs are hashed as the student sees them
-    and compared with the hash of the inputs the teacher saw. A cache of
-    un-augmented outputs read with random augmentation in the pipeline, or
-    with other data, fails `fit` there with the ids that differ. Later
-    epochs, and later `fit` calls on the same dataset object once every
-    sample was checked, read the rows without hashing (a pipeline that
-    changes the inputs only after its first pass escapes the check).
-    NumPy inputs are checked whole when `fit` starts. Caches up to 256 MB
-    are read into memory once and gathered inside the input pipeline;
-    larger ones are read from the memory map for each batch. Augmentation
+    The batch is checked against the cache: on each sample's first visit
+    in a `fit` call, its inputs are hashed in the input pipeline as the
+    student sees them and compared with the hash of the inputs the teacher
+    saw. A cache of un-augmented outputs read with random augmentation in
+    the pipeline, or with other data, fails `fit` there with the ids that
+    differ. A dataset of known size read for more than one epoch is hashed
+    over its first pass only, after which `fit` reads the pipeline as
+    given (`keras_selfdistill.Distiller.fit`); later `fit` calls on the
+    same dataset object, once every sample was checked, do not hash (a
+    pipeline that changes the inputs only after its first pass escapes the
+    check). NumPy inputs are checked whole when `fit` starts. Augmentation
     inside the student (Keras preprocessing layers in the model) is not
     seen by the check: the targets are then the teacher's for the clean
     inputs, as a live teacher given the pipeline's inputs would compute
@@ -162,9 +166,15 @@ class Cached(Teacher):
             object.__setattr__(self, "_shards", shards)
         return self._shards
 
-    # Caches up to this size are read into memory once and served by a
-    # gather inside the input pipeline; larger ones from the memory map.
+    # Caches up to this size are read into memory once and their rows
+    # gathered by id; larger ones are read from the memory map inside the
+    # input pipeline.
     IN_MEMORY_BYTES = 256 * 2**20
+    # On JAX the jitted step holds the cache as a constant, and its compile
+    # time grows with it (about 1 s at 64 MB here): larger in-memory caches
+    # are gathered inside the input pipeline there. TensorFlow's step reads
+    # every in-memory cache from a variable.
+    JAX_STEP_BYTES = 16 * 2**20
 
     def _start(self, data):
         """Prepares the checks of a `fit` on `data`; whether any is needed.
@@ -193,12 +203,43 @@ class Cached(Teacher):
             if size <= self.IN_MEMORY_BYTES:
                 import tensorflow as tf
 
-                tensors = tuple(
-                    tf.constant(np.concatenate([a[n] for a in arrays]))
-                    for n in names
-                )
+                with tf.init_scope():
+                    tensors = tuple(
+                        tf.constant(np.concatenate([a[n] for a in arrays]))
+                        for n in names
+                    )
             object.__setattr__(self, "_in_memory", tensors)
         return self._in_memory
+
+    def step_table(self):
+        """The cache whose rows the training step gathers by id, or None.
+
+        Backend tensors, one per array of the cache (a TensorFlow
+        variable each on TensorFlow), when the cache is held in memory and
+        has no augmented views; otherwise the input pipeline joins the rows
+        to the batch.
+        """
+        if "_step_table" not in self.__dict__:
+            tensors = None if self.views else self._tensors()
+            backend = keras.backend.backend()
+            if tensors is not None and backend == "jax":
+                size = sum(
+                    t.shape.num_elements() * t.dtype.size for t in tensors
+                )
+                tensors = (
+                    tuple(ops.convert_to_tensor(t.numpy()) for t in tensors)
+                    if size <= self.JAX_STEP_BYTES
+                    else None
+                )
+            elif tensors is not None:
+                import tensorflow as tf
+
+                with tf.init_scope():
+                    tensors = tuple(
+                        tf.Variable(t, trainable=False) for t in tensors
+                    )
+            object.__setattr__(self, "_step_table", tensors)
+        return self._step_table
 
     def unverified(self, ids):
         """Whether any of `ids` has not been checked in this `fit` yet."""
@@ -216,10 +257,24 @@ class Cached(Teacher):
         `check` false (every id was checked earlier in this `fit`) the
         hashes are not read.
         """
+        names = cache.ARRAYS[self.kind]
+        ids, out = self._read(ids, names + (("fingerprints",) if check else ()))
+        if check:
+            self._check(ids, out.pop("fingerprints"), fingerprints)
+        return tuple(out[name] for name in names)
+
+    def verify(self, ids, fingerprints):
+        """Checks `fingerprints` of `ids` against the cache, as `rows`;
+        returns `ids`, on which the batch then depends."""
+        flat, out = self._read(ids, ("fingerprints",))
+        self._check(flat, out["fingerprints"], fingerprints)
+        return ids
+
+    def _read(self, ids, names):
+        """`(ids as a flat int64 array, {name: the rows of ids})`."""
         ids = np.asarray(ids).astype("int64").reshape(-1)
         size = self.manifest["shard_size"]
         arrays = self._arrays()
-        names = cache.ARRAYS[self.kind] + (("fingerprints",) if check else ())
         shards, positions = ids // size, ids % size
         out = {}
         for name in names:
@@ -229,9 +284,7 @@ class Cached(Teacher):
             chosen = shards == shard
             for name in names:
                 out[name][chosen] = arrays[shard][name][positions[chosen]]
-        if check:
-            self._check(ids, out.pop("fingerprints"), fingerprints)
-        return tuple(out[name] for name in cache.ARRAYS[self.kind])
+        return ids, out
 
     def _check(self, ids, stored, fingerprints):
         given = np.asarray(fingerprints).astype("int32").reshape(-1)
@@ -255,7 +308,15 @@ class Cached(Teacher):
 
     def targets(self, x, y_pred, temperature):
         outputs = x.get(TEACHER_OUTPUTS, {}) if isinstance(x, dict) else {}
-        if self.name not in outputs:
+        if self.name in outputs:
+            values = [ops.convert_to_tensor(v) for v in outputs[self.name]]
+        elif (
+            isinstance(x, dict)
+            and SAMPLE_ID in x
+            and self.step_table() is not None
+        ):
+            values = _gather(self.step_table(), x[SAMPLE_ID])
+        else:
             raise ValueError(
                 f"The batch carries no outputs of the cached teacher "
                 f"'{self.name}'. `Distiller.fit` joins them to NumPy inputs "
@@ -263,7 +324,6 @@ class Cached(Teacher):
                 "(Python generators, PyDatasets) cannot be joined. Received: "
                 f"input keys {sorted(x) if isinstance(x, dict) else None}"
             )
-        values = [ops.convert_to_tensor(v) for v in outputs[self.name]]
         if self.kind == "dense":
             # T_w · log p_{T_w} is the logits less a constant per row, so
             # softmax(it / T) is the teacher's distribution at T.
@@ -288,20 +348,36 @@ class Cached(Teacher):
         return config
 
 
-def join(teachers, x, given=None, keep_ids=True):
+def _gather(table, ids):
+    """The rows of `ids` (any shape; one row per id) from each tensor."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        # A variable's own gather runs where the variable lives, and only
+        # the rows move to the replica's device.
+        return [tf.gather(t, ids) for t in table]
+    return [ops.take(t, ops.cast(ids, "int32"), axis=0) for t in table]
+
+
+def join(teachers, x, given=None, keep_ids=True, later=None):
     """`x` with the rows of each cached teacher, for `fit`'s training data.
 
     NumPy inputs with sample ids gain the rows directly, and lose the ids
     and fingerprints unless `keep_ids` (another teacher reads them in the
     step): fewer arrays for Keras to slice each batch. A `tf.data`
-    dataset gains a final `map` that reads them for each batch. `given` is
+    dataset keeps its ids, which the step reads the rows of from an
+    in-memory cache (`Cached.step_table`); for the other caches it gains
+    a final `map` that reads them for each batch. Each sample's inputs are
+    checked against the cache on its first visit in the `fit`. `given` is
     the object the user passed to `fit` (which `x` may wrap): the checks
     of its samples are remembered across `fit` calls.
+
+    `later`, for a dataset `x` that `fit` reads once and then continues
+    with another pipeline (`later`, the same samples without the input
+    checks, repeated): every batch of `x` is checked and none of `later`,
+    and the result is the pair of them joined.
     """
     import tensorflow as tf
-
-    from keras_selfdistill.data import _array_fingerprints
-    from keras_selfdistill.data import fingerprints_of
 
     names = [teacher.name for teacher in teachers]
     if len(set(names)) < len(names):
@@ -309,9 +385,6 @@ def join(teachers, x, given=None, keep_ids=True):
             "Cached teachers are joined to the batch by name, and two have "
             f"the same one. Give each its own `name`. Received: {names}"
         )
-
-    def inputs_of(x):
-        return select_input(x, None, "Cached teacher")
 
     viewed = [teacher for teacher in teachers if teacher.views]
     if viewed and len(teachers) > 1:
@@ -327,81 +400,13 @@ def join(teachers, x, given=None, keep_ids=True):
         x_spec = spec[0] if isinstance(spec, tuple) else spec
         if not isinstance(x_spec, dict) or SAMPLE_ID not in x_spec:
             raise ValueError(_NO_IDS.format(spec=spec))
-        batched = x_spec[SAMPLE_ID].shape.rank == 1
-
         key = x if given is None else given
         checks = {teacher.name: teacher._start(key) for teacher in teachers}
-        # Made here, eagerly: the map function captures them.
-        in_memory = {teacher.name: teacher._tensors() for teacher in teachers}
-
-        epoch = viewed[0]._epoch_variable() if viewed else None
-
-        def add(*element):
-            features = element[0]
-            ids = tf.reshape(features[SAMPLE_ID], [-1])
-            outputs = {}
-            inputs = features
-            for teacher in teachers:
-                specs = cache._array_specs(teacher.manifest)
-                names = cache.ARRAYS[teacher.kind]
-                dtypes = [tf.as_dtype(specs[n][1]) for n in names]
-                tensors = in_memory[teacher.name]
-
-                def read(teacher=teacher, tensors=tensors, dtypes=dtypes):
-                    if tensors is not None:
-                        return [tf.gather(t, ids) for t in tensors]
-                    return tf.numpy_function(
-                        teacher.rows,
-                        [ids, tf.zeros_like(ids, tf.int32), False],
-                        dtypes,
-                        stateful=False,
-                    )
-
-                def checked(teacher=teacher, dtypes=dtypes):
-                    prints = fingerprints_of(inputs_of(features), batched)
-                    return tf.numpy_function(
-                        teacher.rows,
-                        [ids, tf.reshape(prints, [-1]), True],
-                        dtypes,
-                        stateful=False,
-                    )
-
-                if checks[teacher.name]:
-                    # Hashed only while some id of the batch is unchecked:
-                    # in the first epoch of the fit.
-                    check = tf.numpy_function(
-                        teacher.unverified, [ids], tf.bool, stateful=False
-                    )
-                    values = tf.cond(tf.reshape(check, []), checked, read)
-                else:
-                    values = read()
-                values = [
-                    tf.ensure_shape(v, [None] + list(specs[n][0]))
-                    for v, n in zip(values, names)
-                ]
-                if teacher.views:
-                    # View (id + epoch) mod views of each sample: its
-                    # target, and its inputs augmented as the writer did.
-                    view = (tf.cast(ids, "int64") + epoch) % teacher.views
-                    values = [
-                        tf.gather(v, view, axis=1, batch_dims=1) for v in values
-                    ]
-                    inputs = cache.view_inputs(
-                        features,
-                        teacher.augment,
-                        teacher.manifest["seed"],
-                        teacher.views,
-                        view if batched else view[0],
-                        batched,
-                    )
-                outputs[teacher.name] = tuple(
-                    v if batched else v[0] for v in values
-                )
-            features = dict(inputs, **{TEACHER_OUTPUTS: outputs})
-            return (features,) + element[1:]
-
-        return x.map(add, num_parallel_calls=tf.data.AUTOTUNE).prefetch(
-            tf.data.AUTOTUNE
+        if later is None:
+            return _joined(teachers, x, checks, "first visit")
+        return (
+            _joined(teachers, x, checks, "every batch"),
+            _joined(teachers, later, checks, "never"),
         )
     if not isinstance(x, dict) or SAMPLE_ID not in x:
         raise ValueError(_NO_IDS.format(spec=type(x).__name__))
@@ -414,7 +419,9 @@ def join(teachers, x, given=None, keep_ids=True):
             "`with_sample_ids`, then shuffle and batch). Received: NumPy "
             "inputs"
         )
-    inputs = inputs_of(x)
+    from keras_selfdistill.data import _array_fingerprints
+
+    inputs = select_input(x, None, "Cached teacher")
     size = len(x[SAMPLE_ID])
     prints = _array_fingerprints(inputs, size)
     outputs = {
@@ -423,6 +430,130 @@ def join(teachers, x, given=None, keep_ids=True):
     if not keep_ids:
         x = {k: v for k, v in x.items() if k not in (SAMPLE_ID, FINGERPRINT)}
     return dict(x, **{TEACHER_OUTPUTS: outputs})
+
+
+def _joined(teachers, x, checks, check):
+    """The dataset `x` joined to `teachers`' rows, checked as `check` says.
+
+    `check` is `"first visit"` (hash a batch while any of its ids is
+    unchecked in this `fit`), `"every batch"` or `"never"`; `checks` says
+    which teachers check at all in this `fit`. Returns `x` itself when no
+    teacher has anything to do in the pipeline.
+    """
+    import tensorflow as tf
+
+    from keras_selfdistill.data import fingerprints_of
+
+    spec = x.element_spec
+    x_spec = spec[0] if isinstance(spec, tuple) else spec
+    batched = x_spec[SAMPLE_ID].shape.rank == 1
+    active = [
+        teacher
+        for teacher in teachers
+        if teacher.step_table() is None
+        or (checks[teacher.name] and check != "never")
+    ]
+    if not active:
+        return x
+    # Made here, eagerly: the map function captures them.
+    in_memory = {teacher.name: teacher._tensors() for teacher in active}
+    viewed = [teacher for teacher in active if teacher.views]
+    epoch = viewed[0]._epoch_variable() if viewed else None
+
+    def add(*element):
+        features = element[0]
+        ids = tf.reshape(features[SAMPLE_ID], [-1])
+        outputs = {}
+        inputs = features
+        for teacher in active:
+            specs = cache._array_specs(teacher.manifest)
+            names = cache.ARRAYS[teacher.kind]
+            dtypes = [tf.as_dtype(specs[n][1]) for n in names]
+            tensors = in_memory[teacher.name]
+
+            def prints(features=features):
+                inputs = select_input(features, None, "Cached teacher")
+                return tf.reshape(fingerprints_of(inputs, batched), [-1])
+
+            def when_unchecked(hashed, unhashed, teacher=teacher):
+                if not checks[teacher.name] or check == "never":
+                    return unhashed()
+                if check == "every batch":
+                    return hashed()
+                # Hashed only while some id of the batch is unchecked: in
+                # the first epoch of the fit.
+                unchecked = tf.numpy_function(
+                    teacher.unverified, [ids], tf.bool, stateful=False
+                )
+                return tf.cond(tf.reshape(unchecked, []), hashed, unhashed)
+
+            if teacher.step_table() is not None:
+                # The step gathers the rows; only the check runs here, and
+                # the ids the step reads pass through it.
+                given = inputs[SAMPLE_ID]
+                checked_ids = when_unchecked(
+                    lambda teacher=teacher, given=given: tf.numpy_function(
+                        teacher.verify,
+                        [given, prints()],
+                        given.dtype,
+                        stateful=False,
+                    ),
+                    lambda given=given: given,
+                )
+                inputs = dict(
+                    inputs,
+                    **{SAMPLE_ID: tf.ensure_shape(checked_ids, given.shape)},
+                )
+                continue
+
+            def read(teacher=teacher, tensors=tensors, dtypes=dtypes):
+                if tensors is not None:
+                    return [tf.gather(t, ids) for t in tensors]
+                return tf.numpy_function(
+                    teacher.rows,
+                    [ids, tf.zeros_like(ids, tf.int32), False],
+                    dtypes,
+                    stateful=False,
+                )
+
+            def checked(teacher=teacher, dtypes=dtypes):
+                return tf.numpy_function(
+                    teacher.rows,
+                    [ids, prints(), True],
+                    dtypes,
+                    stateful=False,
+                )
+
+            values = when_unchecked(checked, read)
+            values = [
+                tf.ensure_shape(v, [None] + list(specs[n][0]))
+                for v, n in zip(values, names)
+            ]
+            if teacher.views:
+                # View (id + epoch) mod views of each sample: its
+                # target, and its inputs augmented as the writer did.
+                view = (tf.cast(ids, "int64") + epoch) % teacher.views
+                values = [
+                    tf.gather(v, view, axis=1, batch_dims=1) for v in values
+                ]
+                inputs = cache.view_inputs(
+                    features,
+                    teacher.augment,
+                    teacher.manifest["seed"],
+                    teacher.views,
+                    view if batched else view[0],
+                    batched,
+                )
+            outputs[teacher.name] = tuple(
+                v if batched else v[0] for v in values
+            )
+        if outputs:
+            inputs = dict(inputs, **{TEACHER_OUTPUTS: outputs})
+        return (inputs,) + element[1:]
+
+    return x.map(add, num_parallel_calls=tf.data.AUTOTUNE).prefetch(
+        tf.data.AUTOTUNE
+    )
 
 
 def cached_error(error):

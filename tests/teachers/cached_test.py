@@ -492,8 +492,7 @@ class CachedTest(parameterized.TestCase):
         ).history
         self.assertTrue(np.isfinite(history["distillation_loss"]).all())
 
-    # Input-pipeline behaviour, the same on both backends.
-    @tiny.IN_JAX_PASS
+    # The step's gather differs by backend (a variable, a constant).
     def test_memory_and_memory_map_paths_and_one_check_per_dataset(self):
         from unittest import mock
 
@@ -504,9 +503,20 @@ class CachedTest(parameterized.TestCase):
             tf.data.Dataset.from_tensor_slices((self.x, self.y))
         ).batch(8)
         weights = []
-        for limit in (ksd.teachers.Cached.IN_MEMORY_BYTES, 0):
+        default = ksd.teachers.Cached.IN_MEMORY_BYTES
+        # Gathered in the step; in the pipeline from memory (JAX, over its
+        # constant limit); in the pipeline from the memory map.
+        for limit, in_step in ((default, True), (default, False), (0, False)):
+            if (
+                keras.backend.backend() == "tensorflow"
+                and limit
+                and not in_step
+            ):
+                continue
             teacher = ksd.teachers.Cached(directory)
             teacher.IN_MEMORY_BYTES = limit
+            if not in_step:
+                teacher.JAX_STEP_BYTES = 0
             distiller = ksd.Distiller(
                 tiny.mlp(seed=1), [ksd.terms.Distillation(teacher)]
             )
@@ -532,9 +542,65 @@ class CachedTest(parameterized.TestCase):
                         len(hashed) > count, fit != "same dataset", fit
                     )
             self.assertEqual(teacher._tensors() is None, limit == 0)
+            self.assertEqual(teacher.step_table() is not None, in_step)
             weights.append(self._weights(distiller))
-        for a, b in zip(*weights):
-            np.testing.assert_array_equal(a, b)
+        for other in weights[1:]:
+            for a, b in zip(weights[0], other):
+                np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+    def test_the_step_gathers_the_rows_and_the_first_pass_is_checked(self):
+        from unittest import mock
+
+        directory = _cache(self, self.teacher, self.x)
+        teacher = ksd.teachers.Cached(directory)
+        dataset = ksd.data.with_sample_ids(
+            tf.data.Dataset.from_tensor_slices((self.x, self.y))
+        )
+        dataset = dataset.shuffle(24, seed=0).batch(8)
+        distiller = ksd.Distiller(
+            tiny.mlp(seed=1), [ksd.terms.Distillation(teacher)]
+        )
+        distiller.compile(optimizer="sgd", loss=tiny.sparse_ce())
+        calls = []
+        verify, unverified = teacher.verify, teacher.unverified
+        with (
+            mock.patch.object(
+                teacher,
+                "verify",
+                side_effect=lambda *a: calls.append("verify") or verify(*a),
+            ),
+            mock.patch.object(
+                teacher,
+                "unverified",
+                side_effect=lambda *a: calls.append("cond") or unverified(*a),
+            ),
+        ):
+            _, given = tiny.fit_arguments(distiller, dataset, epochs=3)
+            # Each batch of the first pass hashed, later passes not even
+            # asked about.
+            self.assertEqual(calls, ["verify"] * 3)
+            _, again = tiny.fit_arguments(distiller, dataset, epochs=3)
+            self.assertEqual(calls, ["verify"] * 3)
+        # No rows in the pipeline: the step gathers them by id.
+        self.assertNotIn(
+            ksd.teachers.teacher.TEACHER_OUTPUTS, given["x"].element_spec[0]
+        )
+        self.assertEqual(given["steps_per_epoch"], 3)
+        # Each epoch is one pass over the samples, reshuffled.
+        ids = [
+            np.asarray(features[ksd.teachers.teacher.SAMPLE_ID])
+            for features, _ in given["x"].take(9)
+        ]
+        epochs = [np.concatenate(ids[i : i + 3]) for i in (0, 3, 6)]
+        for epoch in epochs:
+            np.testing.assert_array_equal(np.sort(epoch), np.arange(24))
+        self.assertFalse(np.array_equal(epochs[1], epochs[2]))
+        # The second fit's first pass runs the input checks alone.
+        self.assertEqual(again["steps_per_epoch"], 3)
+        distiller.check_data = False
+        _, unchecked = tiny.fit_arguments(distiller, dataset, epochs=3)
+        self.assertIs(unchecked["x"], dataset)
+        self.assertIsNone(unchecked.get("steps_per_epoch"))
 
     # Input-pipeline behaviour, the same on both backends.
     @tiny.IN_JAX_PASS
