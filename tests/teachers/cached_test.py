@@ -21,18 +21,21 @@ def _cache(test, teacher, x, **kwargs):
     return directory
 
 
-def _fit(teacher, x, y, epochs=2, **term_kwargs):
-    """Student weights after SGD with Distillation(teacher)."""
+def _fit(teacher, x, y, epochs=2, dataset=False, **term_kwargs):
+    """The distiller and History after SGD with Distillation(teacher), from
+    NumPy arrays or (`dataset`) the same batches from `tf.data`."""
     term_kwargs.setdefault("temperature", 2.0)
     term_kwargs.setdefault("xi", 0.5)
     distiller = ksd.Distiller(
         tiny.mlp(seed=1), [ksd.terms.Distillation(teacher, **term_kwargs)]
     )
     distiller.compile(optimizer="sgd", loss=tiny.sparse_ce())
+    data = (ksd.data.with_sample_ids(x), y)
+    if dataset:
+        data = (tf.data.Dataset.from_tensor_slices(data).batch(8),)
     history = distiller.fit(
-        ksd.data.with_sample_ids(x),
-        y,
-        batch_size=8,
+        *data,
+        batch_size=None if dataset else 8,
         epochs=epochs,
         shuffle=False,
         verbose=0,
@@ -224,16 +227,23 @@ class CachedTest(parameterized.TestCase):
         live, live_history = _fit(
             self.teacher, self.x, self.y, loss=loss, beta=beta
         )
-        cached, history = _fit(
-            ksd.teachers.Cached(directory), self.x, self.y, loss=loss, beta=beta
-        )
-        np.testing.assert_allclose(
-            history["distillation_loss"],
-            live_history["distillation_loss"],
-            rtol=1e-5,
-        )
-        for a, b in zip(self._weights(cached), self._weights(live)):
-            np.testing.assert_allclose(a, b, atol=1e-6)
+        # NumPy inputs get their rows joined, a dataset's step gathers them.
+        for dataset in (False, True):
+            cached, history = _fit(
+                ksd.teachers.Cached(directory),
+                self.x,
+                self.y,
+                dataset=dataset,
+                loss=loss,
+                beta=beta,
+            )
+            np.testing.assert_allclose(
+                history["distillation_loss"],
+                live_history["distillation_loss"],
+                rtol=1e-5,
+            )
+            for a, b in zip(self._weights(cached), self._weights(live)):
+                np.testing.assert_allclose(a, b, atol=1e-6)
 
     def test_numpy_inputs_lose_their_ids_unless_a_bank_reads_them(self):
         # Joined NumPy inputs carry the cache rows: the ids and fingerprints
@@ -276,11 +286,12 @@ class CachedTest(parameterized.TestCase):
         # A mixture is cached at the term's temperature; one model at any.
         whole = _cache(self, ensemble(self.teacher), self.x, temperature=2.0)
         member = _cache(self, self.teacher, self.x, temperature=3.0)
-        for teacher in (
-            ksd.teachers.Cached(whole),
-            ensemble(ksd.teachers.Cached(member)),
+        for teacher, dataset in (
+            (ksd.teachers.Cached(whole), False),
+            (ensemble(ksd.teachers.Cached(member)), False),
+            (ensemble(ksd.teachers.Cached(member)), True),
         ):
-            cached, _ = _fit(teacher, self.x, self.y)
+            cached, _ = _fit(teacher, self.x, self.y, dataset=dataset)
             for a, b in zip(self._weights(cached), self._weights(live)):
                 np.testing.assert_allclose(a, b, atol=1e-5)
         with self.assertRaisesRegex(ValueError, "cannot be re-tempered"):
