@@ -193,21 +193,27 @@ class Cached(Teacher):
         object.__setattr__(self, "_verified_data", data)
         return True
 
+    def _in_memory_arrays(self):
+        """The whole cache as NumPy arrays when it is small enough, else
+        None."""
+        arrays = self._arrays()
+        names = cache.ARRAYS[self.kind]
+        size = sum(a[n].nbytes for a in arrays for n in names)
+        if size > self.IN_MEMORY_BYTES:
+            return None
+        return tuple(np.concatenate([a[n] for a in arrays]) for n in names)
+
     def _tensors(self):
-        """The whole cache as tensors when it is small enough, else None."""
+        """The whole cache as TensorFlow tensors for the input pipeline
+        when it is small enough, else None."""
         if "_in_memory" not in self.__dict__:
-            arrays = self._arrays()
-            names = cache.ARRAYS[self.kind]
-            size = sum(a[n].nbytes for a in arrays for n in names)
+            arrays = self._in_memory_arrays()
             tensors = None
-            if size <= self.IN_MEMORY_BYTES:
+            if arrays is not None:
                 import tensorflow as tf
 
                 with tf.init_scope():
-                    tensors = tuple(
-                        tf.constant(np.concatenate([a[n] for a in arrays]))
-                        for n in names
-                    )
+                    tensors = tuple(tf.constant(a) for a in arrays)
             object.__setattr__(self, "_in_memory", tensors)
         return self._in_memory
 
@@ -220,25 +226,21 @@ class Cached(Teacher):
         to the batch.
         """
         if "_step_table" not in self.__dict__:
-            tensors = None if self.views else self._tensors()
-            backend = keras.backend.backend()
-            if tensors is not None and backend == "jax":
-                size = sum(
-                    t.shape.num_elements() * t.dtype.size for t in tensors
-                )
-                tensors = (
-                    tuple(ops.convert_to_tensor(t.numpy()) for t in tensors)
-                    if size <= self.JAX_STEP_BYTES
-                    else None
-                )
-            elif tensors is not None:
+            arrays = None if self.views else self._in_memory_arrays()
+            if arrays is None:
+                table = None
+            elif keras.backend.backend() == "tensorflow":
                 import tensorflow as tf
 
                 with tf.init_scope():
-                    tensors = tuple(
-                        tf.Variable(t, trainable=False) for t in tensors
+                    table = tuple(
+                        tf.Variable(a, trainable=False) for a in arrays
                     )
-            object.__setattr__(self, "_step_table", tensors)
+            elif sum(a.nbytes for a in arrays) <= self.JAX_STEP_BYTES:
+                table = tuple(ops.convert_to_tensor(a) for a in arrays)
+            else:
+                table = None
+            object.__setattr__(self, "_step_table", table)
         return self._step_table
 
     def unverified(self, ids):
@@ -456,7 +458,11 @@ def _joined(teachers, x, checks, check):
     if not active:
         return x
     # Made here, eagerly: the map function captures them.
-    in_memory = {teacher.name: teacher._tensors() for teacher in active}
+    in_memory = {
+        teacher.name: teacher._tensors()
+        for teacher in active
+        if teacher.step_table() is None
+    }
     viewed = [teacher for teacher in active if teacher.views]
     epoch = viewed[0]._epoch_variable() if viewed else None
 
@@ -469,7 +475,7 @@ def _joined(teachers, x, checks, check):
             specs = cache._array_specs(teacher.manifest)
             names = cache.ARRAYS[teacher.kind]
             dtypes = [tf.as_dtype(specs[n][1]) for n in names]
-            tensors = in_memory[teacher.name]
+            tensors = in_memory.get(teacher.name)
 
             def prints(features=features):
                 inputs = select_input(features, None, "Cached teacher")

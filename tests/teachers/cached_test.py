@@ -552,7 +552,7 @@ class CachedTest(parameterized.TestCase):
                     self.assertEqual(
                         len(hashed) > count, fit != "same dataset", fit
                     )
-            self.assertEqual(teacher._tensors() is None, limit == 0)
+            self.assertEqual(teacher._in_memory_arrays() is None, limit == 0)
             self.assertEqual(teacher.step_table() is not None, in_step)
             weights.append(self._weights(distiller))
         for other in weights[1:]:
