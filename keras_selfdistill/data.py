@@ -182,7 +182,10 @@ def with_sample_ids(data, info=None, split=None):
       the rows.
     - A `tf.data.Dataset` of `x`, `(x, y)` or `(x, y, sample_weight)`: the
       element's position. Pass the *unbatched, unshuffled* dataset and
-      shuffle, augment, `cache`, `repeat` and batch afterwards.
+      shuffle, augment, `cache`, `repeat` and batch afterwards. The ids
+      and fingerprints are a per-example `map`, which costs every pass
+      (more than a small student's epoch on 2 CPU cores): `cache()` right
+      after it where the data fits in memory.
     - A tensorflow-datasets split read with
       `read_config=tfds.ReadConfig(add_tfds_id=True)` (dict elements with a
       `"tfds_id"`), with `info` and `split`: the record's shard offset plus
@@ -207,7 +210,7 @@ def with_sample_ids(data, info=None, split=None):
     ```python
     train = keras_selfdistill.data.with_sample_ids(
         tf.data.Dataset.from_tensor_slices((x, y)))
-    train = train.shuffle(10_000).batch(64)
+    train = train.cache().shuffle(10_000).batch(64)
     distiller.fit(train, epochs=10)
 
     distiller.fit(keras_selfdistill.data.with_sample_ids(x), y)
