@@ -511,7 +511,8 @@ class Distiller(keras.Model):
 
         The training data is checked first (`check_data`) and joined to
         the rows of cached teachers (`keras_selfdistill.teachers.Cached`).
-        A `tf.data` dataset of known size, read for more than one epoch
+        A `tf.data` dataset of known size (a multiple of
+        `steps_per_execution` batches), read for more than one epoch
         without `steps_per_epoch`, is checked over its first pass only:
         Keras reads that pass and then the dataset as given, repeated, from
         one iterator, with `steps_per_epoch` set to the dataset's size, so
@@ -620,9 +621,11 @@ class Distiller(keras.Model):
         small CPU as much as the training step (BENCHMARKS.md). None where
         the checks run every epoch instead: a dataset of unknown or
         infinite size, or with `steps_per_epoch` (a pass is then not an
-        epoch), a Keras distribution (whose sharding reads the batch size
-        of the pipeline's end), and a cache of augmented views (whose
-        epoch the pipeline reads).
+        epoch), a size that `steps_per_execution` does not divide (the
+        last execution of an epoch would read into the next pass), a Keras
+        distribution (whose sharding reads the batch size of the
+        pipeline's end), and a cache of augmented views (whose epoch the
+        pipeline reads).
         """
         import tensorflow as tf
 
@@ -636,7 +639,9 @@ class Distiller(keras.Model):
         ):
             return None
         size = int(given.cardinality())
-        return given if size > 0 else None
+        if size <= 0 or size % self.steps_per_execution:
+            return None
+        return given
 
     def save(self, filepath, *args, **kwargs):
         if str(filepath).endswith((".h5", ".hdf5")):

@@ -98,6 +98,17 @@ class BadInputTest(parameterized.TestCase):
                 given.get("steps_per_epoch"),
                 arguments.get("steps_per_epoch"),
             )
+        # An execution of several steps must end where a pass ends.
+        for batch, split in ((8, False), (6, True)):
+            distiller = ksd.Distiller(tiny.mlp())
+            distiller.compile(
+                optimizer="sgd", loss=tiny.sparse_ce(), steps_per_execution=2
+            )
+            data = tf.data.Dataset.from_tensor_slices((self.x, self.y))
+            _, given = tiny.fit_arguments(
+                distiller, data.batch(batch), epochs=2
+            )
+            self.assertEqual(given.get("steps_per_epoch"), 4 if split else None)
         self.x[20, 1] = np.nan
         dataset = tf.data.Dataset.from_tensor_slices((self.x, self.y))
         with self.assertRaisesRegex(PIPELINE, "NaN or infinite"):
