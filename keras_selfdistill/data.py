@@ -184,8 +184,11 @@ def with_sample_ids(data, info=None, split=None):
       element's position. Pass the *unbatched, unshuffled* dataset and
       shuffle, augment, `cache`, `repeat` and batch afterwards. The ids
       and fingerprints are a per-example `map`, which costs every pass
-      (more than a small student's epoch on 2 CPU cores): `cache()` right
-      after it where the data fits in memory.
+      (more than a small student's epoch on 2 CPU cores). For arrays in
+      memory, attach them to the arrays and slice those instead
+      (`from_tensor_slices((with_sample_ids(x), y))`: the same ids and
+      fingerprints, hashed once); for other data that fits in memory,
+      `cache()` right after this.
     - A tensorflow-datasets split read with
       `read_config=tfds.ReadConfig(add_tfds_id=True)` (dict elements with a
       `"tfds_id"`), with `info` and `split`: the record's shard offset plus
@@ -208,10 +211,9 @@ def with_sample_ids(data, info=None, split=None):
     Example:
 
     ```python
-    train = keras_selfdistill.data.with_sample_ids(
-        tf.data.Dataset.from_tensor_slices((x, y)))
-    train = train.cache().shuffle(10_000).batch(64)
-    distiller.fit(train, epochs=10)
+    train = tf.data.Dataset.from_tensor_slices(
+        (keras_selfdistill.data.with_sample_ids(x), y))
+    distiller.fit(train.shuffle(10_000).batch(64), epochs=10)
 
     distiller.fit(keras_selfdistill.data.with_sample_ids(x), y)
 
