@@ -1,8 +1,8 @@
 """How long hashing NumPy inputs takes: the rows' bytes against tf.data.
 
 `with_sample_ids` on NumPy inputs, and every `fit` of a distiller with a
-cached teacher on them, hash each example (`keras_selfdistill.data.
-fingerprint`). Times the library's `_array_fingerprints` (the rows' bytes
+cached teacher on them, hash each example (`keras_selfdistill.batch.
+fingerprint`). Times the library's `array_fingerprints` (the rows' bytes
 assembled in NumPy, hashed in one op per chunk) against the per-example
 `tf.data` map it replaced, on the 4,000 bundled MNIST images and on
 Fashion-MNIST's 60,000 when Debian's `dataset-fashion-mnist` is installed;
@@ -23,13 +23,13 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_selfdistill as ksd  # noqa: E402
-from keras_selfdistill import data  # noqa: E402
+from keras_selfdistill import batch  # noqa: E402
 
 
 def per_example(x):
     """The per-example path: one `tf.data` element per example."""
     rows = tf.data.Dataset.from_tensor_slices(x).map(
-        data.fingerprint, num_parallel_calls=tf.data.AUTOTUNE
+        batch.fingerprint, num_parallel_calls=tf.data.AUTOTUNE
     )
     return np.concatenate([b.numpy() for b in rows.batch(8192)])
 
@@ -49,13 +49,13 @@ def main(argv=None):
     )
     print("|---|---|---|---|---|")
     for name, x in inputs.items():
-        fast = data._array_fingerprints(x, len(x))
+        fast = batch.array_fingerprints(x, len(x))
         np.testing.assert_array_equal(fast, per_example(x))
         times = {"slow": [], "fast": []}
         for _ in range(args.rounds):
             for kind, function in (
                 ("slow", per_example),
-                ("fast", lambda x: data._array_fingerprints(x, len(x))),
+                ("fast", lambda x: batch.array_fingerprints(x, len(x))),
             ):
                 start = time.perf_counter()
                 function(x)

@@ -1,5 +1,6 @@
 """Knowledge distillation and self-distillation inside plain `model.fit`."""
 
+from keras_selfdistill import batch
 from keras_selfdistill import cache
 from keras_selfdistill import data
 from keras_selfdistill import datasets
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Distiller",
+    "batch",
     "cache",
     "data",
     "datasets",

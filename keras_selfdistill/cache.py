@@ -32,9 +32,11 @@ import os
 import keras
 import numpy as np
 
-from keras_selfdistill.data import fingerprints_of
-from keras_selfdistill.teachers.teacher import SAMPLE_ID
-from keras_selfdistill.teachers.teacher import select_input
+from keras_selfdistill.batch import INPUTS
+from keras_selfdistill.batch import SAMPLE_ID
+from keras_selfdistill.batch import check_ids
+from keras_selfdistill.batch import fingerprints_of
+from keras_selfdistill.batch import select_input
 
 FORMAT = "keras_selfdistill.teacher_outputs"
 VERSION = 1
@@ -219,8 +221,6 @@ def view_inputs(x, augment, seed, views, view, batched):
     used.
     """
     import tensorflow as tf
-
-    from keras_selfdistill.teachers.teacher import INPUTS
 
     ids = tf.reshape(tf.cast(x[SAMPLE_ID], "int64"), [-1])
     view = tf.cast(view, "int64") + tf.zeros_like(ids)
@@ -543,11 +543,7 @@ def write_teacher_outputs(
     progress.update(written)
     for x, prints, viewed in _batches(data, batch_size, augment, seed, views):
         ids = np.asarray(x[SAMPLE_ID]).astype("int64").reshape(-1)
-        if ids.size and (ids.min() < 0 or ids.max() >= num_samples):
-            raise ValueError(
-                f"Sample ids must lie in [0, num_samples={num_samples}). "
-                f"Received: ids from {ids.min()} to {ids.max()}"
-            )
+        check_ids(ids, num_samples, unique=False)
         if manifest is not None:
             done = np.array(
                 [

@@ -15,10 +15,11 @@ import keras
 import numpy as np
 
 from keras_selfdistill import _internals
+from keras_selfdistill import batch
+from keras_selfdistill.batch import SAMPLE_ID
+from keras_selfdistill.batch import select_input
 from keras_selfdistill.teachers import teacher
 from keras_selfdistill.teachers.frozen_model import FrozenModel
-from keras_selfdistill.teachers.past_predictions import sample_id_message
-from keras_selfdistill.teachers.teacher import SAMPLE_ID
 
 
 def label_range_message(num_classes):
@@ -82,18 +83,7 @@ def check_arrays(x, y, num_classes, num_samples, ignored=None, unique_ids=True):
                 f"inputs of shape {leaf.shape}"
             )
     if num_samples is not None and isinstance(x, dict) and SAMPLE_ID in x:
-        ids = np.asarray(x[SAMPLE_ID])
-        if ids.size and (ids.min() < 0 or ids.max() >= num_samples):
-            raise ValueError(
-                f"{sample_id_message(num_samples)} Received: ids from "
-                f"{ids.min()} to {ids.max()}"
-            )
-        unique, counts = np.unique(ids, return_counts=True)
-        if unique_ids and len(unique) != ids.size:
-            raise ValueError(
-                f"{sample_id_message(num_samples)} Received: ids repeated "
-                f"in the training arrays, e.g. {unique[counts > 1][:5]}"
-            )
+        batch.check_ids(x[SAMPLE_ID], num_samples, unique_ids)
     if not isinstance(y, np.ndarray) or y.size == 0:
         return
     if not _sparse_labels(y.shape, num_classes):
@@ -233,19 +223,8 @@ def check_dataset(
                 )
             )
         if check_ids:
-            ids = tf.reshape(tf.cast(x[SAMPLE_ID], "int64"), (-1,))
-            valid = (tf.reduce_min(ids) >= 0) & (
-                tf.reduce_max(ids) < num_samples
-            )
-            if unique_ids:
-                unique, _ = tf.unique(ids)
-                valid = valid & tf.equal(tf.size(unique), tf.size(ids))
             checks.append(
-                tf.debugging.Assert(
-                    valid,
-                    [sample_id_message(num_samples), "Received ids:", ids],
-                    summarize=16,
-                )
+                batch.ids_assertion(x[SAMPLE_ID], num_samples, unique_ids)
             )
         with tf.control_dependencies(checks):
             return tf.nest.map_structure(tf.identity, element)
@@ -297,7 +276,7 @@ def check_logits(distiller, x):
     are all non-negative and sum to 1 are probabilities, whatever layer
     made them (a final activation is caught earlier, at construction).
     """
-    student_x = teacher.select_input(x, distiller.input_key, "The student")
+    student_x = select_input(x, distiller.input_key, "The student")
     if _probability_rows(distiller.student(student_x, training=False)):
         teacher.refuse_probabilities(
             "student", distiller.student.name, "softmax"
@@ -375,9 +354,7 @@ def check_fit_data(x, y, distiller, num_samples, unique_ids=True):
         check_batched(
             x,
             _input_shape(distiller.student),
-            lambda spec: teacher.select_input(
-                spec, distiller.input_key, "The student"
-            ),
+            lambda spec: select_input(spec, distiller.input_key, "The student"),
         )
         if not distiller.check_data:
             return x

@@ -3,39 +3,14 @@
 import keras
 import numpy as np
 
-from keras_selfdistill.teachers.teacher import FINGERPRINT
-from keras_selfdistill.teachers.teacher import INPUTS
-from keras_selfdistill.teachers.teacher import SAMPLE_ID
+from keras_selfdistill.batch import FINGERPRINT  # noqa: F401 (public)
+from keras_selfdistill.batch import INPUTS  # noqa: F401 (public)
+from keras_selfdistill.batch import SAMPLE_ID  # noqa: F401 (public)
+from keras_selfdistill.batch import array_fingerprints
+from keras_selfdistill.batch import fingerprint
+from keras_selfdistill.batch import with_layout
 
 TFDS_ID = "tfds_id"
-
-
-def fingerprint(x):
-    """A nonzero int32 hash of one example's inputs (a nested structure).
-
-    Stored beside each bank row, it shows when a sample id later names
-    another example: ids attached after a reshuffling `shuffle`, arrays
-    re-sliced between `fit` calls, a tfds split read with shuffled files.
-    """
-    import tensorflow as tf
-
-    parts = [tf.io.serialize_tensor(leaf) for leaf in tf.nest.flatten(x)]
-    joined = tf.strings.reduce_join(tf.stack(parts), separator="|")
-    bucket = tf.strings.to_hash_bucket_fast(joined, 2**31 - 2)
-    # 0 marks "no fingerprint" in the bank.
-    return tf.cast(bucket + 1, "int32")
-
-
-def _with_id(x, sample_id, sample_fingerprint):
-    if isinstance(x, dict):
-        for key in (SAMPLE_ID, FINGERPRINT):
-            if key in x:
-                raise ValueError(
-                    f"The inputs already hold a '{key}' key. Add sample ids "
-                    f"once. Received: keys {sorted(x)}"
-                )
-        return {**x, SAMPLE_ID: sample_id, FINGERPRINT: sample_fingerprint}
-    return {INPUTS: x, SAMPLE_ID: sample_id, FINGERPRINT: sample_fingerprint}
 
 
 def _shard_offsets(info, split):
@@ -75,91 +50,12 @@ def _tfds_ids(dataset, info, split):
         sample_id = tf.gather(offsets, shard) + index
         features = {k: v for k, v in element.items() if k != TFDS_ID}
         if supervised is None:
-            return _with_id(features, sample_id, fingerprint(features))
+            return with_layout(features, sample_id, fingerprint(features))
         x_key, y_key = supervised[0], supervised[1]
         x = features[x_key]
-        return _with_id(x, sample_id, fingerprint(x)), features[y_key]
+        return with_layout(x, sample_id, fingerprint(x)), features[y_key]
 
     return dataset.map(attach, num_parallel_calls=tf.data.AUTOTUNE)
-
-
-def fingerprints_of(inputs, batched):
-    """The fingerprint of each example of a batch (or of one example).
-
-    Graph-compatible, for `tf.data` maps; NumPy arrays of a whole dataset
-    go through `_array_fingerprints` instead.
-    """
-    import tensorflow as tf
-
-    if not batched:
-        return fingerprint(inputs)
-    return tf.map_fn(fingerprint, inputs, fn_output_signature=tf.int32)
-
-
-# Rows hashed at once by `_array_fingerprints`: bounds the bytes copied.
-_HASH_ROWS = 8192
-
-
-def _array_fingerprints(x, size):
-    """`fingerprint` of every example of NumPy inputs, as an int32 array.
-
-    The serialized example is the same bytes for every row but the row's
-    own: `serialize_tensor` writes a header fixed by dtype and shape, then
-    the raw little-endian content. The rows' strings are assembled in
-    NumPy and hashed in one op per chunk, 22–27× faster than one
-    `tf.data` element per example (`benchmarks/fingerprints.py`); inputs
-    whose serialization is not that
-    (checked on the first and last example: strings, big-endian arrays)
-    take the per-example path.
-    """
-    import tensorflow as tf
-
-    leaves = [np.asarray(leaf) for leaf in tf.nest.flatten(x)]
-    if size == 0:
-        return np.zeros(0, "int32")
-    headers = _serialized_headers(leaves, size)
-    if headers is None:
-        rows = tf.data.Dataset.from_tensor_slices(x).map(
-            fingerprint, num_parallel_calls=tf.data.AUTOTUNE
-        )
-        return np.concatenate([b.numpy() for b in rows.batch(_HASH_ROWS)])
-    values = []
-    for start in range(0, size, _HASH_ROWS):
-        stop = min(start + _HASH_ROWS, size)
-        parts = []
-        for index, (header, leaf) in enumerate(zip(headers, leaves)):
-            if index:
-                parts.append(np.full((stop - start, 1), ord("|"), np.uint8))
-            parts.append(np.broadcast_to(header, (stop - start, header.size)))
-            content = np.ascontiguousarray(leaf[start:stop])
-            parts.append(content.view(np.uint8).reshape(stop - start, -1))
-        joined = np.concatenate(parts, axis=1)
-        strings = tf.constant([row.tobytes() for row in joined])
-        bucket = tf.strings.to_hash_bucket_fast(strings, 2**31 - 2)
-        values.append((bucket.numpy() + 1).astype("int32"))
-    return np.concatenate(values)
-
-
-def _serialized_headers(leaves, size):
-    """Each leaf's serialization header, or None where the bytes differ."""
-    import tensorflow as tf
-
-    headers = []
-    for leaf in leaves:
-        if leaf.dtype.kind not in "biuf" or leaf.dtype.byteorder == ">":
-            return None
-        header = None
-        for row in (leaf[0], leaf[size - 1]):
-            serialized = tf.io.serialize_tensor(row).numpy()
-            content = np.ascontiguousarray(row).tobytes()
-            if not serialized.endswith(content):
-                return None
-            start = serialized[: len(serialized) - len(content)]
-            if header is not None and start != header:
-                return None
-            header = start
-        headers.append(np.frombuffer(header, np.uint8))
-    return headers
 
 
 def with_sample_ids(data, info=None, split=None):
@@ -242,8 +138,8 @@ def with_sample_ids(data, info=None, split=None):
         def attach(index, element):
             if isinstance(element, tuple):
                 x = element[0]
-                return (_with_id(x, index, fingerprint(x)),) + element[1:]
-            return _with_id(element, index, fingerprint(element))
+                return (with_layout(x, index, fingerprint(x)),) + element[1:]
+            return with_layout(element, index, fingerprint(element))
 
         return data.enumerate().map(attach)
     if isinstance(data, dict):
@@ -262,10 +158,10 @@ def with_sample_ids(data, info=None, split=None):
             f"Received: sizes {sorted(sizes)}"
         )
     size = sizes.pop()
-    return _with_id(
+    return with_layout(
         data,
         np.arange(size, dtype="int64"),
-        _array_fingerprints(data, size),
+        array_fingerprints(data, size),
     )
 
 

@@ -11,6 +11,7 @@ from keras_selfdistill._forward import Forward
 from keras_selfdistill._term_metrics import LossMean
 from keras_selfdistill._term_metrics import TermMetrics
 from keras_selfdistill._term_metrics import unscale_for_distribution
+from keras_selfdistill.batch import select_input
 from keras_selfdistill.callbacks.training_events import NO_STEP
 from keras_selfdistill.callbacks.training_events import TrainingEvents
 from keras_selfdistill.teachers.cached import Cached
@@ -18,7 +19,6 @@ from keras_selfdistill.teachers.cached import cached_error
 from keras_selfdistill.teachers.cached import join as join_cached
 from keras_selfdistill.teachers.teacher import final_activation
 from keras_selfdistill.teachers.teacher import refuse_probabilities
-from keras_selfdistill.teachers.teacher import select_input
 from keras_selfdistill.terms.term import Term
 
 

@@ -82,39 +82,6 @@ class WithSampleIdsTest(parameterized.TestCase):
             [int(e["sample_fingerprint"]) for e in dataset], arrays
         )
 
-    @parameterized.named_parameters(
-        ("float32_images", lambda r: r.normal(size=(40, 6, 6, 1)), "float32"),
-        ("uint8", lambda r: r.integers(0, 255, size=(40, 7, 3)), "uint8"),
-        ("int64_scalars", lambda r: r.integers(0, 10**12, size=(40,)), None),
-        ("float16", lambda r: r.normal(size=(40, 5)), "float16"),
-        ("bool", lambda r: r.normal(size=(40, 4)) > 0, None),
-        ("float64_zeros", lambda r: np.zeros((40, 8)), None),
-        ("strided", lambda r: r.normal(size=(80, 6))[::2, ::2], "float32"),
-        ("big_endian", lambda r: r.normal(size=(40, 3)), ">f4"),
-        (
-            "dict",
-            lambda r: {
-                "b": r.normal(size=(40, 3)).astype("float32"),
-                "a": r.integers(0, 9, size=(40, 2)).astype("int32"),
-            },
-            None,
-        ),
-    )
-    def test_array_fingerprints_equal_the_per_example_hash(self, make, dtype):
-        # NumPy inputs are hashed from their rows' bytes in one op; the
-        # reference is `fingerprint` on each example of a tf.data dataset.
-        x = make(np.random.default_rng(0))
-        if dtype is not None:
-            x = x.astype(dtype)
-        leaves = [np.asarray(leaf) for leaf in tf.nest.flatten(x)]
-        size = len(leaves[0])
-        got = data._array_fingerprints(x, size)
-        examples = tf.data.Dataset.from_tensor_slices(x).map(data.fingerprint)
-        np.testing.assert_array_equal(got, [int(e) for e in examples])
-        # Every kind but the big-endian array takes the fast path.
-        fast = data._serialized_headers(leaves, size) is not None
-        self.assertEqual(fast, dtype != ">f4")
-
     def test_tfds_split_with_shuffled_files_keeps_every_id(self):
         builder = _FourShards(data_dir=self.create_tempdir().full_path)
         builder.download_and_prepare(

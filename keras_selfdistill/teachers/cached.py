@@ -6,11 +6,13 @@ import numpy as np
 from keras import ops
 
 from keras_selfdistill import cache
-from keras_selfdistill.teachers.teacher import FINGERPRINT
-from keras_selfdistill.teachers.teacher import SAMPLE_ID
-from keras_selfdistill.teachers.teacher import TEACHER_OUTPUTS
+from keras_selfdistill.batch import FINGERPRINT
+from keras_selfdistill.batch import SAMPLE_ID
+from keras_selfdistill.batch import TEACHER_OUTPUTS
+from keras_selfdistill.batch import array_fingerprints
+from keras_selfdistill.batch import fingerprints_of
+from keras_selfdistill.batch import select_input
 from keras_selfdistill.teachers.teacher import Teacher
-from keras_selfdistill.teachers.teacher import select_input
 
 
 @keras.saving.register_keras_serializable(package="keras_selfdistill")
@@ -421,11 +423,9 @@ def join(teachers, x, given=None, keep_ids=True, later=None):
             "`with_sample_ids`, then shuffle and batch). Received: NumPy "
             "inputs"
         )
-    from keras_selfdistill.data import _array_fingerprints
-
     inputs = select_input(x, None, "Cached teacher")
     size = len(x[SAMPLE_ID])
-    prints = _array_fingerprints(inputs, size)
+    prints = array_fingerprints(inputs, size)
     outputs = {
         teacher.name: teacher.rows(x[SAMPLE_ID], prints) for teacher in teachers
     }
@@ -443,8 +443,6 @@ def _joined(teachers, x, checks, check):
     teacher has anything to do in the pipeline.
     """
     import tensorflow as tf
-
-    from keras_selfdistill.data import fingerprints_of
 
     spec = x.element_spec
     x_spec = spec[0] if isinstance(spec, tuple) else spec

@@ -1,10 +1,10 @@
 import keras
-import numpy as np
 from keras import ops
 
 from keras_selfdistill import _internals
-from keras_selfdistill.teachers.teacher import FINGERPRINT
-from keras_selfdistill.teachers.teacher import SAMPLE_ID
+from keras_selfdistill.batch import FINGERPRINT
+from keras_selfdistill.batch import SAMPLE_ID
+from keras_selfdistill.batch import checked_ids
 from keras_selfdistill.teachers.teacher import Teacher
 from keras_selfdistill.teachers.teacher import check_positive_int
 from keras_selfdistill.teachers.teacher import num_classes
@@ -24,51 +24,6 @@ def _scatter_rows(variable, ids, rows):
         _scatter_in_place(variable.value, ids, rows)
     else:
         variable.assign(ops.scatter_update(variable, ids[:, None], rows))
-
-
-def sample_id_message(num_samples):
-    return (
-        f"Sample ids must be in [0, num_samples={num_samples}) and unique "
-        "within a batch (a repeated id would make two predictions race for "
-        "one bank row; add ids with `with_sample_ids` before `repeat` or "
-        "oversampling)."
-    )
-
-
-def _check_ids(ids, num_samples):
-    if keras.backend.backend() != "tensorflow":
-        # Compiled JAX code cannot raise: `fit` checks ids in the input
-        # pipeline; concrete ids (an eager call) are checked here.
-        if _internals.is_jax_tracer(ids):
-            return ids
-        values = np.asarray(ids)
-        if values.size and (
-            values.min() < 0
-            or values.max() >= num_samples
-            or len(np.unique(values)) != values.size
-        ):
-            raise ValueError(
-                f"{sample_id_message(num_samples)} Received ids: {values}"
-            )
-        return ids
-    import tensorflow as tf
-
-    # One assert for the three cases keeps the per-step cost to a few small
-    # ops (out-of-range ids would also fail in `take` on CPU, not on GPU).
-    unique, _ = tf.unique(ids)
-    valid = tf.logical_and(
-        tf.logical_and(
-            tf.reduce_min(ids) >= 0, tf.reduce_max(ids) < num_samples
-        ),
-        tf.equal(tf.size(unique), tf.size(ids)),
-    )
-    check = tf.debugging.Assert(
-        valid,
-        [sample_id_message(num_samples), "Received ids:", ids],
-        summarize=16,
-    )
-    with tf.control_dependencies([check]):
-        return tf.identity(ids)
 
 
 @keras.saving.register_keras_serializable(package="keras_selfdistill")
@@ -234,7 +189,7 @@ class PastPredictions(Teacher):
             ),
             _LOG_PROB_FLOOR,
         )
-        ids = _check_ids(ids, self.num_samples)
+        ids = checked_ids(ids, self.num_samples)
         stored = ops.cast(ops.take(self.bank, ids, axis=0), "float32")
         seen = ops.less(stored[:, 0], float("inf"))
         if FINGERPRINT in x:
@@ -313,7 +268,7 @@ def _write_rows(variable, ids, rows, num_samples):
         ids = tf.concat(strategy.experimental_local_results(ids), axis=0)
         rows = tf.concat(strategy.experimental_local_results(rows), axis=0)
         # Unique within each replica's slice was checked; now across them.
-        ids = _check_ids(ids, num_samples)
+        ids = checked_ids(ids, num_samples)
         strategy.extended.update(
             variable.value, _scatter_in_place, args=(ids, rows)
         )

@@ -2,11 +2,11 @@ import keras
 from keras import ops
 
 from keras_selfdistill import _internals
+from keras_selfdistill.batch import select_input
 from keras_selfdistill.teachers.teacher import Teacher
 from keras_selfdistill.teachers.teacher import check_positive_int
 from keras_selfdistill.teachers.teacher import clone_student
 from keras_selfdistill.teachers.teacher import copy_variables
-from keras_selfdistill.teachers.teacher import select_input
 
 _COMBINE = ("average", "vote")
 

@@ -8,42 +8,7 @@ from keras_selfdistill import _internals
 from keras_selfdistill._forward import graph_taps
 from keras_selfdistill._forward import is_graph
 from keras_selfdistill._forward import tap_shapes
-
-SAMPLE_ID = "sample_id"
-FINGERPRINT = "sample_fingerprint"
-INPUTS = "inputs"
-# The rows of cached teachers that `fit` joins to the batch.
-TEACHER_OUTPUTS = "teacher_outputs"
-_ID_KEYS = (SAMPLE_ID, FINGERPRINT, TEACHER_OUTPUTS)
-
-
-def select_input(x, input_key, owner):
-    """Returns a model's own inputs from the batch inputs `x`.
-
-    `x[input_key]` when `input_key` is set, otherwise `x` itself, in both
-    cases without the sample ids and fingerprints that
-    `keras_selfdistill.data.with_sample_ids` adds (`{"inputs": x,
-    "sample_id": ids, "sample_fingerprint": f}` gives `x`), and without
-    the cached teachers' rows that `fit` joins (NumPy inputs lose their ids
-    once joined).
-    """
-    if isinstance(x, dict) and (SAMPLE_ID in x or TEACHER_OUTPUTS in x):
-        x = {key: value for key, value in x.items() if key not in _ID_KEYS}
-        if input_key is None and set(x) == {INPUTS}:
-            return x[INPUTS]
-    if input_key is None:
-        return x
-    if not isinstance(x, dict) or input_key not in x:
-        keys = sorted(x) if isinstance(x, dict) else None
-        raise ValueError(
-            f"{owner} reads the input under key '{input_key}', but the batch "
-            f"inputs {'have keys ' + str(keys) if keys else 'are not a dict'}"
-            ". Give each model its own key in the inputs, e.g. "
-            "`x = {'student': ..., 'teacher': ...}`, or set the right "
-            f"`input_key`. Received: input_key={input_key!r}"
-        )
-    return x[input_key]
-
+from keras_selfdistill.batch import select_input
 
 _PROBABILITY_ACTIVATIONS = ("softmax", "sigmoid")
 

@@ -507,7 +507,7 @@ class CachedTest(parameterized.TestCase):
     def test_memory_and_memory_map_paths_and_one_check_per_dataset(self):
         from unittest import mock
 
-        from keras_selfdistill import data as data_module
+        from keras_selfdistill.teachers import cached as cached_module
 
         directory = _cache(self, self.teacher, self.x)
         dataset = ksd.data.with_sample_ids(
@@ -533,9 +533,9 @@ class CachedTest(parameterized.TestCase):
             )
             distiller.compile(optimizer="sgd", loss=tiny.sparse_ce())
             hashed = []
-            original = data_module.fingerprints_of
+            original = cached_module.fingerprints_of
             with mock.patch.object(
-                data_module,
+                cached_module,
                 "fingerprints_of",
                 side_effect=lambda *a: hashed.append(1) or original(*a),
             ):
@@ -597,13 +597,11 @@ class CachedTest(parameterized.TestCase):
             _, again = tiny.fit_arguments(distiller, dataset, epochs=3)
             self.assertEqual(calls, ["verify"] * 3)
         # No rows in the pipeline: the step gathers them by id.
-        self.assertNotIn(
-            ksd.teachers.teacher.TEACHER_OUTPUTS, given["x"].element_spec[0]
-        )
+        self.assertNotIn(ksd.batch.TEACHER_OUTPUTS, given["x"].element_spec[0])
         self.assertEqual(given["steps_per_epoch"], 3)
         # Each epoch is one pass over the samples, reshuffled.
         ids = [
-            np.asarray(features[ksd.teachers.teacher.SAMPLE_ID])
+            np.asarray(features[ksd.batch.SAMPLE_ID])
             for features, _ in given["x"].take(9)
         ]
         epochs = [np.concatenate(ids[i : i + 3]) for i in (0, 3, 6)]
