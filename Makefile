@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-tf-cpu lint format benchmark
+.PHONY: demo test-deps test test-slow test-tf-cpu lint format benchmark
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,16 @@ demo: $(BIN)/python
 # The suite runs once per backend, both passes at once: each keeps about
 # one core busy, so on two cores together they take the longer one's time.
 # The TensorFlow pass prints as it goes, the JAX pass's log follows it.
-PYTEST := $(BIN)/python -m pytest -m "not slow" -p no:cacheprovider --durations=15
+# $(1): the tests' marker expression.
+PYTEST := $(BIN)/python -m pytest -p no:cacheprovider --durations=15
+define BOTH_BACKENDS
+	@KERAS_BACKEND=jax $(PYTEST) -m "$(1)" > $(VENV)/jax-pass.log 2>&1 & \
+	jax=$$!; KERAS_BACKEND=tensorflow $(PYTEST) -m "$(1)"; tf=$$?; \
+	wait $$jax; jax=$$?; \
+	echo "==== JAX pass ===="; cat $(VENV)/jax-pass.log; \
+	echo "TensorFlow pass exit $$tf, JAX pass exit $$jax"; \
+	test $$tf -eq 0 -a $$jax -eq 0
+endef
 
 # KerasHub without its tensorflow-text, which would pull in the full
 # tensorflow wheel beside an environment's tensorflow-cpu (README,
@@ -29,18 +38,20 @@ PYTEST := $(BIN)/python -m pytest -m "not slow" -p no:cacheprovider --durations=
 KERAS_HUB_DEPS := absl-py numpy packaging regex rich kagglehub kagglesdk \
 	sentencepiece tokenizers
 
-test: $(BIN)/python
+test-deps: $(BIN)/python
 	$(PIP_INSTALL) -e ".[test,jax,plots,tuning]"
 	$(PIP_INSTALL) --no-deps keras-hub
 	$(PIP_INSTALL) $(KERAS_HUB_DEPS)
+
+# The fast tier (README, "Tests").
+test: test-deps
 	$(BIN)/ruff check keras_selfdistill tests examples benchmarks
 	$(BIN)/ruff format --check keras_selfdistill tests examples benchmarks
-	@KERAS_BACKEND=jax $(PYTEST) > $(VENV)/jax-pass.log 2>&1 & jax=$$!; \
-	KERAS_BACKEND=tensorflow $(PYTEST); tf=$$?; \
-	wait $$jax; jax=$$?; \
-	echo "==== JAX pass ===="; cat $(VENV)/jax-pass.log; \
-	echo "TensorFlow pass exit $$tf, JAX pass exit $$jax"; \
-	test $$tf -eq 0 -a $$jax -eq 0
+	$(call BOTH_BACKENDS,not slow and not manual)
+
+# The slow tier (README, "Tests"); CI runs it after `make test`.
+test-slow: test-deps
+	$(call BOTH_BACKENDS,slow)
 
 # The KerasHub install beside tensorflow-cpu (README, "Language models"),
 # in a venv of its own: tensorflow-cpu, Keras and tfds as a user has them,

@@ -21,3 +21,14 @@ def is_integer(value):
     return isinstance(value, numbers.Integral) and not isinstance(
         value, (bool, np.bool_)
     )
+
+
+def check_positive_int(owner, arg, value):
+    if not is_integer(value):
+        raise TypeError(
+            f"{owner} `{arg}` must be a positive int. Received: {arg}={value!r}"
+        )
+    if value < 1:
+        raise ValueError(
+            f"{owner} `{arg}` must be a positive int. Received: {arg}={value}"
+        )

@@ -12,6 +12,8 @@ comes from that one call.
 import keras
 from keras import ops
 
+from keras_selfdistill import _internals
+
 OUTPUT = "output"
 #: The tap naming the input of the student's output layer: the features
 #: its classifier reads.
@@ -197,8 +199,6 @@ def tap_shapes(model, names):
     """
     if is_graph(model):
         return {k: tuple(v.shape) for k, v in graph_taps(model, names).items()}
-    from keras_selfdistill import _internals
-
     shape = _internals.built_input_shape(model)
     if shape is None:
         raise ValueError(
@@ -219,8 +219,6 @@ def tap_shapes(model, names):
 
 
 def _classifier_input(student, output):
-    from keras_selfdistill import _internals
-
     final = _internals.producing_operation(output)
     inputs = getattr(final, "input", None)
     if not hasattr(inputs, "shape"):

@@ -191,3 +191,37 @@ def cached_decoder(model):
     if callable(build) and callable(step):
         return build, step
     return None
+
+
+def run_stateless(model, state, function):
+    """Runs `function()` on `model`'s variables as a JAX `state` holds them.
+
+    Keras's JAX trainer passes each step its state as values, `(trainable,
+    non_trainable, ...)`, outside the variables. Returns `(function's
+    result, the non-trainable values after it)`: what `function` assigned
+    (teachers' updates, seeds drawn) goes back into the state.
+    """
+    trainable, non_trainable = state[0], state[1]
+    mapping = list(zip(model.trainable_variables, trainable)) + list(
+        zip(model.non_trainable_variables, non_trainable)
+    )
+    with keras.StatelessScope(state_mapping=mapping) as scope:
+        result = function()
+    updated = []
+    for variable, value in zip(model.non_trainable_variables, non_trainable):
+        current = scope.get_current_value(variable)
+        updated.append(value if current is None else current)
+    return result, updated
+
+
+def optimizer_step(model, optimizer_values):
+    """The optimizer's step counter among a JAX state's optimizer values.
+
+    Schedules read the step inside `compute_loss`, where Keras does not map
+    the optimizer's variables to the state: the step is handed over while
+    tracing instead.
+    """
+    variables = model.optimizer.variables
+    iterations = model.optimizer.iterations
+    position = next(i for i, v in enumerate(variables) if v is iterations)
+    return optimizer_values[position]

@@ -9,7 +9,7 @@ import keras
 from keras import ops
 
 from keras_selfdistill import _internals
-from keras_selfdistill.exits import one_hot_labels
+from keras_selfdistill.ops import one_hot_labels
 
 
 class LossMean(keras.metrics.Mean):

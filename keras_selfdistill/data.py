@@ -1,6 +1,5 @@
-"""Input pipelines for teachers that keep per-sample state."""
+"""Sample ids for teachers that keep per-sample state."""
 
-import keras
 import numpy as np
 
 from keras_selfdistill.batch import FINGERPRINT  # noqa: F401 (public)
@@ -163,40 +162,3 @@ def with_sample_ids(data, info=None, split=None):
         np.arange(size, dtype="int64"),
         array_fingerprints(data, size),
     )
-
-
-def _label_free_batches(x, sample_weight, batch_size, shuffle):
-    order = np.arange(len(sample_weight))
-    while True:
-        if shuffle:
-            np.random.shuffle(order)
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            inputs = keras.tree.map_structure(lambda a: a[rows], x)
-            yield inputs, None, sample_weight[rows]
-
-
-def label_free_with_weights(x, sample_weight, batch_size, shuffle):
-    """Batches of label-free NumPy `x` that keep `sample_weight`.
-
-    Keras packs `fit(x, sample_weight=w)` without labels as `(x,)` and
-    drops `w`, so a padding mask or per-sample weight would never reach
-    the terms. Returns `(generator, steps_per_epoch)` of `(x, None, w)`
-    batches, shuffled each epoch with `shuffle` as Keras shuffles arrays,
-    or `None` when `x` is not NumPy or there are no weights.
-    """
-    leaves = keras.tree.flatten(x)
-    if sample_weight is None or not leaves:
-        return None
-    if not all(isinstance(leaf, np.ndarray) for leaf in leaves):
-        return None
-    sample_weight = np.asarray(sample_weight)
-    sizes = {len(leaf) for leaf in leaves} | {len(sample_weight)}
-    if len(sizes) != 1:
-        raise ValueError(
-            "`sample_weight` must hold one weight per sample of `x`. "
-            f"Received: sizes {sorted(sizes)}"
-        )
-    batch_size = batch_size or 32
-    steps = -(-len(sample_weight) // batch_size)
-    return _label_free_batches(x, sample_weight, batch_size, shuffle), steps

@@ -4,8 +4,7 @@ import keras
 from keras import ops
 
 from keras_selfdistill import _internals
-from keras_selfdistill import checks
-from keras_selfdistill import data
+from keras_selfdistill import pipeline
 from keras_selfdistill._forward import OUTPUT
 from keras_selfdistill._forward import Forward
 from keras_selfdistill._term_metrics import LossMean
@@ -14,24 +13,8 @@ from keras_selfdistill._term_metrics import unscale_for_distribution
 from keras_selfdistill.batch import select_input
 from keras_selfdistill.callbacks.training_events import NO_STEP
 from keras_selfdistill.callbacks.training_events import TrainingEvents
-from keras_selfdistill.teachers.cached import Cached
-from keras_selfdistill.teachers.cached import cached_error
-from keras_selfdistill.teachers.cached import join as join_cached
-from keras_selfdistill.teachers.teacher import final_activation
-from keras_selfdistill.teachers.teacher import refuse_probabilities
-from keras_selfdistill.terms.term import Term
-
-
-def _index_of(variables, variable):
-    return next(i for i, v in enumerate(variables) if v is variable)
-
-
-def _current_value(scope, variable, value):
-    updated = scope.get_current_value(variable)
-    return value if updated is None else updated
-
-
-SUPERVISED_LOSS = "supervised_loss"
+from keras_selfdistill.terms.composition import SUPERVISED_LOSS
+from keras_selfdistill.terms.composition import compose
 
 
 def _first_leaf(structure):
@@ -130,67 +113,16 @@ class Distiller(keras.Model):
                 "The student must be a `keras.Model`. "
                 f"Received: student={student!r}"
             )
-        if isinstance(terms, Term) or not isinstance(terms, (list, tuple)):
-            raise TypeError(
-                "`terms` must be a list of `keras_selfdistill.terms.Term`s. "
-                f"Received: terms={terms!r}"
-            )
+        composition = compose(student, terms)
         for term in terms:
-            if not isinstance(term, Term):
-                raise TypeError(
-                    "Every entry of `terms` must be a "
-                    "`keras_selfdistill.terms.Term`, e.g. "
-                    "`keras_selfdistill.terms.Distillation(teacher)`. "
-                    f"Received: {term!r} of type {type(term).__name__}"
-                )
-        mixing = [t.name for t in terms if t.mixes_labels]
-        if len(mixing) > 1:
-            raise ValueError(
-                "At most one term may rescale the supervised loss (`xi`, or "
-                "`scale_final_label` of AuxiliaryExits): several scales would "
-                "be ambiguous. Use `weight` on the others. Received: "
-                f"terms {mixing}"
-            )
-        rewriting = [t.name for t in terms if t.rewrites_batch]
-        if len(rewriting) > 1:
-            raise ValueError(
-                "At most one term may replace the training batch (on-policy "
-                "samples, teacher generations): the second would discard "
-                f"the first's batch. Received: terms {rewriting}"
-            )
-        cached = [
-            teacher.name
-            for term in terms
-            for root in term.teachers
-            for teacher in root.walk()
-            if isinstance(teacher, Cached)
-        ]
-        if rewriting and cached:
-            raise ValueError(
-                f"Term '{rewriting[0]}' replaces the training batch inside "
-                "the step, but a cached teacher holds outputs for the "
-                "dataset's own inputs, joined before the step: its targets "
-                "would belong to other sequences. Use the live teacher with "
-                f"on-policy or generated batches. Received: cached teachers "
-                f"{cached}"
-            )
-        activation = final_activation(student)
-        if terms and activation is not None:
-            refuse_probabilities("student", student.name, activation)
-        for term in terms:
-            term.attach(student)
             term._bind(self)
         self.student = student
         self.terms = list(terms)
-        keys = {t.output_key for t in terms} - {None}
-        if len(keys) > 1:
-            raise ValueError(
-                "The terms disagree on the key of the logits in the "
-                f"student's output dict. Received: output keys {sorted(keys)}"
-            )
         # Not tracked: it holds the student's own layers, saved with it.
         object.__setattr__(
-            self, "_forward", Forward(student, terms, *keys or [OUTPUT])
+            self,
+            "_forward",
+            Forward(student, terms, composition.output_key or OUTPUT),
         )
         for term in terms:
             for name, model in term.exports.items():
@@ -207,22 +139,12 @@ class Distiller(keras.Model):
         self.epoch = keras.Variable(
             0, dtype="int32", trainable=False, name="epoch"
         )
-        names, self._term_metric_names = {SUPERVISED_LOSS}, []
-        for term in self._loss_terms:
-            metric_name, suffix = f"{term.name}_loss", 1
-            while metric_name in names:
-                metric_name, suffix = f"{term.name}_{suffix}_loss", suffix + 1
-            names.add(metric_name)
-            self._term_metric_names.append(metric_name)
+        self._term_metric_names = composition.loss_metrics
         self.term_metrics = TermMetrics(
             [LossMean(n) for n in self._term_metric_names],
             name="term_metrics",
         )
-        self._schedules = [
-            (term, name, f"{metric[: -len('_loss')]}_{name}")
-            for term, metric in zip(self._loss_terms, self._term_metric_names)
-            for name in term.scheduled_hyperparameters
-        ]
+        self._schedules = composition.schedules
         self.schedule_metrics = TermMetrics(
             [LossMean(n, direction=None) for _, _, n in self._schedules],
             name="schedule_metrics",
@@ -231,15 +153,6 @@ class Distiller(keras.Model):
             [LossMean(SUPERVISED_LOSS)] if terms else [],
             name="supervised_metrics",
         )
-        own = [m.name for t in terms for m in t.metrics]
-        taken = names | {n for _, _, n in self._schedules}
-        clashes = sorted({n for n in own if n in taken or own.count(n) > 1})
-        if clashes:
-            raise ValueError(
-                f"Two terms report metrics under the same names {clashes}; "
-                "give the terms distinct `name`s. Received: terms "
-                f"{[t.name for t in terms]}"
-            )
         self.built = True
 
     @property
@@ -381,8 +294,7 @@ class Distiller(keras.Model):
             return self._hide_supervised(logs), state
         data = self._rewrite_batch(args[-1] if args else kwargs.get("data"))
         logs = super().train_step(data)
-        for teacher in self.teachers:
-            teacher.update(data)
+        self._update_teachers(data)
         return self._hide_supervised(logs)
 
     def _rewrite_batch(self, data):
@@ -402,51 +314,28 @@ class Distiller(keras.Model):
         return logs
 
     def _stateless_train_step(self, state, data):
-        # JAX: Keras's step is a pure function of `state`. The optimizer
-        # step that schedules read is not in the state that Keras maps
-        # inside `compute_loss`, so it is handed over while tracing; the
-        # teachers' updates run on the stepped state and return new values.
+        # JAX: Keras's step is a pure function of `state`. The rewrite runs
+        # the student (and its seeds) on the state's values; the teachers'
+        # updates run on the stepped state; what both assign goes back
+        # into the state.
         if any(term.rewrites_batch for term in self.terms):
-            # The rewrite runs the student (and its seeds) on the state's
-            # values; the seeds' new values go back into the state.
-            trainable, non_trainable = state[0], state[1]
-            mapping = self._state_mapping(trainable, non_trainable)
-            with keras.StatelessScope(state_mapping=mapping) as scope:
-                data = self._rewrite_batch(data)
-            non_trainable = [
-                _current_value(scope, variable, value)
-                for variable, value in zip(
-                    self.non_trainable_variables, non_trainable
-                )
-            ]
-            state = (trainable, non_trainable, *state[2:])
-        optimizer_variables = state[2]
-        position = _index_of(
-            self.optimizer.variables, self.optimizer.iterations
-        )
-        self._traced_step = optimizer_variables[position]
+            data, non_trainable = _internals.run_stateless(
+                self, state, lambda: self._rewrite_batch(data)
+            )
+            state = (state[0], non_trainable, *state[2:])
+        self._traced_step = _internals.optimizer_step(self, state[2])
         try:
             logs, state = super().train_step(state, data)
         finally:
             self._traced_step = None
-        trainable, non_trainable, optimizer_variables, metrics = state
-        mapping = self._state_mapping(trainable, non_trainable)
-        with keras.StatelessScope(state_mapping=mapping) as scope:
-            for teacher in self.teachers:
-                teacher.update(data)
-        non_trainable = [
-            _current_value(scope, variable, value)
-            for variable, value in zip(
-                self.non_trainable_variables, non_trainable
-            )
-        ]
-        return logs, (trainable, non_trainable, optimizer_variables, metrics)
-
-    def _state_mapping(self, trainable, non_trainable):
-        """Pairs the model's variables with their values in a JAX state."""
-        return list(zip(self.trainable_variables, trainable)) + list(
-            zip(self.non_trainable_variables, non_trainable)
+        _, non_trainable = _internals.run_stateless(
+            self, state, lambda: self._update_teachers(data)
         )
+        return logs, (state[0], non_trainable, *state[2:])
+
+    def _update_teachers(self, data):
+        for teacher in self.teachers:
+            teacher.update(data)
 
     def _step(self):
         """The optimizer step: completed updates before this one."""
@@ -478,11 +367,11 @@ class Distiller(keras.Model):
         # The student's output alone: no tap, view or head runs to predict.
         if keras.backend.backend() != "jax":
             return self._predict_final(*args)
-        (trainable, non_trainable), data = args
-        mapping = self._state_mapping(trainable, non_trainable)
-        with keras.StatelessScope(state_mapping=mapping):
-            outputs = self._predict_final(data)
-        return outputs, non_trainable
+        state, data = args
+        outputs, _ = _internals.run_stateless(
+            self, state, lambda: self._predict_final(data)
+        )
+        return outputs, state[1]
 
     def _predict_final(self, data):
         x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
@@ -510,7 +399,8 @@ class Distiller(keras.Model):
         """Trains the student: `keras.Model.fit`'s arguments and return.
 
         The training data is checked first (`check_data`) and joined to
-        the rows of cached teachers (`keras_selfdistill.teachers.Cached`).
+        the rows of teachers that declare `joins_rows` (cached outputs):
+        `keras_selfdistill.pipeline`.
         A `tf.data` dataset of known size (a multiple of
         `steps_per_execution` batches), read for more than one epoch
         without `steps_per_epoch`, is checked over its first pass only:
@@ -520,10 +410,29 @@ class Distiller(keras.Model):
         On a small CPU a per-batch stage of the input pipeline costs about
         what a small student's step does (`benchmarks/pipeline_stages.py`).
         """
-        bound = inspect.signature(keras.Model.fit).bind(self, *args, **kwargs)
-        arguments = bound.arguments
+        self._refuse_silent_fit(*args, **kwargs)
+        arguments, callbacks = pipeline.fit_arguments(self, args, kwargs)
+        # First, so that a snapshot taken at an epoch's end is in the state
+        # that BackupAndRestore or ModelCheckpoint save at the same moment.
+        arguments["callbacks"] = [TrainingEvents(self)] + callbacks
+        try:
+            return super().fit(**arguments)
+        except StopIteration as error:
+            # JAX's trainer builds from the first batch and lets an empty
+            # iterator's StopIteration through.
+            raise ValueError(NO_STEP) from error
+        except Exception as error:
+            message = pipeline.pipeline_error(self, error)
+            if message is None:
+                raise
+            raise ValueError(message) from error
+
+    def _refuse_silent_fit(self, *args, **kwargs):
+        """Refuses what a term that builds its own batches cannot serve."""
         silent = [term.name for term in self.terms if not term.evaluates]
-        if silent and _internals.compiled_loss(self) is not None:
+        if not silent:
+            return
+        if _internals.compiled_loss(self) is not None:
             # Checked here: JAX's trainer builds a compiled loss by calling
             # the student on the data as given, which such a student cannot
             # take.
@@ -532,116 +441,17 @@ class Distiller(keras.Model):
                 "compile the distiller without `loss`. Received: a compiled "
                 "loss"
             )
+        arguments = (
+            inspect.signature(keras.Model.fit)
+            .bind(self, *args, **kwargs)
+            .arguments
+        )
         if arguments.get("validation_data") is not None:
             self._refuse_evaluation("validation_data")
         if arguments.get("validation_split"):
             self._refuse_evaluation(
                 f"validation_split={arguments['validation_split']!r}"
             )
-        id_limits = [t.num_samples for t in self.teachers if t.keyed_by_id]
-        given = arguments.get("x")
-        arguments["x"] = checks.check_fit_data(
-            arguments.get("x"),
-            arguments.get("y"),
-            self,
-            min(id_limits) if id_limits else None,
-            # A repeated id would make two rows race for one bank row; a
-            # cache is only read.
-            unique_ids=any(t.writes_by_id for t in self.teachers),
-        )
-        cached = [t for t in self.teachers if isinstance(t, Cached)]
-        later = self._later_passes(given, arguments, cached)
-        if cached:
-            # Last in the pipeline: after the user's shuffling, augmentation
-            # and batching, so the check sees what the student sees.
-            joined = join_cached(
-                cached,
-                arguments["x"],
-                given,
-                keep_ids=any(
-                    t.keyed_by_id and not isinstance(t, Cached)
-                    for t in self.teachers
-                ),
-                later=later,
-            )
-            if later is None:
-                arguments["x"] = joined
-            else:
-                arguments["x"], later = joined
-        if later is not None and arguments["x"] is not later:
-            # One pass checked, then the pipeline as given: Keras reads the
-            # one iterator for `steps_per_epoch` steps an epoch.
-            steps = int(given.cardinality())
-            arguments["x"] = arguments["x"].concatenate(later.repeat())
-            arguments["steps_per_epoch"] = steps
-        if arguments.get("y") is None and "sample_weight" in arguments:
-            # Keras drops the weights of label-free NumPy data.
-            batches = data.label_free_with_weights(
-                arguments["x"],
-                arguments["sample_weight"],
-                arguments.get("batch_size"),
-                arguments.get("shuffle", True),
-            )
-            if batches is not None:
-                arguments["x"], steps = batches
-                arguments.setdefault("steps_per_epoch", steps)
-                # The batches are shuffled already; Keras would warn.
-                arguments["shuffle"] = False
-                for name in ("sample_weight", "batch_size"):
-                    arguments.pop(name, None)
-        callbacks = arguments.get("callbacks") or []
-        if not isinstance(callbacks, (list, tuple)):
-            callbacks = [callbacks]
-        checks.check_monitors(self, callbacks)
-        # First, so that a snapshot taken at an epoch's end is in the state
-        # that BackupAndRestore or ModelCheckpoint save at the same moment.
-        arguments["callbacks"] = [TrainingEvents(self)] + list(callbacks)
-        arguments.pop("self")
-        try:
-            return super().fit(**arguments)
-        except StopIteration as error:
-            # JAX's trainer builds from the first batch and lets an empty
-            # iterator's StopIteration through.
-            raise ValueError(NO_STEP) from error
-        except Exception as error:
-            # A cached teacher's check runs in the input pipeline, whose
-            # errors reach here wrapped in TensorFlow's.
-            message = cached_error(error)
-            if message is None:
-                raise
-            raise ValueError(message) from error
-
-    def _later_passes(self, given, arguments, cached):
-        """The pipeline of the passes after the first, or None.
-
-        A `tf.data` dataset of known size, read for more than one epoch,
-        is checked (`check_data`, a cached teacher's inputs) over its first
-        pass only: the same samples, through the same pipeline, need no
-        second check, and a per-batch stage of the pipeline costs on a
-        small CPU as much as the training step (BENCHMARKS.md). None where
-        the checks run every epoch instead: a dataset of unknown or
-        infinite size, or with `steps_per_epoch` (a pass is then not an
-        epoch), a size that `steps_per_execution` does not divide (the
-        last execution of an epoch would read into the next pass), a Keras
-        distribution (whose sharding reads the batch size of the
-        pipeline's end), and a cache of augmented views (whose epoch the
-        pipeline reads).
-        """
-        import tensorflow as tf
-
-        if (
-            not isinstance(given, tf.data.Dataset)
-            or arguments.get("steps_per_epoch") is not None
-            or arguments.get("epochs", 1) - arguments.get("initial_epoch", 0)
-            < 2
-            or keras.distribution.distribution() is not None
-            or any(teacher.views for teacher in cached)
-        ):
-            return None
-        size = int(given.cardinality())
-        if size <= 0 or size % self.steps_per_execution:
-            return None
-        return given
 
     def save(self, filepath, *args, **kwargs):
         if str(filepath).endswith((".h5", ".hdf5")):

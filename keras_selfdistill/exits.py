@@ -40,15 +40,6 @@ def check_head(head):
         )
 
 
-def one_hot_labels(y, logits):
-    """Whether labels `y` are one-hot (or soft) rows rather than indices."""
-    return (
-        len(y.shape) == len(logits.shape)
-        and y.shape[-1] == logits.shape[-1]
-        and y.shape[-1] != 1
-    )
-
-
 def features_key(exit_name):
     """The key of an exit's pooled features in the exits' outputs."""
     return exit_name + _FEATURES

@@ -525,3 +525,12 @@ def sampled_kl_divergence(
     )
     value = ops.sum(weights * (ops.cast(log_probs, "float32") - log_q), axis=-1)
     return ops.square(ops.cast(temperature, "float32")) * value
+
+
+def one_hot_labels(y, logits):
+    """Whether labels `y` are one-hot (or soft) rows rather than indices."""
+    return (
+        len(y.shape) == len(logits.shape)
+        and y.shape[-1] == logits.shape[-1]
+        and y.shape[-1] != 1
+    )

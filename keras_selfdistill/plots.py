@@ -9,6 +9,8 @@ matplotlib is an optional dependency: `pip install
 
 import numpy as np
 
+from keras_selfdistill.metrics import ExpectedCalibrationError
+
 INSTALL_HINT = (
     "Plots need matplotlib, an optional dependency. Install it with "
     '`pip install "keras-selfdistill[plots]"` (or `pip install matplotlib`).'
@@ -125,8 +127,6 @@ def reliability_diagram(metric, title=None):
     keras_selfdistill.plots.reliability_diagram(ece).savefig("ece.png")
     ```
     """
-    from keras_selfdistill.metrics import ExpectedCalibrationError
-
     if not isinstance(metric, ExpectedCalibrationError):
         raise TypeError(
             "Pass a `keras_selfdistill.metrics.ExpectedCalibrationError`. "

@@ -2,8 +2,8 @@
 
 from keras_selfdistill import _arguments
 from keras_selfdistill import schedules
+from keras_selfdistill._arguments import check_positive_int
 from keras_selfdistill.teachers.past_predictions import PastPredictions
-from keras_selfdistill.teachers.teacher import check_positive_int
 from keras_selfdistill.terms.distillation import Distillation
 
 

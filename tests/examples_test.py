@@ -5,9 +5,14 @@ import pathlib
 import nbclient
 import nbformat
 import numpy as np
+import pytest
 from absl.testing import parameterized
 
 from tests import tiny
+
+# The example scripts and notebooks end to end: the slow tier (README,
+# "Tests").
+pytestmark = pytest.mark.slow
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 

@@ -5,6 +5,7 @@ import sys
 
 import keras
 import numpy as np
+import pytest
 from absl.testing import absltest
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -16,6 +17,7 @@ def _free_port():
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 class MultiHostTest(absltest.TestCase):
     """Two JAX processes on 127.0.0.1, one device each, with gloo."""
 

@@ -1,5 +1,6 @@
 import keras
 import numpy as np
+import pytest
 from absl.testing import parameterized
 
 import keras_selfdistill as ksd
@@ -39,6 +40,8 @@ def _float32(kind):
     return _FLOAT32[kind]
 
 
+# The XLA and mixed-precision parity of every configuration: the slow tier.
+@pytest.mark.slow
 class JitCompileTest(parameterized.TestCase):
     @parameterized.named_parameters(*KINDS)
     def test_same_results_compiled_or_not(self, kind):
@@ -68,6 +71,7 @@ _FLOAT16_ON_JAX = {
 }
 
 
+@pytest.mark.slow
 class MixedPrecisionTest(parameterized.TestCase):
     @parameterized.product(kind=distributed_run.KINDS, policy=POLICIES)
     def test_trains_like_float32(self, kind, policy):

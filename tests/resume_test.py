@@ -5,6 +5,7 @@ import sys
 
 import keras
 import numpy as np
+import pytest
 from absl.testing import absltest
 
 from tests import distributed_run
@@ -12,6 +13,7 @@ from tests import distributed_run
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 class ResumeTest(absltest.TestCase):
     """SIGKILL mid-epoch, restart with BackupAndRestore: same end state."""
 

@@ -90,6 +90,7 @@ class Cached(Teacher):
     """
 
     keyed_by_id = True
+    joins_rows = True
 
     def __init__(self, directory, augment=None, name=None, **kwargs):
         kwargs.pop("input_key", None)
@@ -129,6 +130,18 @@ class Cached(Teacher):
         object.__setattr__(self, "_shards", None)
         object.__setattr__(self, "_verified", None)
         object.__setattr__(self, "_verified_data", None)
+
+    @property
+    def rows_follow_epoch(self):
+        return bool(self.views)
+
+    @classmethod
+    def join_rows(cls, teachers, x, given, keep_ids, later):
+        return join(teachers, x, given, keep_ids, later)
+
+    @staticmethod
+    def pipeline_error(error):
+        return cached_error(error)
 
     @property
     def temperature(self):

@@ -2,11 +2,11 @@ import keras
 from keras import ops
 
 from keras_selfdistill import _internals
+from keras_selfdistill._arguments import check_positive_int
 from keras_selfdistill.batch import FINGERPRINT
 from keras_selfdistill.batch import SAMPLE_ID
 from keras_selfdistill.batch import checked_ids
 from keras_selfdistill.teachers.teacher import Teacher
-from keras_selfdistill.teachers.teacher import check_positive_int
 from keras_selfdistill.teachers.teacher import num_classes
 
 _LOG_PROB_FLOOR = -1e4

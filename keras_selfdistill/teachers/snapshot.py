@@ -2,9 +2,9 @@ import keras
 from keras import ops
 
 from keras_selfdistill import _internals
+from keras_selfdistill._arguments import check_positive_int
 from keras_selfdistill.batch import select_input
 from keras_selfdistill.teachers.teacher import Teacher
-from keras_selfdistill.teachers.teacher import check_positive_int
 from keras_selfdistill.teachers.teacher import clone_student
 from keras_selfdistill.teachers.teacher import copy_variables
 

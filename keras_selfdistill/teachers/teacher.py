@@ -3,7 +3,6 @@ import abc
 import keras
 from keras import ops
 
-from keras_selfdistill import _arguments
 from keras_selfdistill import _internals
 from keras_selfdistill._forward import graph_taps
 from keras_selfdistill._forward import is_graph
@@ -118,6 +117,43 @@ class Teacher(keras.layers.Layer, metaclass=abc.ABCMeta):
     #: Whether the teacher writes a row per sample id in the training step
     #: (a prediction bank): the ids of a batch must then be distinct.
     writes_by_id = False
+
+    #: Whether `fit` joins rows of this teacher to the training batch in
+    #: the input pipeline (outputs cached on disk); such a class implements
+    #: `join_rows` and `pipeline_error`.
+    joins_rows = False
+
+    @property
+    def rows_follow_epoch(self):
+        """Whether the joined rows depend on the epoch (augmented views).
+
+        The pipeline then joins them in every epoch, not only the first.
+        Defaults to `False`.
+        """
+        return False
+
+    @classmethod
+    def join_rows(cls, teachers, x, given, keep_ids, later):
+        """The training data `x` with the rows of `teachers` joined.
+
+        Called by `fit` for the teachers of this class that declare
+        `joins_rows`, last in the input pipeline. `given` is the object
+        the user passed to `fit`; `keep_ids` whether a teacher that is not
+        joined reads the sample ids in the step. With `later` (a dataset
+        that `fit` reads after a first, checked pass of `x`), returns the
+        pair `(x, later)`, both joined. Defaults to the data unchanged.
+        """
+        return x if later is None else (x, later)
+
+    @staticmethod
+    def pipeline_error(error):
+        """The message of this class's pipeline check that `error` wraps.
+
+        Checks in the `tf.data` pipeline reach `fit` wrapped in
+        TensorFlow's errors; `fit` raises the check's own message instead.
+        Defaults to `None` (no such check).
+        """
+        return None
 
     @property
     def metrics(self):
@@ -284,17 +320,6 @@ def copy_variables(destinations, sources):
     """
     for destination, source in zip(destinations, sources):
         destination.assign(ops.copy(source.value))
-
-
-def check_positive_int(owner, arg, value):
-    if not _arguments.is_integer(value):
-        raise TypeError(
-            f"{owner} `{arg}` must be a positive int. Received: {arg}={value!r}"
-        )
-    if value < 1:
-        raise ValueError(
-            f"{owner} `{arg}` must be a positive int. Received: {arg}={value}"
-        )
 
 
 def clone_student(student, owner, copy_weights=True):

@@ -398,7 +398,7 @@ class AuxiliaryExits(Term):
 
 
 def _cross_entropy(y, logits):
-    if exits_module.one_hot_labels(y, logits):
+    if ksd_ops.one_hot_labels(y, logits):
         return keras.losses.categorical_crossentropy(
             ops.cast(y, "float32"), logits, from_logits=True
         )

@@ -4,7 +4,7 @@ from keras import ops
 from keras_selfdistill import _arguments
 from keras_selfdistill import _rows
 from keras_selfdistill import ops as ksd_ops
-from keras_selfdistill.exits import one_hot_labels
+from keras_selfdistill.ops import one_hot_labels
 from keras_selfdistill.teachers.cached import Cached
 from keras_selfdistill.teachers.frozen_model import as_teacher
 from keras_selfdistill.teachers.teacher import num_classes

@@ -2,6 +2,7 @@ import os
 
 import keras
 import numpy as np
+import pytest
 from absl.testing import parameterized
 
 import keras_selfdistill as ksd
@@ -90,6 +91,7 @@ class ProgressiveDistillationTest(parameterized.TestCase):
     # Backend-independent (files, callbacks and `fit`; the step's resume is
     # the harness's): once, in the TensorFlow pass.
     @tiny.ONCE
+    @pytest.mark.slow
     def test_resumes_between_and_within_rounds(self):
         root = self.create_tempdir().full_path
         uninterrupted = _rounds(os.path.join(root, "full"))
