@@ -1,29 +1,10 @@
 """Teacher outputs computed once, written to disk, read with the batches.
 
-A cache is a directory of NumPy `.npy` files, readable without this
-library (`numpy.load`, memory-mapped):
-
-- `manifest.json`: the format, the kind of targets, `num_samples`, the
-  per-sample output shape, the temperature the targets were taken at, the
-  shard size, the teacher's name and whether the cache is complete;
-- `shard-00000/`, `shard-00001/`, ...: shard `s` holds the samples with ids
-  `s · shard_size` to `(s + 1) · shard_size − 1`, one row per sample id:
-  - `fingerprints.npy` (`int32`): the hash of the inputs the teacher saw,
-    0 where no row was written yet;
-  - `dense`: `log_probs.npy`, the teacher's log-probabilities;
-  - `top_k`: `ids.npy` and `log_probs.npy` (the `k` most likely classes,
-    most likely first) and `rest.npy` (the log of the mass outside them);
-  - `sampled`: `ids.npy`, `weights.npy` and `log_probs.npy`: the distinct
-    classes among `k` draws from the teacher's distribution, their share
-    of the draws and their log-probability (RS-KD); the manifest says
-    whether the draws were independent or systematic (`"sampling"`).
-
-NumPy files rather than TFRecord or a saved `tf.data` dataset: a row is
-found by its id with one memory-mapped read, so training reads the rows of
-a shuffled batch without holding the cache in memory and without a join
-over a second dataset; a writer that stops writes whole rows and marks them
-last, so a restarted one continues where it stopped; and any NumPy reads
-it.
+`write_teacher_outputs` runs a teacher over the training data once and
+writes its outputs, keyed by sample id, in the format that
+`keras_selfdistill._cache_files` describes (NumPy `.npy` shards and a
+JSON manifest, readable without this library);
+`keras_selfdistill.teachers.Cached` reads them back.
 """
 
 import json
@@ -32,107 +13,25 @@ import os
 import keras
 import numpy as np
 
-from keras_selfdistill.batch import INPUTS
+from keras_selfdistill import _arguments
+from keras_selfdistill._cache_files import ARRAYS
+from keras_selfdistill._cache_files import FORMAT
+from keras_selfdistill._cache_files import KINDS
+from keras_selfdistill._cache_files import LOG_FLOOR
+from keras_selfdistill._cache_files import SAMPLING
+from keras_selfdistill._cache_files import VERSION
+from keras_selfdistill._cache_files import augmentation_name
+from keras_selfdistill._cache_files import manifest_path
+from keras_selfdistill._cache_files import open_shard
+from keras_selfdistill._cache_files import read_manifest
+from keras_selfdistill._cache_files import shard_directory
+from keras_selfdistill._cache_files import view_inputs
 from keras_selfdistill.batch import SAMPLE_ID
 from keras_selfdistill.batch import check_ids
 from keras_selfdistill.batch import fingerprints_of
 from keras_selfdistill.batch import select_input
-
-FORMAT = "keras_selfdistill.teacher_outputs"
-VERSION = 1
-MANIFEST = "manifest.json"
-KINDS = ("dense", "top_k", "sampled")
-SAMPLING = ("multinomial", "systematic")
-# The file of each kind's arrays, in the order the targets use them.
-ARRAYS = {
-    "dense": ("log_probs",),
-    "top_k": ("ids", "log_probs", "rest"),
-    "sampled": ("ids", "weights", "log_probs"),
-}
-# The lowest log-probability stored: float16 holds it, and exp() of it is 0.
-LOG_FLOOR = -1e4
-
-
-def manifest_path(directory):
-    return os.path.join(os.fspath(directory), MANIFEST)
-
-
-def read_manifest(directory):
-    """The manifest of the cache in `directory`, checked."""
-    path = manifest_path(directory)
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"No teacher-output cache in '{os.fspath(directory)}': it has no "
-            f"{MANIFEST}. Write one with "
-            "`keras_selfdistill.cache.write_teacher_outputs`."
-        )
-    with open(path) as file:
-        manifest = json.load(file)
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise ValueError(
-            f"'{path}' is not a keras_selfdistill teacher-output cache of "
-            f"version {VERSION}. Received: format={manifest.get('format')!r}, "
-            f"version={manifest.get('version')!r}"
-        )
-    return manifest
-
-
-def _shard_directory(directory, shard):
-    return os.path.join(os.fspath(directory), f"shard-{shard:05d}")
-
-
-def _array_specs(manifest):
-    """`{name: (row shape, dtype)}` of the kind's arrays.
-
-    The row shape of a cache of augmented views starts with the views.
-    """
-    shape = tuple(manifest["output_shape"])
-    positions, vocabulary = shape[:-1], shape[-1]
-    k = manifest.get("k")
-    ids = "uint16" if vocabulary <= np.iinfo("uint16").max else "int32"
-    dtype = manifest["dtype"]
-    if manifest["kind"] == "dense":
-        specs = {"log_probs": (shape, dtype)}
-    elif manifest["kind"] == "top_k":
-        specs = {
-            "ids": (positions + (k,), ids),
-            "log_probs": (positions + (k,), dtype),
-            "rest": (positions, "float32"),
-        }
-    else:
-        specs = {
-            "ids": (positions + (k,), ids),
-            "weights": (positions + (k,), dtype),
-            "log_probs": (positions + (k,), dtype),
-        }
-    views = manifest.get("views")
-    if views:
-        # One row per sample holds all its views: `(views, ...)`.
-        specs = {n: ((views,) + shape, t) for n, (shape, t) in specs.items()}
-    return specs
-
-
-def open_shard(directory, manifest, shard, mode="r"):
-    """The memory-mapped arrays of one shard, fingerprints included."""
-    folder = _shard_directory(directory, shard)
-    size = manifest["shard_size"]
-    # The last shard holds the samples that are left.
-    rows = min(size, manifest["num_samples"] - shard * size)
-    specs = dict(_array_specs(manifest))
-    specs["fingerprints"] = ((), "int32")
-    arrays = {}
-    for name, (shape, dtype) in specs.items():
-        path = os.path.join(folder, f"{name}.npy")
-        if mode == "r":
-            arrays[name] = np.load(path, mmap_mode="r", allow_pickle=False)
-        elif os.path.exists(path):
-            arrays[name] = np.load(path, mmap_mode="r+", allow_pickle=False)
-        else:
-            os.makedirs(folder, exist_ok=True)
-            arrays[name] = np.lib.format.open_memmap(
-                path, mode="w+", dtype=dtype, shape=(rows,) + shape
-            )
-    return arrays
+from keras_selfdistill.teachers.frozen_model import FrozenModel
+from keras_selfdistill.teachers.frozen_model import as_teacher
 
 
 def _top_k(log_probs, k):
@@ -203,47 +102,6 @@ def _sample(log_probs, draws, seed, sample_ids, sampling="multinomial"):
     )
 
 
-def augmentation_name(augment):
-    """The name the manifest records for `augment` (`None` without one)."""
-    if augment is None:
-        return None
-    name = getattr(augment, "__qualname__", None) or type(augment).__name__
-    module = getattr(augment, "__module__", None)
-    return name if module is None else f"{module}.{name}"
-
-
-def view_inputs(x, augment, seed, views, view, batched):
-    """`x` with its inputs replaced by their augmented view `view`.
-
-    `x` holds the inputs with sample ids (a batch when `batched`); `view` is
-    a view index, one for the batch or one per sample. Sample `i`'s view
-    `v` is `augment(inputs, [seed, i · views + v])`, the seeds the writer
-    used.
-    """
-    import tensorflow as tf
-
-    ids = tf.reshape(tf.cast(x[SAMPLE_ID], "int64"), [-1])
-    view = tf.cast(view, "int64") + tf.zeros_like(ids)
-    first = tf.fill(tf.shape(ids), tf.constant(seed, "int64"))
-    seeds = tf.stack([first, ids * views + view], axis=1)
-    inputs = select_input(x, None, "The augmentation")
-    if batched:
-        specs = tf.nest.map_structure(
-            lambda t: tf.TensorSpec(t.shape[1:], t.dtype), inputs
-        )
-        augmented = tf.map_fn(
-            lambda pair: augment(pair[0], pair[1]),
-            (inputs, seeds),
-            fn_output_signature=specs,
-        )
-    else:
-        augmented = augment(inputs, seeds[0])
-    if INPUTS in x:
-        return dict(x, **{INPUTS: augmented})
-    # Inputs that are a dict of features: `augment` returns the features.
-    return dict(x, **augmented)
-
-
 def _batches(data, batch_size, augment=None, seed=0, views=None):
     """Batches of `(inputs with ids, fingerprints, views)` as NumPy.
 
@@ -308,7 +166,7 @@ def _count_written(directory, manifest):
     total = 0
     for shard in range(manifest["num_shards"]):
         if os.path.exists(
-            os.path.join(_shard_directory(directory, shard), "fingerprints.npy")
+            os.path.join(shard_directory(directory, shard), "fingerprints.npy")
         ):
             arrays = open_shard(directory, manifest, shard)
             total += int(np.count_nonzero(arrays["fingerprints"]))
@@ -431,10 +289,98 @@ def write_teacher_outputs(
     numpy.load("teacher_cache/shard-00000/log_probs.npy", mmap_mode="r")
     ```
     """
-    from keras_selfdistill import _arguments
-    from keras_selfdistill.teachers.frozen_model import FrozenModel
-    from keras_selfdistill.teachers.frozen_model import as_teacher
+    settings = _settings(
+        kind,
+        k,
+        num_samples,
+        shard_size,
+        batch_size,
+        temperature,
+        dtype,
+        seed,
+        augment,
+        views,
+        sampling,
+    )
+    # The name the user gave (a model's, or the teacher's), for the record.
+    teacher_name = getattr(teacher, "name", None)
+    teacher = as_teacher(teacher, "write_teacher_outputs")
+    if any(t.keyed_by_id or t.follows_student for t in teacher.walk()):
+        raise ValueError(
+            "Only a teacher whose targets are a function of the inputs can "
+            "be cached (a FrozenModel or an Ensemble of them). Received: "
+            f"teacher={type(teacher).__name__}"
+        )
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    targets = _Targets(teacher, float(temperature))
+    manifest = _stored_manifest(directory, settings)
+    progress = keras.utils.Progbar(
+        int(num_samples),
+        verbose=1 if verbose == "auto" else verbose,
+        unit_name="sample",
+    )
+    shards = {}
+    # The most rows of a batch so far: shorter batches are padded to it.
+    width = 0
+    written = 0 if manifest is None else _count_written(directory, manifest)
+    progress.update(written)
+    for x, prints, viewed in _batches(data, batch_size, augment, seed, views):
+        ids = np.asarray(x[SAMPLE_ID]).astype("int64").reshape(-1)
+        check_ids(ids, num_samples, unique=False)
+        if manifest is not None:
+            done = np.array(
+                [
+                    _shard(shards, directory, manifest, i)["fingerprints"][
+                        i % shard_size
+                    ]
+                    for i in ids
+                ]
+            )
+            if np.all(done == prints):
+                continue
+        width = max(width, ids.size)
+        log_probs, fresh = _batch_rows(targets, x, viewed, ids, width, settings)
+        if manifest is None:
+            manifest = dict(
+                settings,
+                output_shape=list(log_probs.shape[1:]),
+                teacher=teacher_name,
+                # One model's log-probabilities are its logits less a
+                # constant, valid at any temperature; a mixture's are not.
+                any_temperature=isinstance(teacher, FrozenModel),
+                complete=False,
+            )
+            _write_manifest(directory, manifest)
+        written += _write_rows(shards, directory, manifest, ids, prints, fresh)
+        progress.update(written)
+    if manifest is None:
+        raise ValueError("`data` holds no samples: nothing was written.")
+    if written < num_samples:
+        raise ValueError(
+            f"The data held {written} of num_samples={num_samples} sample "
+            "ids: a cache must hold every sample the training data can "
+            "name. Pass the whole split, or the right `num_samples`."
+        )
+    manifest["complete"] = True
+    _write_manifest(directory, manifest)
+    return manifest
 
+
+def _settings(
+    kind,
+    k,
+    num_samples,
+    shard_size,
+    batch_size,
+    temperature,
+    dtype,
+    seed,
+    augment,
+    views,
+    sampling,
+):
+    """The manifest's settings of a writer's arguments, checked."""
     if kind not in KINDS:
         raise ValueError(
             f"`kind` must be one of {KINDS}. Received: kind={kind!r}"
@@ -489,19 +435,7 @@ def write_teacher_outputs(
             "`augment` must be a function `augment(x, seed)`. Received: "
             f"augment={augment!r}"
         )
-    # The name the user gave (a model's, or the teacher's), for the record.
-    teacher_name = getattr(teacher, "name", None)
-    teacher = as_teacher(teacher, "write_teacher_outputs")
-    if any(t.keyed_by_id or t.follows_student for t in teacher.walk()):
-        raise ValueError(
-            "Only a teacher whose targets are a function of the inputs can "
-            "be cached (a FrozenModel or an Ensemble of them). Received: "
-            f"teacher={type(teacher).__name__}"
-        )
-    directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    targets = _Targets(teacher, float(temperature))
-    settings = {
+    return {
         "format": FORMAT,
         "version": VERSION,
         "kind": kind,
@@ -516,104 +450,78 @@ def write_teacher_outputs(
         "augment": augmentation_name(augment),
         "sampling": sampling,
     }
-    manifest = None
-    if os.path.exists(manifest_path(directory)):
-        manifest = read_manifest(directory)
-        stored = {key: manifest.get(key) for key in settings}
-        if stored != settings:
-            changed = sorted(k for k in settings if stored[k] != settings[k])
-            raise ValueError(
-                f"'{directory}' holds a cache written with other settings "
-                f"({', '.join(changed)}). Write to a new directory, or "
-                "repeat the first call's arguments to continue it. Received: "
-                + ", ".join(
-                    f"{key}={settings[key]!r} (stored {stored[key]!r})"
-                    for key in changed
-                )
-            )
-    progress = keras.utils.Progbar(
-        int(num_samples),
-        verbose=1 if verbose == "auto" else verbose,
-        unit_name="sample",
-    )
-    shards = {}
-    # The most rows of a batch so far: shorter batches are padded to it.
-    width = 0
-    written = 0 if manifest is None else _count_written(directory, manifest)
-    progress.update(written)
-    for x, prints, viewed in _batches(data, batch_size, augment, seed, views):
-        ids = np.asarray(x[SAMPLE_ID]).astype("int64").reshape(-1)
-        check_ids(ids, num_samples, unique=False)
-        if manifest is not None:
-            done = np.array(
-                [
-                    _shard(shards, directory, manifest, i)["fingerprints"][
-                        i % shard_size
-                    ]
-                    for i in ids
-                ]
-            )
-            if np.all(done == prints):
-                continue
-        width = max(width, ids.size)
-        if views is None:
-            log_probs = _predict(targets, x, ids.size, width)
-            fresh = _rows_of(kind, log_probs, k, seed, ids, sampling)
-        else:
-            per_view = [
-                _predict(targets, inputs, ids.size, width) for inputs in viewed
-            ]
-            log_probs = per_view[0]
-            # Each view's draws have a seed of their own.
-            fresh = [
-                np.stack(arrays, axis=1)
-                for arrays in zip(
-                    *(
-                        _rows_of(
-                            kind, values, k, seed, ids * views + view, sampling
-                        )
-                        for view, values in enumerate(per_view)
-                    )
-                )
-            ]
-        if manifest is None:
-            manifest = dict(
-                settings,
-                output_shape=list(log_probs.shape[1:]),
-                teacher=teacher_name,
-                # One model's log-probabilities are its logits less a
-                # constant, valid at any temperature; a mixture's are not.
-                any_temperature=isinstance(teacher, FrozenModel),
-                complete=False,
-            )
-            _write_manifest(directory, manifest)
-        fresh = [
-            np.maximum(a, LOG_FLOOR) if n in ("log_probs", "rest") else a
-            for n, a in zip(ARRAYS[kind], fresh)
-        ]
-        for i, row in enumerate(ids):
-            arrays = _shard(shards, directory, manifest, row)
-            position = row % shard_size
-            new = arrays["fingerprints"][position] == 0
-            for name, values in zip(ARRAYS[kind], fresh):
-                arrays[name][position] = values[i]
-            arrays["fingerprints"][position] = prints[i]
-            written += int(new)
-        for arrays in shards.values():
-            for array in arrays.values():
-                array.flush()
-        progress.update(written)
-    if manifest is None:
-        raise ValueError("`data` holds no samples: nothing was written.")
-    if written < num_samples:
+
+
+def _stored_manifest(directory, settings):
+    """The manifest a stopped writer left, or None; refused if it differs."""
+    if not os.path.exists(manifest_path(directory)):
+        return None
+    manifest = read_manifest(directory)
+    stored = {key: manifest.get(key) for key in settings}
+    if stored != settings:
+        changed = sorted(k for k in settings if stored[k] != settings[k])
         raise ValueError(
-            f"The data held {written} of num_samples={num_samples} sample "
-            "ids: a cache must hold every sample the training data can "
-            "name. Pass the whole split, or the right `num_samples`."
+            f"'{directory}' holds a cache written with other settings "
+            f"({', '.join(changed)}). Write to a new directory, or "
+            "repeat the first call's arguments to continue it. Received: "
+            + ", ".join(
+                f"{key}={settings[key]!r} (stored {stored[key]!r})"
+                for key in changed
+            )
         )
-    manifest["complete"] = True
-    _write_manifest(directory, manifest)
     return manifest
+
+
+def _batch_rows(targets, x, viewed, ids, width, settings):
+    """`(log-probabilities, the rows to write)` of one batch.
+
+    The log-probabilities are the first view's with augmented views.
+    """
+    kind, k, seed = settings["kind"], settings["k"], settings["seed"]
+    sampling, views = settings["sampling"], settings["views"]
+    if views is None:
+        log_probs = _predict(targets, x, ids.size, width)
+        fresh = _rows_of(kind, log_probs, k, seed, ids, sampling)
+    else:
+        per_view = [
+            _predict(targets, inputs, ids.size, width) for inputs in viewed
+        ]
+        log_probs = per_view[0]
+        # Each view's draws have a seed of their own.
+        fresh = [
+            np.stack(arrays, axis=1)
+            for arrays in zip(
+                *(
+                    _rows_of(
+                        kind, values, k, seed, ids * views + view, sampling
+                    )
+                    for view, values in enumerate(per_view)
+                )
+            )
+        ]
+    fresh = [
+        np.maximum(a, LOG_FLOOR) if n in ("log_probs", "rest") else a
+        for n, a in zip(ARRAYS[kind], fresh)
+    ]
+    return log_probs, fresh
+
+
+def _write_rows(shards, directory, manifest, ids, prints, fresh):
+    """Writes a batch's rows, each fingerprint last; returns the new rows."""
+    names = ARRAYS[manifest["kind"]]
+    written = 0
+    for i, row in enumerate(ids):
+        arrays = _shard(shards, directory, manifest, row)
+        position = row % manifest["shard_size"]
+        new = arrays["fingerprints"][position] == 0
+        for name, values in zip(names, fresh):
+            arrays[name][position] = values[i]
+        arrays["fingerprints"][position] = prints[i]
+        written += int(new)
+    for arrays in shards.values():
+        for array in arrays.values():
+            array.flush()
+    return written
 
 
 def _rows_of(kind, log_probs, k, seed, ids, sampling=None):

@@ -19,7 +19,6 @@ from keras_selfdistill import batch
 from keras_selfdistill.batch import SAMPLE_ID
 from keras_selfdistill.batch import select_input
 from keras_selfdistill.teachers import teacher
-from keras_selfdistill.teachers.frozen_model import FrozenModel
 
 
 def label_range_message(num_classes):
@@ -282,7 +281,7 @@ def check_logits(distiller, x):
             "student", distiller.student.name, "softmax"
         )
     for frozen in distiller.teachers:
-        if isinstance(frozen, FrozenModel) and frozen.from_logits:
+        if frozen.targets_are_logits:
             if _probability_rows(frozen.targets(x, None, 1.0)):
                 teacher.refuse_probabilities(
                     "teacher", frozen.model.name, "softmax"

@@ -26,9 +26,12 @@ References:
 - [Das & Sanghavi, 2023](https://arxiv.org/abs/2301.13304)
 """
 
+import keras
 import numpy as np
 
 from keras_selfdistill import _internals
+from keras_selfdistill.distiller import Distiller
+from keras_selfdistill.terms.distillation import Distillation
 
 
 def kernel_ridge_generations(
@@ -175,8 +178,6 @@ def fresh_compile_kwargs(compile_kwargs):
     instance compiled into two models would carry the first one's
     iterations and moments into the second.
     """
-    import keras
-
     kwargs = dict(compile_kwargs)
     optimizer = kwargs.get("optimizer")
     if isinstance(optimizer, keras.optimizers.Optimizer):
@@ -242,11 +243,6 @@ def fit_generations(
     best = results[-1]["student"]
     ```
     """
-    import keras
-
-    from keras_selfdistill.distiller import Distiller
-    from keras_selfdistill.terms.distillation import Distillation
-
     if (
         isinstance(generations, bool)
         or not isinstance(generations, int)

@@ -8,7 +8,7 @@ them: the schedule, the sampler, a small UNet, the rounds of progressive
 distillation and sample-quality measures.
 """
 
-from keras_selfdistill.diffusion.cosine_schedule import CosineSchedule
+from keras_selfdistill._ddim import CosineSchedule
 from keras_selfdistill.diffusion.progressive import progressive_distillation
 from keras_selfdistill.diffusion.quality import class_entropy
 from keras_selfdistill.diffusion.quality import frechet_distance

@@ -4,7 +4,11 @@ import os
 import keras
 
 from keras_selfdistill import _arguments
-from keras_selfdistill.diffusion.cosine_schedule import CosineSchedule
+from keras_selfdistill._ddim import CosineSchedule
+from keras_selfdistill.distiller import Distiller
+from keras_selfdistill.generations import fresh_compile_kwargs
+from keras_selfdistill.teachers.ddim import DDIM
+from keras_selfdistill.terms.denoising import Denoising
 
 
 def _copy(model, name):
@@ -177,13 +181,6 @@ def _train_round(
     fit_kwargs,
     directory,
 ):
-    # Here, not at the top: the distiller imports the teachers and terms,
-    # which import this package's schedule.
-    from keras_selfdistill.distiller import Distiller
-    from keras_selfdistill.generations import fresh_compile_kwargs
-    from keras_selfdistill.teachers.ddim import DDIM
-    from keras_selfdistill.terms.denoising import Denoising
-
     teacher = DDIM(
         _copy(previous, f"teacher_{2 * steps}_steps"),
         num_steps=2 * steps,

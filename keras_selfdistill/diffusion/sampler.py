@@ -10,50 +10,8 @@ import numpy as np
 from keras import ops
 
 from keras_selfdistill import _arguments
-from keras_selfdistill.diffusion.cosine_schedule import CosineSchedule
-from keras_selfdistill.diffusion.cosine_schedule import alpha_sigma
-
-
-def denoise(model, z, logsnr, clip=False):
-    """The model's `(x̂, ε̂)` at `z`, without gradient.
-
-    From the velocity: `x̂ = α·z − σ·v` and `ε̂ = σ·z + α·v` (the official
-    code takes `ε̂ = (z − α·x̂) / σ`, equal in exact arithmetic; this form
-    does not divide by a `σ` of 4.5e-5 at the clean end). With
-    `clip=True`, `x̂` is clipped to `[−1, 1]` and `ε̂` recomputed from it as
-    `(z − α·x̂) / σ`, as the official `_run_model(clip_x=True)` does.
-    """
-    z = ops.cast(z, "float32")
-    batch = ops.shape(z)[0]
-    logsnr = ops.cast(logsnr, "float32") * ops.ones((batch,), "float32")
-    velocity = ops.cast(model([z, logsnr], training=False), "float32")
-    velocity = ops.stop_gradient(velocity)
-    alpha, sigma = per_sample(alpha_sigma(logsnr), z)
-    x = alpha * z - sigma * velocity
-    if not clip:
-        return x, sigma * z + alpha * velocity
-    x = ops.clip(x, -1.0, 1.0)
-    return x, (z - alpha * x) / sigma
-
-
-def per_sample(values, like):
-    """Each `(batch,)` tensor of `values` shaped to broadcast over `like`."""
-    rank = len(like.shape)
-    return [ops.reshape(v, (-1,) + (1,) * (rank - 1)) for v in values]
-
-
-def ddim_step(model, z, t, s, schedule, clip=False):
-    """One deterministic DDIM step from time `t` to `s < t`.
-
-    `z_s = α_s·x̂ + σ_s·ε̂` with the model's `(x̂, ε̂)` at `(z, λ(t))`;
-    `t` and `s` are scalars or `(batch,)` times in `[0, 1]`. Returns
-    `(z_s, x̂)`.
-    """
-    x, eps = denoise(model, z, schedule(t), clip=clip)
-    alpha_s, sigma_s = per_sample(
-        alpha_sigma(schedule(s) * ops.ones((ops.shape(z)[0],))), z
-    )
-    return alpha_s * x + sigma_s * eps, x
+from keras_selfdistill._ddim import CosineSchedule
+from keras_selfdistill._ddim import ddim_step
 
 
 def sample(model, noise, num_steps, schedule=None, clip=True, batch_size=250):

@@ -5,7 +5,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_selfdistill import cache
+from keras_selfdistill import _cache_files as cache
 from keras_selfdistill.batch import FINGERPRINT
 from keras_selfdistill.batch import SAMPLE_ID
 from keras_selfdistill.batch import TEACHER_OUTPUTS
@@ -483,7 +483,7 @@ def _joined(teachers, x, checks, check):
         outputs = {}
         inputs = features
         for teacher in active:
-            specs = cache._array_specs(teacher.manifest)
+            specs = cache.array_specs(teacher.manifest)
             names = cache.ARRAYS[teacher.kind]
             dtypes = [tf.as_dtype(specs[n][1]) for n in names]
             tensors = in_memory.get(teacher.name)

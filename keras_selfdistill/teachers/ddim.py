@@ -2,11 +2,11 @@ import keras
 from keras import ops
 
 from keras_selfdistill._arguments import check_positive_int
-from keras_selfdistill.diffusion.cosine_schedule import CosineSchedule
-from keras_selfdistill.diffusion.cosine_schedule import alpha_sigma
-from keras_selfdistill.diffusion.sampler import ddim_step
-from keras_selfdistill.diffusion.sampler import denoise
-from keras_selfdistill.diffusion.sampler import per_sample
+from keras_selfdistill._ddim import CosineSchedule
+from keras_selfdistill._ddim import alpha_sigma
+from keras_selfdistill._ddim import ddim_step
+from keras_selfdistill._ddim import denoise
+from keras_selfdistill._ddim import per_sample
 from keras_selfdistill.teachers.frozen_model import FrozenModel
 
 

@@ -79,6 +79,10 @@ class FrozenModel(Teacher):
         self.model = model
         self.from_logits = from_logits
 
+    @property
+    def targets_are_logits(self):
+        return bool(self.from_logits)
+
     def attach(self, student):
         if self.model is student:
             raise ValueError(

@@ -185,6 +185,16 @@ class Teacher(keras.layers.Layer, metaclass=abc.ABCMeta):
         """
         return self.targets(x, y_pred, temperature), None
 
+    @property
+    def targets_are_logits(self):
+        """Whether `targets` are a model's logits as it returns them.
+
+        `fit` then checks on the first batch that they are not
+        probabilities (rows that are non-negative and sum to 1). Defaults
+        to `False`.
+        """
+        return False
+
     #: Whether the targets follow the student during training (EMA,
     #: snapshots, past predictions): a loss against them is not a measure of
     #: progress, so no callback may monitor it.

@@ -2,9 +2,9 @@ import keras
 from keras import ops
 
 from keras_selfdistill import _arguments
-from keras_selfdistill.diffusion.cosine_schedule import CosineSchedule
-from keras_selfdistill.diffusion.cosine_schedule import alpha_sigma
-from keras_selfdistill.diffusion.sampler import per_sample
+from keras_selfdistill._ddim import CosineSchedule
+from keras_selfdistill._ddim import alpha_sigma
+from keras_selfdistill._ddim import per_sample
 from keras_selfdistill.teachers.ddim import DDIM
 from keras_selfdistill.terms.term import Term
 from keras_selfdistill.terms.term import draw_for_global_batch
