@@ -242,12 +242,30 @@ def as_schedule(value):
     return _StepFunction(value)
 
 
-def _deserialize(identifier):
-    if isinstance(identifier, Schedule):
+def deserialize(identifier):
+    """A hyperparameter from a term's config.
+
+    A `Schedule`'s config (the dict `keras.saving.serialize_keras_object`
+    writes) becomes the schedule; a number, `None` or a `Schedule` is
+    returned as it is. A term's `from_config` calls it on each of its
+    hyperparameters.
+
+    Example:
+
+    ```python
+    config = keras.saving.serialize_keras_object(
+        keras_selfdistill.schedules.LinearRampUp(ramp_up_steps=100))
+    keras_selfdistill.schedules.deserialize(config)   # a LinearRampUp
+    keras_selfdistill.schedules.deserialize(0.5)      # 0.5
+    ```
+    """
+    if identifier is None or isinstance(identifier, Schedule):
+        return identifier
+    if _arguments.is_number(identifier):
         return identifier
     if isinstance(identifier, dict):
         return keras.saving.deserialize_keras_object(identifier)
     raise TypeError(
-        "Expected a `keras_selfdistill.schedules.Schedule` or its config. "
-        f"Received: identifier={identifier!r}"
+        "Expected a number, a `keras_selfdistill.schedules.Schedule` or its "
+        f"config. Received: identifier={identifier!r}"
     )

@@ -85,6 +85,8 @@ class AuxiliaryExits(Term):
     ```
     """
 
+    reads_forward = True
+
     def __init__(
         self,
         exits,
@@ -148,11 +150,11 @@ class AuxiliaryExits(Term):
         self.scale_final_label = scale_final_label
         self._per_exit_weights = weights is not None
         for index, value in enumerate(weights or []):
-            self._add_hyperparameter(f"weight_{index}", value, minimum=0.0)
-        self._add_hyperparameter(
+            self.add_hyperparameter(f"weight_{index}", value, minimum=0.0)
+        self.add_hyperparameter(
             "temperature", temperature, minimum=0.0, strict=True
         )
-        self._add_hyperparameter("alpha", alpha, minimum=0.0)
+        self.add_hyperparameter("alpha", alpha, minimum=0.0)
         alpha = schedules.as_schedule(alpha)
         alpha_high = (
             alpha.value_range()[1]
@@ -164,7 +166,7 @@ class AuxiliaryExits(Term):
                 "`alpha` is the share of the distillation part and must be "
                 f"in [0, 1]. Received: alpha={alpha}"
             )
-        self._add_hyperparameter("feature_weight", feature_weight, minimum=0.0)
+        self.add_hyperparameter("feature_weight", feature_weight, minimum=0.0)
         feature_weight = schedules.as_schedule(feature_weight)
         self.hints = isinstance(feature_weight, schedules.Schedule) or (
             feature_weight > 0
@@ -355,7 +357,7 @@ class AuxiliaryExits(Term):
             total = total + alpha * ksd_ops.kl_divergence(
                 ensemble, final, temperature
             )
-        return self._reduce(total, sample_weight)
+        return self.reduce(total, sample_weight)
 
     def get_config(self):
         if self._given_exits is not None or callable(self.head):
@@ -369,16 +371,16 @@ class AuxiliaryExits(Term):
         config.pop("xi", None)
         config.update(
             exits=self.exit_names,
-            temperature=self._serialize_hyperparameter("temperature"),
-            alpha=self._serialize_hyperparameter("alpha"),
-            feature_weight=self._serialize_hyperparameter("feature_weight"),
+            temperature=self.hyperparameter_config("temperature"),
+            alpha=self.hyperparameter_config("alpha"),
+            feature_weight=self.hyperparameter_config("feature_weight"),
             head=self.head,
             direction=self.direction,
             scale_final_label=self.scale_final_label,
         )
         if self._per_exit_weights:
             config["weight"] = [
-                self._serialize_hyperparameter(f"weight_{i}")
+                self.hyperparameter_config(f"weight_{i}")
                 for i in range(len(self.exit_names))
             ]
         return config
@@ -386,13 +388,12 @@ class AuxiliaryExits(Term):
     @classmethod
     def from_config(cls, config):
         config = dict(config)
-        for name in ("alpha", "feature_weight"):
-            if isinstance(config.get(name), dict):
-                config[name] = schedules._deserialize(config[name])
+        for name in ("temperature", "alpha", "feature_weight"):
+            if name in config:
+                config[name] = schedules.deserialize(config[name])
         if isinstance(config.get("weight"), list):
             config["weight"] = [
-                schedules._deserialize(w) if isinstance(w, dict) else w
-                for w in config["weight"]
+                schedules.deserialize(w) for w in config["weight"]
             ]
         return super().from_config(config)
 

@@ -35,6 +35,14 @@ def compose(student, terms):
     Calls each term's `attach(student)`. Returns a `Composition`.
     """
     _check_list(terms)
+    undeclared = [t.name for t in terms if t.taps and not t.reads_forward]
+    if undeclared:
+        raise ValueError(
+            f"Terms {undeclared} declare `taps` but not `reads_forward = "
+            "True`, so they would receive the student's logits instead of "
+            "the dict with their taps. Set `reads_forward = True` on the "
+            "class. Received: reads_forward=False"
+        )
     mixing = [t.name for t in terms if t.mixes_labels]
     if len(mixing) > 1:
         raise ValueError(

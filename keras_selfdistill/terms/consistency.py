@@ -89,6 +89,8 @@ class Consistency(Term):
     ```
     """
 
+    reads_forward = True
+
     def __init__(
         self,
         augment,
@@ -222,7 +224,7 @@ class Consistency(Term):
                 1.0 + self.dynamic_weight * ops.stop_gradient(1.0 - agreement)
             )
         self.mask_rate.update_state(mask)
-        return self._reduce(values * mask, sample_weight)
+        return self.reduce(values * mask, sample_weight)
 
     def _correct(self, y, weak, guess):
         if y is None:
@@ -255,3 +257,13 @@ class Consistency(Term):
             dynamic_weight=self.dynamic_weight,
         )
         return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        for name in ("augment", "teacher"):
+            if config.get(name) is not None:
+                config[name] = keras.saving.deserialize_keras_object(
+                    config[name]
+                )
+        return super().from_config(config)

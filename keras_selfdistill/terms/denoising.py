@@ -83,6 +83,8 @@ class Denoising(Term):
     ```
     """
 
+    rewrites_batch = True
+
     def __init__(
         self,
         teacher=None,
@@ -206,7 +208,7 @@ class Denoising(Term):
         return [z, logsnr], labels, sample_weight
 
     def compute_loss(self, x, y, y_pred, sample_weight, step, epoch):
-        return self._reduce(self.per_sample_loss(y, y_pred), sample_weight)
+        return self.reduce(self.per_sample_loss(y, y_pred), sample_weight)
 
     def per_sample_loss(self, y, velocity):
         """The weighted error of each sample, from the rewritten labels."""
@@ -237,3 +239,13 @@ class Denoising(Term):
         config["weighting"] = self.weighting
         config["seed"] = self.seed
         return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        for name in ("teacher", "schedule"):
+            if config.get(name) is not None:
+                config[name] = keras.saving.deserialize_keras_object(
+                    config[name]
+                )
+        return super().from_config(config)

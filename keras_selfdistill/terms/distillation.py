@@ -4,6 +4,7 @@ from keras import ops
 from keras_selfdistill import _arguments
 from keras_selfdistill import _rows
 from keras_selfdistill import ops as ksd_ops
+from keras_selfdistill import schedules
 from keras_selfdistill.ops import one_hot_labels
 from keras_selfdistill.teachers.cached import Cached
 from keras_selfdistill.teachers.frozen_model import as_teacher
@@ -187,7 +188,7 @@ class Distillation(Term):
         # Elements evaluated at once over large vocabularies; tests lower
         # it to run many chunks on tiny models.
         self._chunk_elements = _rows.CHUNK_ELEMENTS
-        self._add_hyperparameter(
+        self.add_hyperparameter(
             "temperature", temperature, minimum=0.0, strict=True
         )
 
@@ -327,7 +328,7 @@ class Distillation(Term):
         if isinstance(teacher_logits, dict):
             sample_weight = self._positions_weight(x, y_pred, sample_weight)
             values = self._sparse_values(teacher_logits, y_pred)
-            return self._reduce(values, sample_weight), None
+            return self.reduce(values, sample_weight), None
         for role, logits in (("student", y_pred), ("teacher", teacher_logits)):
             if not hasattr(logits, "shape"):
                 raise ValueError(
@@ -354,11 +355,11 @@ class Distillation(Term):
             # class, a padded position's -100) have no target class.
             values = values * labelled
         if mask is None:
-            return self._reduce(values, sample_weight), None
+            return self.reduce(values, sample_weight), None
         values = values * ops.reshape(
             mask, ops.shape(mask) + (1,) * (len(values.shape) - 1)
         )
-        return self._reduce(values, sample_weight), mask
+        return self.reduce(values, sample_weight), mask
 
     def _divergence(self, teacher_logits, student_logits, *args):
         """The per-row loss on `(rows, classes)` logits (one chunk)."""
@@ -450,9 +451,9 @@ class Distillation(Term):
             return ops.cast(mask, "float32")
         return None
 
-    def _reduce(self, values, sample_weight):
+    def reduce(self, values, sample_weight):
         if self.reduction == "sum_over_batch_size":
-            return super()._reduce(values, sample_weight)
+            return super().reduce(values, sample_weight)
         weights = ops.ones_like(values)
         if sample_weight is not None:
             sample_weight = ops.cast(sample_weight, "float32")
@@ -493,10 +494,19 @@ class Distillation(Term):
         config.update(
             teacher=keras.saving.serialize_keras_object(self.teacher),
             loss=self.loss,
-            temperature=self._serialize_hyperparameter("temperature"),
+            temperature=self.hyperparameter_config("temperature"),
             beta=self.beta,
             standardize=self.standardize,
             reduction=self.reduction,
             vocabulary_size=self.vocabulary_size,
         )
         return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["teacher"] = keras.saving.deserialize_keras_object(
+            config["teacher"]
+        )
+        config["temperature"] = schedules.deserialize(config["temperature"])
+        return super().from_config(config)

@@ -100,6 +100,8 @@ class FeatureDistillation(Term):
     ```
     """
 
+    reads_forward = True
+
     def __init__(
         self,
         teacher,
@@ -219,7 +221,7 @@ class FeatureDistillation(Term):
         values = _feature_loss(teacher, student, self.loss)
         if mask is not None:
             values = values * mask
-        return self._reduce(values, sample_weight), mask
+        return self.reduce(values, sample_weight), mask
 
     def get_config(self):
         if callable(self.projector):
@@ -239,6 +241,14 @@ class FeatureDistillation(Term):
             normalize=self.normalize,
         )
         return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["teacher"] = keras.saving.deserialize_keras_object(
+            config["teacher"]
+        )
+        return super().from_config(config)
 
 
 def _projection(projector, student_shape, teacher_shape, name):

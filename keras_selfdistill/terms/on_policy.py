@@ -170,6 +170,8 @@ class OnPolicy(Term):
     ```
     """
 
+    rewrites_batch = True
+
     def __init__(
         self,
         prompt_length,

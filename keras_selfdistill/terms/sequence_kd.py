@@ -128,3 +128,11 @@ class SequenceKD(OnPolicy):
         config = super().get_config()
         config["teacher"] = keras.saving.serialize_keras_object(self.teacher)
         return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["teacher"] = keras.saving.deserialize_keras_object(
+            config["teacher"]
+        )
+        return super().from_config(config)

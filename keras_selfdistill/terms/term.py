@@ -1,6 +1,7 @@
 import abc
 import math
 import re
+import warnings
 import weakref
 
 import keras
@@ -106,12 +107,27 @@ class Term(keras.layers.Layer, metaclass=abc.ABCMeta):
     in a non-trainable variable, so a callback may change it between steps
     (`term.weight = 0.5`) and checkpoints carry it.
 
-    Subclasses implement `compute_loss(x, y, y_pred, sample_weight, step,
-    epoch)` and use `self._reduce(per_sample, sample_weight)`. A term whose
-    teacher may have no target yet for some samples implements
-    `compute_loss_and_mask` instead, which also returns a `(batch,)` mask
-    of the samples it covers; with `xi` set, the others keep their label
-    loss at full weight instead of `1 − ξ`.
+    The contract of a subclass:
+
+    - it implements `compute_loss(x, y, y_pred, sample_weight, step,
+      epoch)` and reduces its per-sample values with `self.reduce(values,
+      sample_weight)`; a term whose teacher may have no target yet for
+      some samples implements `compute_loss_and_mask` instead, which also
+      returns a `(batch,)` mask of the samples it covers (with `xi` set,
+      the others keep their label loss at full weight instead of `1 − ξ`);
+    - its own hyperparameters (a number or a schedule) are made with
+      `self.add_hyperparameter(name, value)`, read in the step with
+      `self.hyperparameter(name, step, epoch)` and written to its config
+      with `self.hyperparameter_config(name)`;
+    - it declares what it needs as class attributes: `reads_forward`
+      (with `taps`, `view`, `forward`), `rewrites_batch` (with
+      `rewrite_batch`), `has_loss`, `reads_logits`, `evaluates`;
+    - `get_config` returns its constructor's arguments and `from_config`
+      deserializes its own nested objects (a teacher, a schedule through
+      `keras_selfdistill.schedules.deserialize`) before calling the
+      base's; the class is registered with
+      `keras.saving.register_keras_serializable` so that a saved
+      distiller loads.
 
     Args:
         weight: Number (at least 0) or schedule multiplying the term.
@@ -137,12 +153,20 @@ class Term(keras.layers.Layer, metaclass=abc.ABCMeta):
         self._hyperparameters = {}
         self._hyperparameter_bounds = {}
         self._reducer = _PerSampleLoss(name=self.name, dtype="float32")
-        self._add_hyperparameter("weight", weight, minimum=0.0)
+        self.add_hyperparameter("weight", weight, minimum=0.0)
         if xi is not None:
-            self._add_hyperparameter("xi", xi, minimum=0.0)
+            self.add_hyperparameter("xi", xi, minimum=0.0)
         self.built = True
 
-    def _add_hyperparameter(self, name, value, minimum=None, strict=False):
+    def add_hyperparameter(self, name, value, minimum=None, strict=False):
+        """Makes hyperparameter `name` from a number or a schedule.
+
+        A number is stored in a non-trainable variable (a callback may
+        reassign it, checkpoints carry it); a schedule is called each
+        step. Either is checked: finite and at least `minimum` (above it
+        with `strict`). Read it with `hyperparameter(name, step, epoch)`;
+        `hyperparameter_property(name)` makes it an attribute.
+        """
         self._hyperparameter_bounds[name] = (minimum, strict)
         value = schedules.as_schedule(value)
         if isinstance(value, schedules.Schedule):
@@ -318,14 +342,10 @@ class Term(keras.layers.Layer, metaclass=abc.ABCMeta):
         """
         return {}
 
-    @property
-    def reads_forward(self):
-        """Whether the term's `y_pred` is the dict of the protocol."""
-        return (
-            bool(self.taps)
-            or type(self).view is not Term.view
-            or type(self).forward is not Term.forward
-        )
+    #: Whether the term reads the forward pass's dict (`taps`, `view`,
+    #: `forward`) as its `y_pred`, instead of the student's logits. A term
+    #: that declares taps, a view or layers of its own sets it.
+    reads_forward = False
 
     @property
     def output_key(self):
@@ -373,10 +393,9 @@ class Term(keras.layers.Layer, metaclass=abc.ABCMeta):
         """
         return x, y, sample_weight
 
-    @property
-    def rewrites_batch(self):
-        """Whether the term overrides `rewrite_batch`."""
-        return type(self).rewrite_batch is not Term.rewrite_batch
+    #: Whether the `Distiller` runs the term's `rewrite_batch` before
+    #: each training step. At most one term of a distiller sets it.
+    rewrites_batch = False
 
     @property
     def reads_logits(self):
@@ -427,8 +446,33 @@ class Term(keras.layers.Layer, metaclass=abc.ABCMeta):
         loss = self.compute_loss(x, y, y_pred, sample_weight, step, epoch)
         return loss, None
 
-    def _reduce(self, per_sample, sample_weight):
-        return self._reducer(per_sample, per_sample, sample_weight)
+    def reduce(self, values, sample_weight):
+        """The term's loss from its per-sample `values`, as Keras reduces.
+
+        Weighted by `sample_weight` (a `(batch,)` weight, or one per
+        position of a sequence), summed and divided by the batch size and,
+        under `tf.distribute`, by the number of replicas: exactly as the
+        compiled Keras loss is.
+        """
+        return self._reducer(values, values, sample_weight)
+
+    def _reduce(self, values, sample_weight):
+        warnings.warn(
+            "`Term._reduce` is deprecated and will be removed in the next "
+            "release: call `Term.reduce`.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.reduce(values, sample_weight)
+
+    def _add_hyperparameter(self, name, value, minimum=None, strict=False):
+        warnings.warn(
+            "`Term._add_hyperparameter` is deprecated and will be removed in "
+            "the next release: call `Term.add_hyperparameter`.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        self.add_hyperparameter(name, value, minimum, strict)
 
     def save_own_variables(self, store):
         super().save_own_variables(store)
@@ -437,7 +481,13 @@ class Term(keras.layers.Layer, metaclass=abc.ABCMeta):
     def load_own_variables(self, store):
         _internals.load_with_seed_state(self, store)
 
-    def _serialize_hyperparameter(self, name):
+    def hyperparameter_config(self, name):
+        """Hyperparameter `name` as `get_config` writes it.
+
+        The number, or the schedule's config, which
+        `keras_selfdistill.schedules.deserialize` reads back; `None` when
+        the term has no such hyperparameter.
+        """
         value = self._hyperparameters.get(name)
         if isinstance(value, schedules.Schedule):
             return keras.saving.serialize_keras_object(value)
@@ -447,21 +497,19 @@ class Term(keras.layers.Layer, metaclass=abc.ABCMeta):
         config = super().get_config()
         config.pop("dtype", None)
         config.pop("trainable", None)
-        config["weight"] = self._serialize_hyperparameter("weight")
-        config["xi"] = self._serialize_hyperparameter("xi")
+        config["weight"] = self.hyperparameter_config("weight")
+        config["xi"] = self.hyperparameter_config("xi")
         return config
 
     @classmethod
     def from_config(cls, config):
+        """The term from `get_config`'s dict.
+
+        Deserializes the base's `weight` and `xi`; a subclass deserializes
+        its own nested objects first, then calls this.
+        """
         config = dict(config)
-        for name in ("weight", "xi", "temperature"):
+        for name in ("weight", "xi"):
             if isinstance(config.get(name), dict):
-                config[name] = schedules._deserialize(config[name])
-        # The Keras objects a term holds: its teacher, an augmentation, a
-        # diffusion schedule.
-        for name in ("teacher", "augment", "schedule"):
-            if isinstance(config.get(name), dict):
-                config[name] = keras.saving.deserialize_keras_object(
-                    config[name]
-                )
+                config[name] = schedules.deserialize(config[name])
         return cls(**config)
