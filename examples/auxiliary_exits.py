@@ -100,7 +100,7 @@ def main(argv=None):
     student = student_model()
     distiller = ksd.Distiller(
         student,
-        [ksd.terms.AuxiliaryExits(EXITS, alpha=0.5, head=args.head)],
+        [ksd.terms.AuxiliaryExits(EXITS, xi=0.5, head=args.head)],
     )
     distiller.compile(
         optimizer="adam",

@@ -1,3 +1,5 @@
+import warnings
+
 import keras
 from keras import ops
 
@@ -20,7 +22,7 @@ class AuxiliaryExits(Term):
     `keras_selfdistill.exits.attach_exits`) are trained, for each exit `i`,
     with
 
-    `w_i · [(1 − α) · CE(y, exit_i) + α · T² · KL(final/T ‖ exit_i/T)
+    `w_i · [(1 − ξ) · CE(y, exit_i) + ξ · T² · KL(final/T ‖ exit_i/T)
     + feature_weight · ‖P_i(f_i) − f_final‖² / d]`
 
     where the student's own output is the teacher (stop-gradient: the KD
@@ -32,12 +34,13 @@ class AuxiliaryExits(Term):
     as it would alone). BYOT's own objective sums `(1 − α)·CE + α·KL` over
     every classifier, the deepest included, whose KL to itself is 0: its
     cross-entropy then weighs `1 − α`. `scale_final_label=True` gives
-    exactly that objective. All exits come from the student's one forward
-    pass.
+    exactly that objective. BYOT's `α` is the label weight `ξ` of the
+    other terms (`xi`, which was called `alpha` here before). All exits
+    come from the student's one forward pass.
 
     `direction="shallow_to_deep"` reverses the teaching, for ambiguous
     labels (lower layers teaching the final head): every exit learns from
-    the labels alone, and the final head gets `α · T² · KL(m/T ‖ final/T)`
+    the labels alone, and the final head gets `ξ · T² · KL(m/T ‖ final/T)`
     towards the detached mean `m` of the exits' tempered probabilities.
 
     Each exit's accuracy is a metric `<exit name>_accuracy` (also at
@@ -58,8 +61,9 @@ class AuxiliaryExits(Term):
             Defaults to `1.0`.
         temperature: Softmax temperature `T > 0` of the KL part (number or
             schedule). Defaults to `3.0` (BYOT).
-        alpha: Share `α` of the KL part against the label part, in
-            `[0, 1]` (number or schedule). Defaults to `0.5`.
+        xi: Share `ξ` of the KL part against the label part, in `[0, 1]`
+            (number or schedule); BYOT's `α`. `alpha=` is its deprecated
+            name. Defaults to `0.5`.
         feature_weight: Weight of the feature hint (number or schedule);
             `0` builds no hint. Defaults to `0.0`.
         head: Head for exits given by name: `None`, `"linear"`,
@@ -68,7 +72,7 @@ class AuxiliaryExits(Term):
         direction: `"deep_to_shallow"` (BYOT) or `"shallow_to_deep"`.
             Defaults to `"deep_to_shallow"`.
         scale_final_label: Whether the compiled (final head's) loss is
-            weighted by `1 − α`, as in the BYOT paper. Defaults to `False`
+            weighted by `1 − ξ`, as in the BYOT paper. Defaults to `False`
             (weight 1).
         name: Defaults to `"auxiliary_exits"`.
 
@@ -92,7 +96,7 @@ class AuxiliaryExits(Term):
         exits,
         weight=1.0,
         temperature=3.0,
-        alpha=0.5,
+        xi=0.5,
         feature_weight=0.0,
         head=None,
         direction="deep_to_shallow",
@@ -100,6 +104,15 @@ class AuxiliaryExits(Term):
         name=None,
         **kwargs,
     ):
+        if "alpha" in kwargs:
+            warnings.warn(
+                "`AuxiliaryExits(alpha=...)` is deprecated and will be "
+                "removed in the next release: pass `xi=...`, the label "
+                "weight's name in every term.",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            xi = kwargs.pop("alpha")
         weights = weight if isinstance(weight, (list, tuple)) else None
         super().__init__(
             weight=1.0 if weights is not None else weight, name=name, **kwargs
@@ -134,7 +147,7 @@ class AuxiliaryExits(Term):
         if not isinstance(scale_final_label, bool):
             raise TypeError(
                 "`scale_final_label` must be True (BYOT's objective: the "
-                "final head's loss weighs 1 - alpha) or False. "
+                "final head's loss weighs 1 - xi) or False. "
                 f"Received: scale_final_label={scale_final_label!r}"
             )
         if scale_final_label and direction != "deep_to_shallow":
@@ -154,17 +167,15 @@ class AuxiliaryExits(Term):
         self.add_hyperparameter(
             "temperature", temperature, minimum=0.0, strict=True
         )
-        self.add_hyperparameter("alpha", alpha, minimum=0.0)
-        alpha = schedules.as_schedule(alpha)
-        alpha_high = (
-            alpha.value_range()[1]
-            if isinstance(alpha, schedules.Schedule)
-            else alpha
+        self.add_hyperparameter("xi", xi, minimum=0.0)
+        xi = schedules.as_schedule(xi)
+        xi_high = (
+            xi.value_range()[1] if isinstance(xi, schedules.Schedule) else xi
         )
-        if alpha_high > 1.0:
+        if xi_high > 1.0:
             raise ValueError(
-                "`alpha` is the share of the distillation part and must be "
-                f"in [0, 1]. Received: alpha={alpha}"
+                "`xi` (formerly `alpha`) is the share of the distillation "
+                f"part and must be in [0, 1]. Received: xi={xi}"
             )
         self.add_hyperparameter("feature_weight", feature_weight, minimum=0.0)
         feature_weight = schedules.as_schedule(feature_weight)
@@ -222,10 +233,30 @@ class AuxiliaryExits(Term):
     def mixing(self, step, epoch, mask):
         if not self.scale_final_label:
             return 1.0, None
-        return 1.0, 1.0 - self.hyperparameter("alpha", step, epoch)
+        return 1.0, 1.0 - self.hyperparameter("xi", step, epoch)
 
     temperature = hyperparameter_property("temperature")
-    alpha = hyperparameter_property("alpha")
+
+    @property
+    def alpha(self):
+        """Deprecated name of `xi`."""
+        warnings.warn(
+            "`AuxiliaryExits.alpha` is deprecated and will be removed in the "
+            "next release: use `xi`.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.xi
+
+    @alpha.setter
+    def alpha(self, value):
+        warnings.warn(
+            "`AuxiliaryExits.alpha` is deprecated and will be removed in the "
+            "next release: use `xi`.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        self.xi = value
 
     @property
     def feature_weight(self):
@@ -306,7 +337,7 @@ class AuxiliaryExits(Term):
                 f"Received: labels of type {type(y).__name__}"
             )
         temperature = self.hyperparameter("temperature", step, epoch)
-        alpha = self.hyperparameter("alpha", step, epoch)
+        xi = self.hyperparameter("xi", step, epoch)
         final = ops.cast(y_pred[exits_module.OUTPUT], "float32")
         exit_logits = [ops.cast(y_pred[n], "float32") for n in self.exit_names]
         teaching = self.direction == "deep_to_shallow"
@@ -323,9 +354,9 @@ class AuxiliaryExits(Term):
             if y is None:
                 value = ksd_ops.kl_divergence(teacher, logits, temperature)
             elif teaching:
-                value = (1.0 - alpha) * _cross_entropy(
+                value = (1.0 - xi) * _cross_entropy(
                     y, logits
-                ) + alpha * ksd_ops.kl_divergence(teacher, logits, temperature)
+                ) + xi * ksd_ops.kl_divergence(teacher, logits, temperature)
             else:
                 value = _cross_entropy(y, logits)
             if self.hints:
@@ -354,7 +385,7 @@ class AuxiliaryExits(Term):
                 axis=0,
             )
             ensemble = temperature * ops.log(mixture + 1e-12)
-            total = total + alpha * ksd_ops.kl_divergence(
+            total = total + xi * ksd_ops.kl_divergence(
                 ensemble, final, temperature
             )
         return self.reduce(total, sample_weight)
@@ -368,11 +399,9 @@ class AuxiliaryExits(Term):
                 "weights (`save_weights`, `BackupAndRestore`)."
             )
         config = super().get_config()
-        config.pop("xi", None)
         config.update(
             exits=self.exit_names,
             temperature=self.hyperparameter_config("temperature"),
-            alpha=self.hyperparameter_config("alpha"),
             feature_weight=self.hyperparameter_config("feature_weight"),
             head=self.head,
             direction=self.direction,
@@ -388,7 +417,10 @@ class AuxiliaryExits(Term):
     @classmethod
     def from_config(cls, config):
         config = dict(config)
-        for name in ("temperature", "alpha", "feature_weight"):
+        if "alpha" in config:
+            # A file of release 0.1.0.
+            config["xi"] = config.pop("alpha")
+        for name in ("temperature", "xi", "feature_weight"):
             if name in config:
                 config[name] = schedules.deserialize(config[name])
         if isinstance(config.get("weight"), list):

@@ -37,7 +37,7 @@ class AuxiliaryExitsLossTest(parameterized.TestCase):
         self.labels = np.array([0, 2, 1, 1, 0])
 
     def test_byot_loss_matches_numpy(self):
-        term = _attached(temperature=2.0, alpha=0.3, weight=[0.5, 2.0])
+        term = _attached(temperature=2.0, xi=0.3, weight=[0.5, 2.0])
         outputs = _fixed_outputs(self.rng)
         loss = term.compute_loss(None, self.labels, outputs, None, 0, 0)
         expected = 0
@@ -50,7 +50,7 @@ class AuxiliaryExitsLossTest(parameterized.TestCase):
 
     def test_feature_hint_matches_numpy(self):
         term = ksd.terms.AuxiliaryExits(
-            ["b1", "b3"], alpha=0.0, feature_weight=0.25
+            ["b1", "b3"], xi=0.0, feature_weight=0.25
         )
         term.attach(tiny.cnn())
         base = _fixed_outputs(self.rng, features=True)
@@ -82,7 +82,7 @@ class AuxiliaryExitsLossTest(parameterized.TestCase):
         self.assertAlmostEqual(float(loss), expected.mean(), places=5)
 
     def test_one_hot_labels_and_sample_weight(self):
-        term = _attached(alpha=0.5)
+        term = _attached(xi=0.5)
         outputs = _fixed_outputs(self.rng)
         one_hot = np.eye(3, dtype="float32")[self.labels]
         weights = np.array([1.0, 0.0, 2.0, 1.0, 0.5], "float32")
@@ -98,7 +98,7 @@ class AuxiliaryExitsLossTest(parameterized.TestCase):
         self.assertAlmostEqual(float(dense), expected, places=5)
 
     def test_label_free_exits_learn_from_the_output_only(self):
-        term = _attached(alpha=0.2, temperature=1.5)
+        term = _attached(xi=0.2, temperature=1.5)
         outputs = _fixed_outputs(self.rng)
         loss = term.compute_loss(None, None, outputs, None, 0, 0)
         expected = sum(
@@ -107,9 +107,7 @@ class AuxiliaryExitsLossTest(parameterized.TestCase):
         self.assertAlmostEqual(float(loss), expected.mean(), places=5)
 
     def test_shallow_to_deep_matches_numpy(self):
-        term = _attached(
-            alpha=0.4, temperature=2.0, direction="shallow_to_deep"
-        )
+        term = _attached(xi=0.4, temperature=2.0, direction="shallow_to_deep")
         outputs = _fixed_outputs(self.rng)
         loss = term.compute_loss(None, self.labels, outputs, None, 0, 0)
         mixture = (
@@ -139,7 +137,7 @@ class BYOTObjectiveTest(parameterized.TestCase):
             [
                 ksd.terms.AuxiliaryExits(
                     ["b1", "b2"],
-                    alpha=0.3,
+                    xi=0.3,
                     scale_final_label=scale_final_label,
                 )
             ],
@@ -174,7 +172,7 @@ class BYOTObjectiveTest(parameterized.TestCase):
 
 class AuxiliaryExitsGradientTest(parameterized.TestCase):
     def test_kd_does_not_reach_the_deepest_exit(self):
-        term = _attached(alpha=1.0, direction="deep_to_shallow")
+        term = _attached(xi=1.0, direction="deep_to_shallow")
         outputs = _fixed_outputs(np.random.default_rng(1))
         grads = tiny.gradients(
             lambda o: term.compute_loss(None, None, o, None, 0, 0), outputs
@@ -184,7 +182,7 @@ class AuxiliaryExitsGradientTest(parameterized.TestCase):
             self.assertGreater(np.abs(grads[name]).max(), 0)
 
     def test_reverse_direction_does_not_reach_the_exits(self):
-        term = _attached(alpha=1.0, direction="shallow_to_deep")
+        term = _attached(xi=1.0, direction="shallow_to_deep")
         outputs = _fixed_outputs(np.random.default_rng(1))
         labels = np.array([0, 1, 2, 0, 1])
         total = tiny.gradients(
@@ -221,7 +219,7 @@ class AuxiliaryExitsConfigTest(parameterized.TestCase):
         with self.assertRaisesRegex(ValueError, "direction"):
             ksd.terms.AuxiliaryExits(["b1"], direction="sideways")
         with self.assertRaisesRegex(ValueError, r"alpha.*\[0, 1\]"):
-            ksd.terms.AuxiliaryExits(["b1"], alpha=1.5)
+            ksd.terms.AuxiliaryExits(["b1"], xi=1.5)
         with self.assertRaisesRegex(ValueError, "temperature"):
             ksd.terms.AuxiliaryExits(["b1"], temperature=0.0)
         with self.assertRaisesRegex(ValueError, "head="):
@@ -245,23 +243,37 @@ class AuxiliaryExitsConfigTest(parameterized.TestCase):
             term.feature_weight = 0.5
 
     def test_hyperparameters_can_change_between_steps(self):
-        term = _attached(alpha=0.5)
-        term.alpha = 0.0
+        term = _attached(xi=0.5)
+        term.xi = 0.0
         term.temperature = 5.0
-        self.assertEqual(term.alpha, 0.0)
+        self.assertEqual(term.xi, 0.0)
         self.assertEqual(term.temperature, 5.0)
+
+    def test_alpha_is_the_deprecated_name_of_xi(self):
+        with self.assertWarnsRegex(DeprecationWarning, "pass `xi=...`"):
+            term = ksd.terms.AuxiliaryExits(["b1"], alpha=0.25)
+        self.assertEqual(term.xi, 0.25)
+        with self.assertWarnsRegex(DeprecationWarning, "use `xi`"):
+            self.assertEqual(term.alpha, 0.25)
+        with self.assertWarnsRegex(DeprecationWarning, "use `xi`"):
+            term.alpha = 0.5
+        self.assertEqual(term.xi, 0.5)
+        # A configuration of release 0.1.0 says `alpha`, and loads silently.
+        config = dict(term.get_config())
+        config["alpha"] = config.pop("xi")
+        self.assertEqual(ksd.terms.AuxiliaryExits.from_config(config).xi, 0.5)
 
     def test_config_round_trip(self):
         term = ksd.terms.AuxiliaryExits(
             ["b1", "b2"],
             weight=[0.2, ksd.schedules.LinearRampUp(ramp_up_epochs=3)],
-            alpha=ksd.schedules.SigmoidRampUp(ramp_up_steps=10),
+            xi=ksd.schedules.SigmoidRampUp(ramp_up_steps=10),
             head="bottleneck",
         )
         clone = ksd.terms.AuxiliaryExits.from_config(term.get_config())
         self.assertEqual(clone.exit_names, ["b1", "b2"])
         self.assertEqual(clone.head, "bottleneck")
-        self.assertIsInstance(clone.alpha, ksd.schedules.SigmoidRampUp)
+        self.assertIsInstance(clone.xi, ksd.schedules.SigmoidRampUp)
         self.assertFalse(clone.scale_final_label)
         paper = ksd.terms.AuxiliaryExits(["b1"], scale_final_label=True)
         self.assertTrue(
