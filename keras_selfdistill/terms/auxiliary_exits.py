@@ -3,11 +3,12 @@ import warnings
 import keras
 from keras import ops
 
-from keras_selfdistill import exits as exits_module
 from keras_selfdistill import ops as ksd_ops
 from keras_selfdistill import schedules
 from keras_selfdistill._forward import DEEPEST_FEATURES
+from keras_selfdistill._forward import OUTPUT
 from keras_selfdistill._term_metrics import ExitAccuracy
+from keras_selfdistill.exits import exits as exits_module
 from keras_selfdistill.terms.term import Term
 from keras_selfdistill.terms.term import hyperparameter_property
 
@@ -325,7 +326,7 @@ class AuxiliaryExits(Term):
         self.exit_model = exit_model
 
     def compute_loss(self, x, y, y_pred, sample_weight, step, epoch):
-        if not isinstance(y_pred, dict) or exits_module.OUTPUT not in y_pred:
+        if not isinstance(y_pred, dict) or OUTPUT not in y_pred:
             raise ValueError(
                 f"AuxiliaryExits '{self.name}' needs the exits' outputs; add "
                 "the term to a `Distiller`, which runs the student with its "
@@ -338,7 +339,7 @@ class AuxiliaryExits(Term):
             )
         temperature = self.hyperparameter("temperature", step, epoch)
         xi = self.hyperparameter("xi", step, epoch)
-        final = ops.cast(y_pred[exits_module.OUTPUT], "float32")
+        final = ops.cast(y_pred[OUTPUT], "float32")
         exit_logits = [ops.cast(y_pred[n], "float32") for n in self.exit_names]
         teaching = self.direction == "deep_to_shallow"
         teacher = ops.stop_gradient(final)
