@@ -507,7 +507,7 @@ class CachedTest(parameterized.TestCase):
     def test_memory_and_memory_map_paths_and_one_check_per_dataset(self):
         from unittest import mock
 
-        from keras_selfdistill.teachers import cached as cached_module
+        from keras_selfdistill.teachers import _cached_join as cached_module
 
         directory = _cache(self, self.teacher, self.x)
         dataset = ksd.data.with_sample_ids(
