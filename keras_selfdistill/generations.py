@@ -20,6 +20,9 @@ with that weight. `α*` may fall outside `[0, 1]`; `ξ = 1 − α > 1`, labels
 weighted negatively, is what Das & Sanghavi find useful under heavy label
 noise.
 
+`fit_generations` is 140 lines, 47 of them its docstring: the loop of
+generations and its three ways of choosing ξ.
+
 References:
 - [Borup & Andersen, 2021](https://arxiv.org/abs/2102.13088)
 - [Furlanello et al., 2018](https://arxiv.org/abs/1805.04770)

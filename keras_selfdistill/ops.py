@@ -5,6 +5,9 @@ value per row, shape `(...)`, computed in float32 whatever the input dtype:
 softmax and logarithms of float16 logits lose the small probabilities that
 distillation exists to transfer. Reduction over the batch (and sample
 weights) is left to the caller, so that it can match Keras's own.
+
+Every divergence is here, beside the closed-form gradients and chunking
+they share: about 540 lines.
 """
 
 from keras import ops

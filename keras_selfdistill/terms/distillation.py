@@ -1,3 +1,9 @@
+"""`Distillation`: soft targets of any teacher, under every loss kind.
+
+One term for KL, reverse KL, JSD, DKD, MSE, standardised logits and
+sparse cached targets, as `DESIGN.md` names it: about 510 lines.
+"""
+
 import keras
 from keras import ops
 

@@ -1,3 +1,10 @@
+"""`Term`, the base of every piece of the distillation objective.
+
+Its public contract (hyperparameters, reduction, the declared forward and
+batch protocols, saving) is one idea, at about 500 lines with its
+docstrings.
+"""
+
 import abc
 import math
 import re
