@@ -240,6 +240,8 @@ def _softmax_mlp(seed=0):
 
 
 class ProbabilityOutputsTest(parameterized.TestCase):
+    # Refused from the model's graph, before any backend computes: once.
+    @tiny.ONCE
     def test_keras_applications_teacher_is_refused(self):
         teacher = keras.applications.MobileNetV3Small(
             input_shape=(32, 32, 3),

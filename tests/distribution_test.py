@@ -10,6 +10,7 @@ from absl.testing import parameterized
 
 import keras_selfdistill as ksd
 from tests import distributed_run
+from tests import tiny
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,6 +81,8 @@ class DataParallelTest(parameterized.TestCase):
         )
 
 
+# The configurations' types, whatever the backend: once.
+@tiny.ONCE
 class CoverageTest(absltest.TestCase):
     def test_every_teacher_and_term_has_a_configuration(self):
         # The configurations in `distributed_run.KINDS` drive the

@@ -116,6 +116,7 @@ class ProgressiveDistillationTest(parameterized.TestCase):
         _rounds(folder, [again])
         self.assertEqual(again.fits, 0)
 
+    @tiny.ONCE
     def test_bad_arguments(self):
         model = reference.unet(keras, ksd, seed=1)
         with self.assertRaisesRegex(ValueError, "power of two"):

@@ -12,6 +12,8 @@ from tests import tiny
 
 
 class UNetTest(parameterized.TestCase):
+    # The architecture, whatever the backend: once, in the TensorFlow pass.
+    @tiny.ONCE
     def test_shapes_and_parameters(self):
         model = ksd.diffusion.unet()
         self.assertEqual(model.count_params(), 386337)
