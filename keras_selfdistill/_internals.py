@@ -225,3 +225,16 @@ def optimizer_step(model, optimizer_values):
     iterations = model.optimizer.iterations
     position = next(i for i, v in enumerate(variables) if v is iterations)
     return optimizer_values[position]
+
+
+def called_by_keras():
+    """Whether the caller's caller is Keras's own code.
+
+    Keras's `.keras` saving reads every attribute of a layer (`dir()`), a
+    deprecated alias included: an alias that files of an earlier release
+    need stays readable by it, and warns only when a user reads it.
+    """
+    import sys
+
+    caller = sys._getframe(2).f_globals.get("__name__", "")
+    return caller == "keras" or caller.startswith("keras.")

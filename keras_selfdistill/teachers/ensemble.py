@@ -1,8 +1,10 @@
 import math
+import warnings
 
 import keras
 from keras import ops
 
+from keras_selfdistill import _internals
 from keras_selfdistill.teachers.frozen_model import as_teacher
 from keras_selfdistill.teachers.teacher import Teacher
 
@@ -22,8 +24,9 @@ class Ensemble(Teacher):
     - [Sariyildiz et al., 2024](https://arxiv.org/abs/2408.17062) (UNIC)
 
     Args:
-        teachers: List of teachers: `keras.Model`s (used frozen) or
-            `keras_selfdistill.teachers.Teacher`s.
+        members: List of teachers: `keras.Model`s (used frozen) or
+            `keras_selfdistill.teachers.Teacher`s, kept as `members`.
+            `teachers=` is its deprecated name.
         weights: Optional list of non-negative mixture weights, one per
             teacher, stored as `teacher_weights` (`weights` is the layer's
             variables). Defaults to `None` (equal weights).
@@ -41,15 +44,34 @@ class Ensemble(Teacher):
     """
 
     def __init__(
-        self, teachers, weights=None, drop_rate=0.0, seed=None, name=None
+        self,
+        members=None,
+        weights=None,
+        drop_rate=0.0,
+        seed=None,
+        name=None,
+        teachers=None,
     ):
         super().__init__(name=name)
-        if not isinstance(teachers, (list, tuple)) or not teachers:
+        if teachers is not None:
+            warnings.warn(
+                "`Ensemble(teachers=...)` is deprecated and will be removed "
+                "in the next release: pass `members=...`.",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            if members is not None:
+                raise TypeError(
+                    "Pass the ensemble's teachers once, as `members`. "
+                    "Received: both members and teachers"
+                )
+            members = teachers
+        if not isinstance(members, (list, tuple)) or not members:
             raise ValueError(
                 "Ensemble needs a non-empty list of teachers. "
-                f"Received: teachers={teachers!r}"
+                f"Received: members={members!r}"
             )
-        members = [as_teacher(t, "Ensemble") for t in teachers]
+        members = [as_teacher(t, "Ensemble") for t in members]
         if weights is None:
             weights = [1.0] * len(members)
         weights = list(weights)
@@ -74,22 +96,36 @@ class Ensemble(Teacher):
                 f"dropping each teacher per step. Received: "
                 f"drop_rate={drop_rate!r}"
             )
-        self.teachers = members
+        self.members = members
         self.teacher_weights = [float(w) for w in weights]
         self.drop_rate = float(drop_rate)
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
 
+    @property
+    def teachers(self):
+        """Deprecated name of `members`."""
+        # Files of release 0.1.0 hold the members under this name, which
+        # Keras's loading reads.
+        if not _internals.called_by_keras():
+            warnings.warn(
+                "`Ensemble.teachers` is deprecated and will be removed in the "
+                "next release: use `Ensemble.members`.",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+        return self.members
+
     def attach(self, student):
-        for teacher in self.teachers:
+        for teacher in self.members:
             teacher.attach(student)
 
     @property
     def follows_student(self):
-        return any(t.follows_student for t in self.teachers)
+        return any(t.follows_student for t in self.members)
 
     def walk(self):
-        return [self] + [leaf for t in self.teachers for leaf in t.walk()]
+        return [self] + [leaf for t in self.members for leaf in t.walk()]
 
     def targets(self, x, y_pred, temperature):
         return self.targets_and_mask(x, y_pred, temperature)[0]
@@ -97,7 +133,7 @@ class Ensemble(Teacher):
     def targets_and_mask(self, x, y_pred, temperature):
         temperature = ops.cast(temperature, "float32")
         log_probs, masks = [], []
-        for teacher in self.teachers:
+        for teacher in self.members:
             logits, mask = teacher.targets_and_mask(x, y_pred, temperature)
             log_probs.append(
                 ops.log_softmax(ops.cast(logits, "float32") / temperature, -1)
@@ -107,7 +143,7 @@ class Ensemble(Teacher):
         weights = ops.convert_to_tensor(self.teacher_weights, "float32")
         if self.drop_rate > 0.0:
             draws = keras.random.uniform(
-                (len(self.teachers),), seed=self.seed_generator
+                (len(self.members),), seed=self.seed_generator
             )
             keep = ops.logical_or(
                 draws >= self.drop_rate, draws == ops.max(draws)
@@ -140,8 +176,8 @@ class Ensemble(Teacher):
         config = super().get_config()
         config.pop("input_key", None)
         config.update(
-            teachers=[
-                keras.saving.serialize_keras_object(t) for t in self.teachers
+            members=[
+                keras.saving.serialize_keras_object(t) for t in self.members
             ],
             weights=self.teacher_weights,
             drop_rate=self.drop_rate,
@@ -152,7 +188,10 @@ class Ensemble(Teacher):
     @classmethod
     def from_config(cls, config):
         config = dict(config)
-        config["teachers"] = [
-            keras.saving.deserialize_keras_object(t) for t in config["teachers"]
+        if "teachers" in config:
+            # A file of release 0.1.0.
+            config["members"] = config.pop("teachers")
+        config["members"] = [
+            keras.saving.deserialize_keras_object(t) for t in config["members"]
         ]
         return cls(**config)

@@ -1,3 +1,6 @@
+import os
+import warnings
+
 import keras
 import numpy as np
 from absl.testing import parameterized
@@ -22,7 +25,37 @@ class EnsembleTest(parameterized.TestCase):
         self.assertIsInstance(restored, ksd.teachers.Ensemble)
         self.assertEqual(restored.teacher_weights, [1.0, 2.0, 3.0])
         self.assertEqual(restored.drop_rate, 0.5)
-        self.assertEqual(len(restored.teachers), 3)
+        self.assertEqual(len(restored.members), 3)
+
+    def test_teachers_is_the_deprecated_name_of_members(self):
+        with self.assertWarnsRegex(DeprecationWarning, "members=..."):
+            ensemble = ksd.teachers.Ensemble(teachers=self.models)
+        with self.assertWarnsRegex(DeprecationWarning, "Ensemble.members"):
+            self.assertIs(ensemble.teachers, ensemble.members)
+        with self.assertRaisesRegex(TypeError, "once, as `members`"):
+            ksd.teachers.Ensemble(self.models, teachers=self.models)
+        # Saving and loading read the alias without a warning; the file
+        # holds the members under their new name.
+        distiller = ksd.Distiller(
+            tiny.mlp(), [ksd.terms.Distillation(ensemble)]
+        )
+        path = os.path.join(self.create_tempdir().full_path, "d.keras")
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "error", "`Ensemble.teachers`", DeprecationWarning
+            )
+            distiller.save(path)
+            restored = keras.saving.load_model(path)
+        self.assertEqual(
+            restored.get_config()["terms"][0]["config"]["teacher"]["config"][
+                "members"
+            ][0]["class_name"],
+            "FrozenModel",
+        )
+        np.testing.assert_array_equal(
+            restored.terms[0].teacher.members[0].model.get_weights()[0],
+            self.models[0].get_weights()[0],
+        )
 
     def test_mixes_tempered_probabilities(self):
         ensemble = ksd.teachers.Ensemble(self.models, weights=[1, 1, 2])
