@@ -410,8 +410,14 @@ class Distiller(keras.Model):
         On a small CPU a per-batch stage of the input pipeline costs about
         what a small student's step does (`benchmarks/pipeline_stages.py`).
         """
-        self._refuse_silent_fit(*args, **kwargs)
-        arguments, callbacks = pipeline.fit_arguments(self, args, kwargs)
+        arguments = (
+            inspect.signature(keras.Model.fit)
+            .bind(self, *args, **kwargs)
+            .arguments
+        )
+        arguments.pop("self")
+        self._refuse_silent_fit(arguments)
+        arguments, callbacks = pipeline.fit_arguments(self, arguments)
         # First, so that a snapshot taken at an epoch's end is in the state
         # that BackupAndRestore or ModelCheckpoint save at the same moment.
         arguments["callbacks"] = [TrainingEvents(self)] + callbacks
@@ -427,7 +433,7 @@ class Distiller(keras.Model):
                 raise
             raise ValueError(message) from error
 
-    def _refuse_silent_fit(self, *args, **kwargs):
+    def _refuse_silent_fit(self, arguments):
         """Refuses what a term that builds its own batches cannot serve."""
         silent = [term.name for term in self.terms if not term.evaluates]
         if not silent:
@@ -441,11 +447,6 @@ class Distiller(keras.Model):
                 "compile the distiller without `loss`. Received: a compiled "
                 "loss"
             )
-        arguments = (
-            inspect.signature(keras.Model.fit)
-            .bind(self, *args, **kwargs)
-            .arguments
-        )
         if arguments.get("validation_data") is not None:
             self._refuse_evaluation("validation_data")
         if arguments.get("validation_split"):

@@ -8,26 +8,23 @@ calls `fit_arguments` and hands the result to `keras.Model.fit`; errors
 of the pipeline's checks come back through `pipeline_error`.
 """
 
-import inspect
-
 import keras
 import numpy as np
 
 from keras_selfdistill import checks
 
 
-def fit_arguments(distiller, args, kwargs):
-    """`keras.Model.fit`'s arguments for `distiller.fit(*args, **kwargs)`.
+def fit_arguments(distiller, arguments):
+    """`keras.Model.fit`'s arguments for `distiller.fit(**arguments)`.
 
-    The training data checked (`check_data`) and joined to the rows of
+    `arguments` are those `fit` was called with, by name. Returns them with
+    the training data checked (`check_data`) and joined to the rows of
     joining teachers; a `tf.data` dataset of known size read for more than
     one epoch is checked over its first pass only (`later_passes`); the
     distiller's training events first among the callbacks, which are
-    checked against its moving targets.
+    checked against its moving targets, and the callbacks as a list.
     """
-    bound = inspect.signature(keras.Model.fit).bind(distiller, *args, **kwargs)
-    arguments = bound.arguments
-    arguments.pop("self")
+    arguments = dict(arguments)
     teachers = distiller.teachers
     id_limits = [t.num_samples for t in teachers if t.keyed_by_id]
     given = arguments.get("x")
