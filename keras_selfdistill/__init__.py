@@ -13,6 +13,7 @@ from keras_selfdistill import ops
 from keras_selfdistill import plots
 from keras_selfdistill import recipes
 from keras_selfdistill import schedules
+from keras_selfdistill import targets
 from keras_selfdistill import teachers
 from keras_selfdistill import terms
 from keras_selfdistill.distiller import Distiller
@@ -34,6 +35,7 @@ __all__ = [
     "plots",
     "recipes",
     "schedules",
+    "targets",
     "teachers",
     "terms",
 ]

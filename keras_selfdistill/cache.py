@@ -17,6 +17,7 @@ import keras
 import numpy as np
 
 from keras_selfdistill import _arguments
+from keras_selfdistill import targets as ksd_targets
 from keras_selfdistill._cache_files import ARRAYS
 from keras_selfdistill._cache_files import FORMAT
 from keras_selfdistill._cache_files import KINDS
@@ -35,7 +36,6 @@ from keras_selfdistill.batch import SAMPLE_ID
 from keras_selfdistill.batch import check_ids
 from keras_selfdistill.batch import fingerprints_of
 from keras_selfdistill.batch import select_input
-from keras_selfdistill.teachers.frozen_model import FrozenModel
 from keras_selfdistill.teachers.frozen_model import as_teacher
 
 
@@ -86,7 +86,8 @@ def _batches(data, batch_size, augment=None, seed=0, views=None):
 
 
 class _Targets(keras.Model):
-    """`log softmax(teacher targets / T)` of a batch, compiled by Keras."""
+    """The teacher's target log-probabilities at `T` for a batch, compiled
+    by Keras."""
 
     def __init__(self, teacher, temperature):
         super().__init__(name="teacher_targets")
@@ -94,9 +95,11 @@ class _Targets(keras.Model):
         self.temperature = temperature
 
     def call(self, x):
-        logits = self.teacher.targets(x, None, self.temperature)
-        logits = keras.ops.cast(logits, "float32")
-        return keras.ops.log_softmax(logits / self.temperature, axis=-1)
+        return ksd_targets.log_probs(
+            self.teacher.targets(x, None, self.temperature),
+            self.teacher.target_kind,
+            self.temperature,
+        )
 
 
 def _count_written(directory, manifest):
@@ -283,9 +286,9 @@ def write_teacher_outputs(
                 settings,
                 output_shape=list(log_probs.shape[1:]),
                 teacher=teacher_name,
-                # One model's log-probabilities are its logits less a
+                # Logits' log-probabilities are the logits less a
                 # constant, valid at any temperature; a mixture's are not.
-                any_temperature=isinstance(teacher, FrozenModel),
+                any_temperature=teacher.target_kind == ksd_targets.LOGITS,
                 complete=False,
             )
             _write_manifest(directory, manifest)

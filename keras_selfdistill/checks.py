@@ -281,7 +281,7 @@ def check_logits(distiller, x):
             "student", distiller.student.name, "softmax"
         )
     for frozen in distiller.teachers:
-        if frozen.targets_are_logits:
+        if frozen.returns_model_outputs:
             if _probability_rows(frozen.targets(x, None, 1.0)):
                 teacher.refuse_probabilities(
                     "teacher", frozen.model.name, "softmax"

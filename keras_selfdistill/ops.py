@@ -4,15 +4,16 @@ Every function takes logits of shape `(..., num_classes)` and returns one
 value per row, shape `(...)`, computed in float32 whatever the input dtype:
 softmax and logarithms of float16 logits lose the small probabilities that
 distillation exists to transfer. Reduction over the batch (and sample
-weights) is left to the caller, so that it can match Keras's own.
-
-Every divergence is here, beside the closed-form gradients and chunking
-they share: about 540 lines.
+weights) is left to the caller, so that it can match Keras's own. A
+teacher's targets may be log-probabilities instead (`teacher_kind`, see
+`keras_selfdistill.targets`). The closed-form KL is in `_tempered_kl`.
 """
 
 from keras import ops
 
-from keras_selfdistill import _internals
+from keras_selfdistill import targets as ksd_targets
+from keras_selfdistill._tempered_kl import tempered_kl
+from keras_selfdistill.targets import LOG_ZERO as _LOG_ZERO
 
 
 def _log_softmax(logits, temperature):
@@ -21,121 +22,15 @@ def _log_softmax(logits, temperature):
     return ops.log_softmax(logits / temperature, axis=-1)
 
 
-# Below this temperature the plain difference of log-softmaxes keeps float32
-# precision (its relative error grows as T²: 7e-7 at T = 4, half the value
-# at T = 1e4); above it, the ratio is computed from (t − s)/T.
-_PRECISE_FROM = 8.0
-
-
-def _log_ratio(teacher_logits, student_logits, temperature):
-    """`(log p, log q, log p − log q)` with the ratio precise at any T.
-
-    At large temperatures both log-softmaxes are `−log C` plus terms of
-    order `1/T`, and their difference loses every digit that `T²·KL`
-    needs (T = 1e4 gave 3.68 for a true 7.34). From `T = 8` on, rows whose
-    `d = (t − s)/T` spans less than 1 take the ratio from `d` instead:
-    `log p − log q = d − log Σ q·exp(d)`, with the logarithm as
-    `log1p(Σ q·expm1(d − max d))`; other rows, and lower temperatures, keep
-    the plain difference (one branch runs, so small T pays nothing).
-    """
-    teacher_logits = ops.cast(teacher_logits, "float32")
-    student_logits = ops.cast(student_logits, "float32")
-    temperature = ops.cast(temperature, "float32")
-    log_p = ops.log_softmax(teacher_logits / temperature, axis=-1)
-    log_q = ops.log_softmax(student_logits / temperature, axis=-1)
-
-    def precise():
-        d = (teacher_logits - student_logits) / temperature
-        shifted = d - ops.max(d, axis=-1, keepdims=True)
-        narrow = ops.min(shifted, axis=-1, keepdims=True) > -1.0
-        # Over a span below 1, Σ q·expm1 stays above e⁻¹ − 1; the floor
-        # only keeps the unused rows finite (their gradient would be NaN).
-        mean = ops.sum(ops.exp(log_q) * ops.expm1(shifted), -1, keepdims=True)
-        ratio = shifted - ops.log1p(ops.maximum(mean, -0.9))
-        return ops.where(narrow, ratio, log_p - log_q)
-
-    known = _internals.concrete_scalar(temperature)
-    if known is not None:
-        ratio = precise() if known >= _PRECISE_FROM else log_p - log_q
-    else:
-        ratio = ops.cond(
-            temperature >= _PRECISE_FROM, precise, lambda: log_p - log_q
-        )
-    return log_p, log_q, ratio
-
-
 def _kl(log_p, log_q):
     # A KL is >= 0; float rounding makes near-equal rows slightly negative,
     # which a logged or monitored loss must not show.
     return ops.maximum(ops.sum(ops.exp(log_p) * (log_p - log_q), axis=-1), 0.0)
 
 
-def _tempered_kl(teacher_logits, student_logits, temperature, reverse=False):
-    """`T² · KL(p ‖ q)` (or `KL(q ‖ p)`), with its gradient in closed form.
-
-    With `p`, `q` the tempered teacher and student distributions,
-    `r = log p − log q` and `K` the divergence:
-    `∂(T²·KL(p‖q))/∂s = T·(q − p)`, `∂(T²·KL(p‖q))/∂t = T·p·(r − K)`;
-    `∂(T²·KL(q‖p))/∂s = −T·q·(r + K)`, `∂(T²·KL(q‖p))/∂t = T·(p − q)`.
-    These are the exact derivatives (Hinton et al., 2015, eq. 2, for the
-    first). The loss `L` depends on `t/T` and `s/T` times `T²`, so
-    `T·∂L/∂T = 2L − Σ t·∂L/∂t − Σ s·∂L/∂s` (Euler's theorem on homogeneous
-    functions): a trainable temperature gets its exact gradient too.
-    Autodiff would differentiate through `_log_ratio`'s precise branch
-    instead: a `cond` whose intermediates TensorFlow keeps for the
-    backward pass, 0.04 ms of a 0.9 ms step on the demo's student. The
-    clamp at 0 (rounding only) is left out of the gradient.
-    """
-    teacher_logits = ops.cast(teacher_logits, "float32")
-    student_logits = ops.cast(student_logits, "float32")
-    temperature = ops.cast(temperature, "float32")
-
-    @ops.custom_gradient
-    def divergence(teacher_logits, student_logits, temperature):
-        log_p, log_q, ratio = _log_ratio(
-            teacher_logits, student_logits, temperature
-        )
-        p, q = ops.exp(log_p), ops.exp(log_q)
-        if reverse:
-            kl = -ops.sum(q * ratio, axis=-1, keepdims=True)
-        else:
-            kl = ops.sum(p * ratio, axis=-1, keepdims=True)
-
-        def gradient(*args, upstream=None):
-            if upstream is None:
-                (upstream,) = args
-            upstream = ops.expand_dims(upstream, -1)
-            if reverse:
-                teacher = temperature * (p - q)
-                student = -temperature * q * (ratio + kl)
-            else:
-                teacher = temperature * p * (ratio - kl)
-                student = temperature * (q - p)
-            # Per row, `∂L/∂T` from the two gradients (docstring).
-            through_logits = ops.sum(
-                teacher * teacher_logits + student * student_logits,
-                axis=-1,
-                keepdims=True,
-            )
-            per_row = (2.0 * ops.square(temperature) * kl - through_logits) / (
-                temperature
-            )
-            return (
-                teacher * upstream,
-                student * upstream,
-                # A scalar (the docstrings' contract), in its own shape.
-                ops.reshape(
-                    ops.sum(per_row * upstream), ops.shape(temperature)
-                ),
-            )
-
-        value = ops.square(temperature) * ops.maximum(ops.squeeze(kl, -1), 0.0)
-        return value, gradient
-
-    return divergence(teacher_logits, student_logits, temperature)
-
-
-def kl_divergence(teacher_logits, student_logits, temperature=1.0):
+def kl_divergence(
+    teacher_logits, student_logits, temperature=1.0, teacher_kind="logits"
+):
     """Hinton's distillation loss: `T² · KL(softmax(t/T) ‖ softmax(s/T))`.
 
     The `T²` factor keeps the gradient magnitude independent of the
@@ -152,6 +47,10 @@ def kl_divergence(teacher_logits, student_logits, temperature=1.0):
         teacher_logits: Tensor of shape `(..., num_classes)`.
         student_logits: Tensor of the same shape.
         temperature: Positive scalar. Defaults to `1.0`.
+        teacher_kind: `"logits"`, divided by `temperature`, or
+            `"log_probs"`, the target's log-probabilities at `temperature`,
+            used as they are (a teacher's `target_kind`; see
+            `keras_selfdistill.targets`). Defaults to `"logits"`.
 
     Returns:
         Float32 tensor of shape `(...)`.
@@ -162,10 +61,14 @@ def kl_divergence(teacher_logits, student_logits, temperature=1.0):
     loss = keras_selfdistill.ops.kl_divergence(t, s, temperature=4.0)
     ```
     """
-    return _tempered_kl(teacher_logits, student_logits, temperature)
+    return tempered_kl(
+        teacher_logits, student_logits, temperature, kind=teacher_kind
+    )
 
 
-def reverse_kl_divergence(teacher_logits, student_logits, temperature=1.0):
+def reverse_kl_divergence(
+    teacher_logits, student_logits, temperature=1.0, teacher_kind="logits"
+):
     """Mode-seeking distillation: `T² · KL(softmax(s/T) ‖ softmax(t/T))`.
 
     Reverse KL lets the student concentrate on the teacher's main modes
@@ -179,6 +82,10 @@ def reverse_kl_divergence(teacher_logits, student_logits, temperature=1.0):
         teacher_logits: Tensor of shape `(..., num_classes)`.
         student_logits: Tensor of the same shape.
         temperature: Positive scalar. Defaults to `1.0`.
+        teacher_kind: `"logits"`, divided by `temperature`, or
+            `"log_probs"`, the target's log-probabilities at `temperature`,
+            used as they are (a teacher's `target_kind`; see
+            `keras_selfdistill.targets`). Defaults to `"logits"`.
 
     Returns:
         Float32 tensor of shape `(...)`.
@@ -189,12 +96,22 @@ def reverse_kl_divergence(teacher_logits, student_logits, temperature=1.0):
     loss = keras_selfdistill.ops.reverse_kl_divergence(t, s)
     ```
     """
-    return _tempered_kl(
-        teacher_logits, student_logits, temperature, reverse=True
+    return tempered_kl(
+        teacher_logits,
+        student_logits,
+        temperature,
+        reverse=True,
+        kind=teacher_kind,
     )
 
 
-def generalized_jsd(teacher_logits, student_logits, beta=0.5, temperature=1.0):
+def generalized_jsd(
+    teacher_logits,
+    student_logits,
+    beta=0.5,
+    temperature=1.0,
+    teacher_kind="logits",
+):
     """Generalized Jensen-Shannon divergence of GKD, times `T²`.
 
     With `P` the teacher and `Q` the student distribution and
@@ -212,6 +129,10 @@ def generalized_jsd(teacher_logits, student_logits, beta=0.5, temperature=1.0):
         student_logits: Tensor of the same shape.
         beta: Python float in `[0, 1]`. Defaults to `0.5`.
         temperature: Positive scalar. Defaults to `1.0`.
+        teacher_kind: `"logits"`, divided by `temperature`, or
+            `"log_probs"`, the target's log-probabilities at `temperature`,
+            used as they are (a teacher's `target_kind`; see
+            `keras_selfdistill.targets`). Defaults to `"logits"`.
 
     Returns:
         Float32 tensor of shape `(...)`.
@@ -229,12 +150,14 @@ def generalized_jsd(teacher_logits, student_logits, beta=0.5, temperature=1.0):
             f"Received: beta={beta}"
         )
     if beta == 0.0:
-        return kl_divergence(teacher_logits, student_logits, temperature)
+        return kl_divergence(
+            teacher_logits, student_logits, temperature, teacher_kind
+        )
     if beta == 1.0:
         return reverse_kl_divergence(
-            teacher_logits, student_logits, temperature
+            teacher_logits, student_logits, temperature, teacher_kind
         )
-    log_p = _log_softmax(teacher_logits, temperature)
+    log_p = ksd_targets.log_probs(teacher_logits, teacher_kind, temperature)
     log_q = _log_softmax(student_logits, temperature)
     log_m = ops.logaddexp(
         log_p + ops.log(ops.cast(beta, "float32")),
@@ -272,7 +195,14 @@ def logits_mse(teacher_logits, student_logits):
     return ops.mean(ops.square(difference), axis=-1)
 
 
-def decoupled_kl(teacher_logits, student_logits, target, beta, temperature=1.0):
+def decoupled_kl(
+    teacher_logits,
+    student_logits,
+    target,
+    beta,
+    temperature=1.0,
+    teacher_kind="logits",
+):
     """Decoupled KD: `T² · (TCKD + β · NCKD)` per row.
 
     TCKD is the KL between the binary distributions `[p_gt, 1 − p_gt]` of
@@ -297,6 +227,10 @@ def decoupled_kl(teacher_logits, student_logits, target, beta, temperature=1.0):
             elsewhere (a one-hot label).
         beta: Weight of NCKD relative to TCKD.
         temperature: Positive scalar. Defaults to `1.0`.
+        teacher_kind: `"logits"`, divided by `temperature`, or
+            `"log_probs"`, the target's log-probabilities at `temperature`,
+            used as they are (a teacher's `target_kind`; see
+            `keras_selfdistill.targets`). Defaults to `"logits"`.
 
     Returns:
         Float32 tensor of shape `(...)`.
@@ -308,7 +242,7 @@ def decoupled_kl(teacher_logits, student_logits, target, beta, temperature=1.0):
         t, s, keras.ops.one_hot(y, 10), beta=8.0, temperature=4.0)
     ```
     """
-    log_p = _log_softmax(teacher_logits, temperature)
+    log_p = ksd_targets.log_probs(teacher_logits, teacher_kind, temperature)
     log_q = _log_softmax(student_logits, temperature)
     is_target = ops.cast(target, "float32") > 0.5
     parts = []
@@ -379,11 +313,6 @@ def _sparse_student(ids, student_logits, temperature):
     """The student's tempered log-probabilities of the classes `ids`."""
     log_q = _log_softmax(student_logits, temperature)
     return ops.take_along_axis(log_q, ops.cast(ids, "int32"), axis=-1)
-
-
-# A class's log-probability below this counts as 0 probability: float32's
-# exp() of it is 0, and the losses' 0 · log 0 terms stay finite.
-_LOG_ZERO = -1e4
 
 
 def _log_mass_outside(log_q, ids):

@@ -13,6 +13,11 @@ def _softmax(z):
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def _log_softmax64(z):
+    z = np.float64(z) - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
 def _kl(p, q):
     return np.sum(p * (np.log(p) - np.log(q)), axis=-1)
 
@@ -164,6 +169,81 @@ class ClosedFormGradientTest(parameterized.TestCase):
             np.testing.assert_allclose(
                 got[name], expected, rtol=1e-3, atol=1e-4 * scale, err_msg=name
             )
+
+    @parameterized.product(reverse=(False, True), temperature=(1.0, 4.0))
+    def test_log_probability_targets_match_finite_differences(
+        self, reverse, temperature
+    ):
+        # Targets of kind "log_probs" are the target's log-probabilities at
+        # T (renormalised, never divided by T): L = T² · KL(softmax(a) ‖
+        # softmax(s / T)), differentiated in a, s and T.
+        function = (
+            ksd_ops.reverse_kl_divergence if reverse else ksd_ops.kl_divergence
+        )
+        upstream = self.upstream.astype("float32")
+        values = {
+            "teacher": self.teacher / 3.0,
+            "student": self.student,
+            "temperature": np.array(temperature),
+        }
+        got = tiny.gradients(
+            lambda v: ops.sum(
+                upstream
+                * function(
+                    v["teacher"],
+                    v["student"],
+                    v["temperature"],
+                    teacher_kind="log_probs",
+                )
+            ),
+            {k: v.astype("float32") for k, v in values.items()},
+        )
+        for name in values:
+
+            def weighted(x, name=name):
+                arguments = dict(values, **{name: x})
+                t = arguments["temperature"]
+                per_row = _tempered_kl64(
+                    t * arguments["teacher"], arguments["student"], t, reverse
+                )
+                return np.sum(self.upstream * per_row)
+
+            expected = _finite_difference(weighted, values[name])
+            scale = np.abs(expected).max()
+            np.testing.assert_allclose(
+                got[name], expected, rtol=1e-3, atol=1e-4 * scale, err_msg=name
+            )
+
+    @parameterized.parameters("kl", "reverse_kl", "jsd", "dkd")
+    def test_log_probability_targets_equal_their_logits(self, loss):
+        # log_softmax(t / T) read as "log_probs" is the same target as t
+        # read as logits, for every divergence.
+        temperature = 3.0
+        teacher = self.teacher.astype("float32")
+        student = self.student.astype("float32")
+        log_p = _log_softmax64(self.teacher / temperature).astype("float32")
+        target = np.eye(6, dtype="float32")[[0, 2, 5, 1, 1]]
+
+        def value(t, kind):
+            if loss == "dkd":
+                return ksd_ops.decoupled_kl(
+                    t, student, target, 8.0, temperature, teacher_kind=kind
+                )
+            if loss == "jsd":
+                return ksd_ops.generalized_jsd(
+                    t, student, 0.3, temperature, teacher_kind=kind
+                )
+            function = getattr(ksd_ops, f"{loss}_divergence")
+            return function(t, student, temperature, teacher_kind=kind)
+
+        np.testing.assert_allclose(
+            np.asarray(value(log_p, "log_probs")),
+            np.asarray(value(teacher, "logits")),
+            rtol=1e-5,
+            atol=1e-6,
+        )
+        with self.assertRaisesRegex(ValueError, "kind must be one of"):
+            value(teacher, "probabilities")
 
     def test_second_derivative_matches_finite_differences(self):
         # The gradient of Σ (∂L/∂s)², L = Σ T²·KL(p ‖ q): it differentiates

@@ -5,6 +5,7 @@ import numpy as np
 from keras import ops
 
 from keras_selfdistill import _cache_files as cache
+from keras_selfdistill import targets as ksd_targets
 from keras_selfdistill.batch import SAMPLE_ID
 from keras_selfdistill.batch import TEACHER_OUTPUTS
 from keras_selfdistill.teachers._cached_join import MESSAGE_START
@@ -150,11 +151,21 @@ class Cached(Teacher):
     def any_temperature(self):
         """Whether the targets can be read at another temperature.
 
-        Dense outputs of one model can: its log-probabilities are its
-        logits less a constant. An ensemble's mixture, or sparse targets,
-        cannot.
+        Dense outputs of a teacher whose targets are logits can: their
+        log-probabilities are the logits less a constant. A mixture's, or
+        sparse targets, cannot.
         """
-        return self.kind == "dense" and self.manifest.get("any_temperature")
+        return self.kind == "dense" and bool(
+            self.manifest.get("any_temperature")
+        )
+
+    @property
+    def target_kind(self):
+        """`"logits"` when `any_temperature`; otherwise `"log_probs"` at
+        the written `temperature` (sparse ones in a dict)."""
+        if self.any_temperature:
+            return ksd_targets.LOGITS
+        return ksd_targets.LOG_PROBS
 
     def _epoch_variable(self):
         """The epoch the input pipeline reads to choose views."""
@@ -340,10 +351,12 @@ class Cached(Teacher):
                 f"input keys {sorted(x) if isinstance(x, dict) else None}"
             )
         if self.kind == "dense":
-            # T_w · log p_{T_w} is the logits less a constant per row, so
-            # softmax(it / T) is the teacher's distribution at T.
-            logits = self.temperature * ops.cast(values[0], "float32")
-            return ops.stop_gradient(logits)
+            log_probs = ops.cast(values[0], "float32")
+            if self.target_kind == ksd_targets.LOGITS:
+                # One model's T_w · log p_{T_w} is its logits less a
+                # constant per row: softmax(it / T) is its target at T.
+                log_probs = self.temperature * log_probs
+            return ops.stop_gradient(log_probs)
         names = cache.ARRAYS[self.kind]
         return {
             name: ops.stop_gradient(

@@ -5,6 +5,7 @@ import keras
 from keras import ops
 
 from keras_selfdistill import _internals
+from keras_selfdistill import targets as ksd_targets
 from keras_selfdistill.teachers.frozen_model import as_teacher
 from keras_selfdistill.teachers.teacher import Teacher
 
@@ -130,13 +131,16 @@ class Ensemble(Teacher):
     def targets(self, x, y_pred, temperature):
         return self.targets_and_mask(x, y_pred, temperature)[0]
 
+    # The mixture's log-probabilities at the temperature asked for.
+    target_kind = ksd_targets.LOG_PROBS
+
     def targets_and_mask(self, x, y_pred, temperature):
         temperature = ops.cast(temperature, "float32")
         log_probs, masks = [], []
         for teacher in self.members:
-            logits, mask = teacher.targets_and_mask(x, y_pred, temperature)
+            values, mask = teacher.targets_and_mask(x, y_pred, temperature)
             log_probs.append(
-                ops.log_softmax(ops.cast(logits, "float32") / temperature, -1)
+                ksd_targets.log_probs(values, teacher.target_kind, temperature)
             )
             masks.append(mask)
         log_probs = ops.stack(log_probs)
@@ -169,8 +173,7 @@ class Ensemble(Teacher):
             mask = ops.cast(
                 ops.reshape(total, ops.shape(total)[:1]) > 0.0, "float32"
             )
-        mixture = ops.logsumexp(log_probs + ops.log(weights), axis=0)
-        return ops.stop_gradient(temperature * mixture), mask
+        return ops.stop_gradient(ksd_targets.mixture(log_probs, weights)), mask
 
     def get_config(self):
         config = super().get_config()

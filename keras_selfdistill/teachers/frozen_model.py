@@ -80,7 +80,7 @@ class FrozenModel(Teacher):
         self.from_logits = from_logits
 
     @property
-    def targets_are_logits(self):
+    def returns_model_outputs(self):
         return bool(self.from_logits)
 
     def attach(self, student):

@@ -2,6 +2,7 @@ import keras
 from keras import ops
 
 from keras_selfdistill import _internals
+from keras_selfdistill import targets as ksd_targets
 from keras_selfdistill._arguments import check_positive_int
 from keras_selfdistill.batch import FINGERPRINT
 from keras_selfdistill.batch import SAMPLE_ID
@@ -159,6 +160,10 @@ class PastPredictions(Teacher):
                 f"Received: num_classes={self.num_classes}"
             )
 
+    # The stored distribution, whatever the temperature: PS-KD's soft
+    # targets are the past predictions themselves.
+    target_kind = ksd_targets.LOG_PROBS
+
     def targets(self, x, y_pred, temperature):
         return self.targets_and_mask(x, y_pred, temperature)[0]
 
@@ -210,8 +215,7 @@ class PastPredictions(Teacher):
             ops.cast(current, self.bank.dtype),
             self.num_samples,
         )
-        mask = ops.cast(seen, "float32")
-        return ops.cast(temperature, "float32") * log_probs, mask
+        return log_probs, ops.cast(seen, "float32")
 
     def on_epoch_end(self, epoch):
         moved = int(_internals.to_numpy(self.mismatches))

@@ -2,6 +2,7 @@ import keras
 from keras import ops
 
 from keras_selfdistill import _internals
+from keras_selfdistill import targets as ksd_targets
 from keras_selfdistill._arguments import check_positive_int
 from keras_selfdistill.batch import select_input
 from keras_selfdistill.teachers.teacher import Teacher
@@ -19,7 +20,9 @@ class Snapshot(Teacher):
     into a snapshot; the last `keep` snapshots teach together, by averaging
     their tempered distributions (`combine="average"`) or by the fraction of
     snapshots voting for each class (`combine="vote"`, the voting teachers
-    of SD-DARTS). Until the first snapshot there is no target: the term
+    of SD-DARTS); either mixture gives every class `1e-6` more probability,
+    renormalised, so that a class no snapshot voted for keeps a finite
+    log-probability. Until the first snapshot there is no target: the term
     adds nothing and the labels keep full weight (no `1 − ξ`). Snapshots
     are variables, so checkpoints carry them.
 
@@ -90,6 +93,9 @@ class Snapshot(Teacher):
     def targets(self, x, y_pred, temperature):
         return self.targets_and_mask(x, y_pred, temperature)[0]
 
+    # The snapshots' mixture, or their vote, at the temperature asked for.
+    target_kind = ksd_targets.LOG_PROBS
+
     def targets_and_mask(self, x, y_pred, temperature):
         temperature = ops.cast(temperature, "float32")
         logits = ops.stack(
@@ -99,19 +105,18 @@ class Snapshot(Teacher):
             ]
         )
         mask, batch = self._taken_masks(logits)
-        count = ops.maximum(ops.sum(mask), 1.0)
         if self.combine == "average":
-            probs = ops.softmax(logits / temperature, axis=-1)
+            log_probs = ksd_targets.log_probs(logits, temperature=temperature)
         else:
-            probs = ops.one_hot(
-                ops.argmax(logits, axis=-1), logits.shape[-1], dtype="float32"
-            )
-        mixture = ops.sum(mask * probs, axis=0) / count
-        smoothed = (mixture + 1e-6) / (1.0 + 1e-6 * logits.shape[-1])
-        combined = temperature * ops.log(smoothed)
-        own = ops.cast(y_pred, "float32")
-        logits = ops.stop_gradient(ops.where(ops.sum(mask) > 0, combined, own))
-        return logits, batch
+            votes = ops.one_hot(ops.argmax(logits, axis=-1), logits.shape[-1])
+            log_probs = ops.where(votes > 0.0, 0.0, ksd_targets.LOG_ZERO)
+        # Before the first snapshot every slot's weight is 0; equal weights
+        # keep the rows that `batch` leaves out finite.
+        weights = ops.reshape(mask, (-1,)) + ops.cast(
+            ops.sum(mask) == 0.0, "float32"
+        )
+        mixed = ksd_targets.mixture(log_probs, weights, smoothing=1e-6)
+        return ops.stop_gradient(mixed), batch
 
     def feature_models(self):
         return self.models

@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_selfdistill import _internals
+from keras_selfdistill import targets as ksd_targets
 from keras_selfdistill._forward import graph_taps
 from keras_selfdistill._forward import is_graph
 from keras_selfdistill._forward import tap_shapes
@@ -88,8 +89,10 @@ class Teacher(keras.layers.Layer, metaclass=abc.ABCMeta):
     predictions are the one-hot labels there).
 
     Subclasses implement `targets` (and `targets_and_mask` when targets can
-    be missing), and the hooks when they hold state that follows the
-    student.
+    be missing), declare their `target_kind` (`"logits"`, the default, or
+    `"log_probs"` for a mixture; `keras_selfdistill.targets` has the
+    contract and the one mixture every teacher uses), and the hooks when
+    they hold state that follows the student.
 
     Args:
         input_key: Key of the teacher's input when the batch inputs are a
@@ -165,29 +168,35 @@ class Teacher(keras.layers.Layer, metaclass=abc.ABCMeta):
     def attach(self, student):
         """Checks the teacher against the student before training."""
 
+    #: What `targets` returns (`keras_selfdistill.targets`): `"logits"`,
+    #: whose softmax at the term's temperature is the target, or
+    #: `"log_probs"`, the target's log-probabilities at the temperature
+    #: `targets` is given (a mixture), which no loss divides again.
+    target_kind = ksd_targets.LOGITS
+
     @abc.abstractmethod
     def targets(self, x, y_pred, temperature):
-        """Returns teacher logits for the batch, without gradient.
+        """Returns the teacher's targets for the batch, without gradient.
 
         `x` are the batch inputs and `y_pred` the student's outputs of the
-        same training forward pass. The returned `z` is such that
-        `softmax(z / temperature)` is the target distribution; teachers that
-        mix several distributions return `temperature · log(mixture)`.
+        same training forward pass. The targets are of the declared
+        `target_kind`: logits `z`, whose target is `softmax(z / T)`, or
+        the target's log-probabilities at `temperature`.
         """
 
     def targets_and_mask(self, x, y_pred, temperature):
-        """Returns `(logits, mask)`: targets and which samples have one.
+        """Returns `(targets, mask)`: targets and which samples have one.
 
         `mask` is a float32 tensor of shape `(batch,)`, 1 where the teacher
         has a target for the sample and 0 where it has none yet (the
-        logits of such a row are then meaningless), or `None` when every
+        targets of such a row are then meaningless), or `None` when every
         sample has a target. Defaults to `(targets(...), None)`.
         """
         return self.targets(x, y_pred, temperature), None
 
     @property
-    def targets_are_logits(self):
-        """Whether `targets` are a model's logits as it returns them.
+    def returns_model_outputs(self):
+        """Whether `targets` are a model's outputs as it returns them.
 
         `fit` then checks on the first batch that they are not
         probabilities (rows that are non-negative and sum to 1). Defaults

@@ -5,6 +5,7 @@ from keras import ops
 
 from keras_selfdistill import ops as ksd_ops
 from keras_selfdistill import schedules
+from keras_selfdistill import targets as ksd_targets
 from keras_selfdistill._forward import DEEPEST_FEATURES
 from keras_selfdistill._forward import OUTPUT
 from keras_selfdistill._term_metrics import ExitAccuracy
@@ -374,20 +375,20 @@ class AuxiliaryExits(Term):
                 )
             total = value if total is None else total + value
         if not teaching:
-            # The exits' tempered probabilities, averaged and detached, as
-            # a teacher for the final head (logits T · log m).
-            mixture = ops.mean(
+            # The exits' tempered distributions, averaged and detached, as
+            # a teacher for the final head.
+            ensemble = ksd_targets.mixture(
                 ops.stack(
                     [
-                        ops.softmax(ops.stop_gradient(e) / temperature, axis=-1)
+                        ksd_targets.log_probs(
+                            ops.stop_gradient(e), temperature=temperature
+                        )
                         for e in exit_logits
                     ]
-                ),
-                axis=0,
+                )
             )
-            ensemble = temperature * ops.log(mixture + 1e-12)
             total = total + xi * ksd_ops.kl_divergence(
-                ensemble, final, temperature
+                ensemble, final, temperature, teacher_kind=ksd_targets.LOG_PROBS
             )
         return self.reduce(total, sample_weight)
 

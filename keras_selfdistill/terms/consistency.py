@@ -193,6 +193,7 @@ class Consistency(Term):
         strong = ops.cast(y_pred[self._key], "float32")
         teacher_mask = None
         if self.teacher is not None:
+            # At temperature 1 either kind of target is logits.
             weak, teacher_mask = self.teacher.targets_and_mask(x, weak, 1.0)
             weak = ops.cast(weak, "float32")
         weak = ops.stop_gradient(weak)

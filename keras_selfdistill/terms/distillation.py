@@ -1,7 +1,7 @@
 """`Distillation`: soft targets of any teacher, under every loss kind.
 
 One term for KL, reverse KL, JSD, DKD, MSE, standardised logits and
-sparse cached targets, as `DESIGN.md` names it: about 510 lines.
+sparse cached targets (`_cached_targets`), as `DESIGN.md` names it.
 """
 
 import keras
@@ -11,12 +11,12 @@ from keras_selfdistill import _arguments
 from keras_selfdistill import _rows
 from keras_selfdistill import ops as ksd_ops
 from keras_selfdistill import schedules
+from keras_selfdistill import targets as ksd_targets
 from keras_selfdistill.ops import one_hot_labels
-from keras_selfdistill.teachers.cached import Cached
 from keras_selfdistill.teachers.frozen_model import as_teacher
 from keras_selfdistill.teachers.teacher import num_classes
+from keras_selfdistill.terms import _cached_targets
 from keras_selfdistill.terms.term import Term
-from keras_selfdistill.terms.term import hyperparameter_property
 from keras_selfdistill.terms.term import replica_mean
 from keras_selfdistill.terms.term import scale_for_distribution
 
@@ -198,7 +198,19 @@ class Distillation(Term):
             "temperature", temperature, minimum=0.0, strict=True
         )
 
-    temperature = hyperparameter_property("temperature")
+    @property
+    def temperature(self):
+        """The temperature, a number or a schedule.
+
+        Assigning a number (a callback may) is refused when the teacher's
+        targets were cached at one temperature and this is another.
+        """
+        return self._get_hyperparameter("temperature")
+
+    @temperature.setter
+    def temperature(self, value):
+        _cached_targets.check_temperature(self, value)
+        self._set_hyperparameter("temperature", value)
 
     @property
     def teachers(self):
@@ -210,116 +222,8 @@ class Distillation(Term):
         if self.vocabulary_size is not None:
             for teacher in self.teacher.walk():
                 teacher._compared_width = self.vocabulary_size
-        self._check_sparse(student)
+        _cached_targets.check(self, student)
         self.teacher.attach(student)
-
-    # Losses that sparse targets support: the others need the teacher's
-    # probability of every class.
-    _SPARSE_LOSSES = {"top_k": ("kl", "reverse_kl", "jsd"), "sampled": ("kl",)}
-
-    def _check_sparse(self, student):
-        for teacher in self.teacher.walk():
-            if isinstance(teacher, Cached) and self.loss == "mse":
-                raise ValueError(
-                    f"Distillation term '{self.name}' compares raw logits "
-                    "(loss='mse'), but a cache stores log-probabilities, "
-                    "which differ from the logits by a constant per row. "
-                    "Use a softmax loss ('kl', 'reverse_kl', 'jsd', 'dkd') "
-                    "or the live teacher. Received: loss='mse'"
-                )
-            if not isinstance(teacher, Cached) or teacher.any_temperature:
-                continue
-            kind = teacher.kind
-            where = f"Distillation term '{self.name}' reads {kind} targets"
-            if kind == "dense":
-                # An ensemble's mixture, cached at one temperature.
-                if self.temperature != teacher.temperature:
-                    raise ValueError(
-                        f"{where} of an ensemble written at temperature "
-                        f"{teacher.temperature}; a mixture cannot be "
-                        "re-tempered, so the term's temperature must be the "
-                        "same number. Received: temperature="
-                        f"{self.temperature!r}"
-                    )
-                continue
-            if teacher is not self.teacher:
-                raise ValueError(
-                    f"{where} inside an Ensemble: a mixture of sparse targets "
-                    "has no probability for the classes one member left out. "
-                    "Cache the ensemble itself (`write_teacher_outputs` takes "
-                    "an Ensemble). Received: teacher="
-                    f"{type(self.teacher).__name__}"
-                )
-            if self.loss not in self._SPARSE_LOSSES[kind]:
-                raise ValueError(
-                    f"{where}, which support loss in "
-                    f"{self._SPARSE_LOSSES[kind]}: the others need the "
-                    "teacher's probability of every class. Received: "
-                    f"loss={self.loss!r}"
-                )
-            if self.standardize or self.vocabulary_size is not None:
-                raise ValueError(
-                    f"{where}, which hold log-probabilities of some classes "
-                    "only: `standardize` and `vocabulary_size` need every "
-                    "logit. Received: standardize="
-                    f"{self.standardize}, vocabulary_size="
-                    f"{self.vocabulary_size}"
-                )
-            if self.temperature != teacher.temperature:
-                raise ValueError(
-                    f"{where} written at temperature {teacher.temperature}; "
-                    "sparse targets cannot be re-tempered (the mass outside "
-                    "them is unknown), so the term's temperature must be "
-                    "the same number. Received: temperature="
-                    f"{self.temperature!r}"
-                )
-            width = teacher.manifest["output_shape"][-1]
-            classes = num_classes(student)
-            if classes is not None and classes != width:
-                raise ValueError(
-                    f"{where} over {width} classes, but the student has "
-                    f"{classes}: teacher and student must have the same "
-                    "number of classes (vocabulary)."
-                )
-
-    def _sparse_values(self, targets, student_logits):
-        """Per-position loss on a cached teacher's top-k or sampled targets."""
-        teacher = self.teacher
-        ids = ops.cast(targets["ids"], "int32")
-        leading = tuple(ids.shape[:-1])
-        if len(leading) != len(student_logits.shape) - 1:
-            raise ValueError(
-                f"Distillation term '{self.name}': the cached targets have "
-                f"shape {tuple(ids.shape)} (k last), the student's outputs "
-                f"{tuple(student_logits.shape)}: one prediction per "
-                "position is needed."
-            )
-        scalars = (ops.convert_to_tensor(teacher.temperature, "float32"),)
-        if teacher.kind == "top_k":
-            beta = 0.5 if self.beta is None else self.beta
-
-            def function(log_probs, student, ids, rest, temperature):
-                return ksd_ops.top_k_divergence(
-                    ids, log_probs, rest, student, self.loss, beta, temperature
-                )
-
-            rows = (ids, targets["rest"])
-        else:
-
-            def function(log_probs, student, ids, weights, temperature):
-                return ksd_ops.sampled_kl_divergence(
-                    ids, weights, log_probs, student, temperature
-                )
-
-            rows = (ids, targets["weights"])
-        return _rows.per_row(
-            function,
-            targets["log_probs"],
-            student_logits,
-            rows=rows,
-            scalars=scalars,
-            chunk_elements=self._chunk_elements,
-        )
 
     def compute_loss(self, x, y, y_pred, sample_weight, step, epoch):
         return self.compute_loss_and_mask(
@@ -333,7 +237,9 @@ class Distillation(Term):
         )
         if isinstance(teacher_logits, dict):
             sample_weight = self._positions_weight(x, y_pred, sample_weight)
-            values = self._sparse_values(teacher_logits, y_pred)
+            values = _cached_targets.sparse_values(
+                self, teacher_logits, y_pred, temperature
+            )
             return self.reduce(values, sample_weight), None
         for role, logits in (("student", y_pred), ("teacher", teacher_logits)):
             if not hasattr(logits, "shape"):
@@ -368,31 +274,49 @@ class Distillation(Term):
         return self.reduce(values, sample_weight), mask
 
     def _divergence(self, teacher_logits, student_logits, *args):
-        """The per-row loss on `(rows, classes)` logits (one chunk)."""
+        """The per-row loss on `(rows, classes)` targets (one chunk)."""
         *labels, temperature = args
+        # Log-probabilities are used as they are (`keras_selfdistill.
+        # targets`), except where logits are standardised.
+        kind = self.teacher.target_kind
         if self.vocabulary_size is not None:
             teacher_logits = teacher_logits[..., : self.vocabulary_size]
             student_logits = student_logits[..., : self.vocabulary_size]
         if self.standardize:
+            if kind == ksd_targets.LOG_PROBS:
+                # A distribution's logits at T are T · log p; the official
+                # z-score's 1e-7 makes their scale matter (by 1e-6).
+                teacher_logits = temperature * teacher_logits
             teacher_logits = ksd_ops.standardize_logits(teacher_logits)
             student_logits = ksd_ops.standardize_logits(student_logits)
+            kind = ksd_targets.LOGITS
         if self.loss == "dkd":
             target = ops.one_hot(labels[0], student_logits.shape[-1])
             return ksd_ops.decoupled_kl(
-                teacher_logits, student_logits, target, self.beta, temperature
+                teacher_logits,
+                student_logits,
+                target,
+                self.beta,
+                temperature,
+                teacher_kind=kind,
             )
         if self.loss == "kl":
             return ksd_ops.kl_divergence(
-                teacher_logits, student_logits, temperature
+                teacher_logits, student_logits, temperature, teacher_kind=kind
             )
         if self.loss == "reverse_kl":
             return ksd_ops.reverse_kl_divergence(
-                teacher_logits, student_logits, temperature
+                teacher_logits, student_logits, temperature, teacher_kind=kind
             )
         if self.loss == "jsd":
             return ksd_ops.generalized_jsd(
-                teacher_logits, student_logits, self.beta, temperature
+                teacher_logits,
+                student_logits,
+                self.beta,
+                temperature,
+                teacher_kind=kind,
             )
+        # Temperature-free (T = 1, where the two kinds coincide).
         return ksd_ops.logits_mse(teacher_logits, student_logits)
 
     def _check_widths(self, teacher_logits, student_logits):

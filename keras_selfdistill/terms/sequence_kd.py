@@ -109,6 +109,7 @@ class SequenceKD(OnPolicy):
 
     def _generator(self):
         def logits_of(inputs):
+            # At temperature 1 either kind of target is logits.
             return self.teacher.targets(inputs, None, 1.0)
 
         return logits_of

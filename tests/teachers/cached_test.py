@@ -296,6 +296,17 @@ class CachedTest(parameterized.TestCase):
                 np.testing.assert_allclose(a, b, atol=1e-5)
         with self.assertRaisesRegex(ValueError, "cannot be re-tempered"):
             _fit(ksd.teachers.Cached(whole), self.x, self.y, temperature=1.0)
+        # The kinds: one model's cache is logits, a mixture's is its
+        # log-probabilities at the written temperature, which the term's
+        # temperature stays equal to (a callback cannot move it).
+        self.assertEqual(ksd.teachers.Cached(member).target_kind, "logits")
+        mixture = ksd.teachers.Cached(whole)
+        self.assertEqual(mixture.target_kind, "log_probs")
+        term = ksd.terms.Distillation(mixture, temperature=2.0)
+        term.temperature = 2.0
+        with self.assertRaisesRegex(ValueError, "must stay that number"):
+            term.temperature = 4.0
+        self.assertEqual(term.temperature, 2.0)
 
     def test_top_k_with_every_class_trains_as_the_live_teacher(self):
         directory = _cache(

@@ -62,7 +62,9 @@ class EnsembleTest(parameterized.TestCase):
         targets = keras.ops.convert_to_numpy(
             ensemble.targets(self.x, None, 2.0)
         )
-        # softmax(targets / T) = Σ_i w_i softmax(z_i / T) / Σ_i w_i.
+        # The mixture's log-probabilities at T, not divided again:
+        # exp(targets) = Σ_i w_i softmax(z_i / T) / Σ_i w_i.
+        self.assertEqual(ensemble.target_kind, "log_probs")
         expected = (
             sum(
                 w * tiny.softmax(z / 2.0)
@@ -71,7 +73,7 @@ class EnsembleTest(parameterized.TestCase):
             / 4.0
         )
         np.testing.assert_allclose(
-            tiny.softmax(targets / 2.0), expected, rtol=1e-5, atol=1e-7
+            np.exp(targets), expected, rtol=1e-5, atol=1e-7
         )
 
     def test_dropping_keeps_at_least_one_teacher(self):
