@@ -136,7 +136,8 @@ def record():
 
 
 def compare(before, after):
-    before, after = np.load(before), np.load(after)
+    before = np.load(before, allow_pickle=False)
+    after = np.load(after, allow_pickle=False)
     worst = collections.defaultdict(float)
     for key in before.files:
         a = before[key].astype("float64")
