@@ -264,12 +264,15 @@ class Distiller(keras.Model):
         The one traversal that the data checks, the teachers' hooks and the
         tests use, so a nested teacher gets everything a top-level one does.
         """
-        return [
+        leaves = [
             leaf
             for term in self.terms
             for teacher in term.teachers
             for leaf in teacher.walk()
         ]
+        # A teacher that several terms share is one teacher: its hooks
+        # (an EMA's update, a snapshot) run once.
+        return list({id(leaf): leaf for leaf in leaves}.values())
 
     def _training_only_metrics(self):
         return (
@@ -467,15 +470,24 @@ class Distiller(keras.Model):
         return super().save(filepath, *args, **kwargs)
 
     def get_config(self):
-        return {
-            "name": self.name,
-            "student": keras.saving.serialize_keras_object(self.student),
-            "terms": [
-                keras.saving.serialize_keras_object(t) for t in self.terms
-            ],
-            "input_key": self.input_key,
-            "check_data": self.check_data,
-        }
+        # Keras marks an object it serializes twice (one teacher model in
+        # two terms) in both configs, but its first config is copied into
+        # its term's before the second is met, so a loaded file would build
+        # two models, one without weights. A first pass meets every object
+        # once, and the configs below then mark both places.
+        for term in self.terms:
+            keras.saving.serialize_keras_object(term)
+        return _shared_marks_only(
+            {
+                "name": self.name,
+                "student": keras.saving.serialize_keras_object(self.student),
+                "terms": [
+                    keras.saving.serialize_keras_object(t) for t in self.terms
+                ],
+                "input_key": self.input_key,
+                "check_data": self.check_data,
+            }
+        )
 
     @classmethod
     def from_config(cls, config):
@@ -487,3 +499,34 @@ class Distiller(keras.Model):
             keras.saving.deserialize_keras_object(t) for t in config["terms"]
         ]
         return cls(**config)
+
+
+def _shared_marks_only(config):
+    """`config` without the sharing marks of objects it holds once.
+
+    The first pass of `Distiller.get_config` makes Keras mark every object
+    of the terms; only those met twice are shared.
+    """
+    counts = {}
+
+    def walk(value, visit):
+        if isinstance(value, dict):
+            visit(value)
+            for item in value.values():
+                walk(item, visit)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                walk(item, visit)
+
+    def count(node):
+        if "shared_object_id" in node:
+            key = node["shared_object_id"]
+            counts[key] = counts.get(key, 0) + 1
+
+    def strip(node):
+        if counts.get(node.get("shared_object_id"), 2) < 2:
+            del node["shared_object_id"]
+
+    walk(config, count)
+    walk(config, strip)
+    return config

@@ -141,17 +141,19 @@ def distiller(keras, ksd, kind, jit_compile=False):
         # Feature distillation, decoupled KD and two-view consistency in
         # one configuration: one harness run per backend for all three.
         # The strong view is deterministic: replicas draw different random
-        # augmentations, which one device would not reproduce.
+        # augmentations, which one device would not reproduce. Logits and
+        # features come from one teacher model, shared by the two terms.
+        teacher = _model(keras, 1)
         terms = [
             ksd.terms.Distillation(
-                _model(keras, 1),
+                teacher,
                 loss="dkd",
                 temperature=2.0,
                 weight=ksd.schedules.LinearRampUp(ramp_up_epochs=2, start=0.5),
                 beta=2.0,
             ),
             ksd.terms.FeatureDistillation(
-                _model(keras, 1),
+                teacher,
                 student_layer="h1",
                 teacher_layer="h2",
                 projector="orthogonal",

@@ -67,7 +67,8 @@ class EMA(Teacher):
     follows_student = True
 
     def attach(self, student):
-        self._follow(student)
+        if not self._follow(student):
+            return
         self.model = clone_student(student, "The EMA teacher")
 
     def _pairs(self):

@@ -55,17 +55,17 @@ class Ensemble(Teacher):
     ):
         super().__init__(name=name)
         if teachers is not None:
+            if members is not None:
+                raise TypeError(
+                    "Pass the ensemble's teachers once, as `members`. "
+                    "Received: both members and teachers"
+                )
             warnings.warn(
                 "`Ensemble(teachers=...)` is deprecated and will be removed "
                 "in the next release: pass `members=...`.",
                 DeprecationWarning,
                 stacklevel=2,
             )
-            if members is not None:
-                raise TypeError(
-                    "Pass the ensemble's teachers once, as `members`. "
-                    "Received: both members and teachers"
-                )
             members = teachers
         if not isinstance(members, (list, tuple)) or not members:
             raise ValueError(

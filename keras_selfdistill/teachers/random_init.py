@@ -36,7 +36,8 @@ class RandomInit(Teacher):
         self.model = None
 
     def attach(self, student):
-        self._follow(student)
+        if not self._follow(student):
+            return
         self.model = clone_student(
             student, "The RandomInit teacher", copy_weights=False
         )

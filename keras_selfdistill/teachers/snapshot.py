@@ -74,7 +74,8 @@ class Snapshot(Teacher):
         )
 
     def attach(self, student):
-        self._follow(student)
+        if not self._follow(student):
+            return
         self.models = [
             clone_student(student, "The Snapshot teacher", copy_weights=False)
             for _ in range(self.keep)

@@ -306,14 +306,25 @@ class Teacher(keras.layers.Layer, metaclass=abc.ABCMeta):
         return cache[key]
 
     def _follow(self, student):
-        """Keeps the student for teachers that copy it; once per teacher."""
-        if getattr(self, "_student", None) is not None:
+        """Keeps the student for teachers that copy it.
+
+        Returns `False` when the teacher already follows this student (the
+        terms that share it each attach it): `attach` has nothing left to
+        do. Another student is refused.
+        """
+        current = getattr(self, "_student", None)
+        if current is student:
+            return False
+        if current is not None:
             raise ValueError(
                 f"The {type(self).__name__} teacher '{self.name}' already "
-                "follows a student; create one per distiller."
+                f"follows a student, '{current.name}'; create one per "
+                "distiller (terms of one distiller may share it). Received: "
+                f"another student, '{student.name}'"
             )
         # Not tracked as a sublayer: the distiller saves the student.
         object.__setattr__(self, "_student", student)
+        return True
 
     def save_own_variables(self, store):
         super().save_own_variables(store)

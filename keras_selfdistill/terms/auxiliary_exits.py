@@ -3,6 +3,7 @@ import warnings
 import keras
 from keras import ops
 
+from keras_selfdistill import _internals
 from keras_selfdistill import ops as ksd_ops
 from keras_selfdistill import schedules
 from keras_selfdistill import targets as ksd_targets
@@ -242,12 +243,14 @@ class AuxiliaryExits(Term):
     @property
     def alpha(self):
         """Deprecated name of `xi`."""
-        warnings.warn(
-            "`AuxiliaryExits.alpha` is deprecated and will be removed in the "
-            "next release: use `xi`.",
-            DeprecationWarning,
-            stacklevel=2,
-        )
+        # Keras's saving reads every attribute of a layer it walks.
+        if not _internals.called_by_keras():
+            warnings.warn(
+                "`AuxiliaryExits.alpha` is deprecated and will be removed in "
+                "the next release: use `xi`.",
+                DeprecationWarning,
+                stacklevel=2,
+            )
         return self.xi
 
     @alpha.setter

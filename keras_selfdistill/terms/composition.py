@@ -51,6 +51,7 @@ def compose(student, terms):
             "be ambiguous. Use `weight` on the others. Received: "
             f"terms {mixing}"
         )
+    _check_shared_banks(terms)
     rewriting = [t.name for t in terms if t.rewrites_batch]
     if len(rewriting) > 1:
         raise ValueError(
@@ -130,3 +131,28 @@ def _loss_metric_names(terms):
         names.add(metric_name)
         result.append(metric_name)
     return result
+
+
+def _check_shared_banks(terms):
+    """Refuses a teacher that writes rows by id read by two terms.
+
+    Teachers are shared freely otherwise (one teacher model for logits and
+    features). A bank writes the step's predictions when it is read, so a
+    second term would read the rows the first just wrote.
+    """
+    readers = collections.defaultdict(list)
+    for term in terms:
+        for teacher in term.teachers:
+            for leaf in {id(t): t for t in teacher.walk()}.values():
+                if leaf.writes_by_id:
+                    readers[id(leaf)].append((leaf, term.name))
+    for shared in readers.values():
+        if len(shared) > 1:
+            raise ValueError(
+                f"The {type(shared[0][0]).__name__} teacher "
+                f"'{shared[0][0].name}' writes the step's predictions when "
+                "it is read, so only one term may read it (a second would "
+                "read the rows the first just wrote). Give each term its "
+                "own. Received: terms "
+                f"{[name for _, name in shared]}"
+            )

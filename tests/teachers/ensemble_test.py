@@ -97,7 +97,7 @@ class EnsembleTest(parameterized.TestCase):
         ensemble = ksd.teachers.Ensemble(
             [ksd.teachers.FrozenModel(self.models[0]), self.models[1]]
         )
-        self.assertIsInstance(ensemble.teachers[1], ksd.teachers.FrozenModel)
+        self.assertIsInstance(ensemble.members[1], ksd.teachers.FrozenModel)
         with self.assertRaisesRegex(ValueError, "non-empty list"):
             ksd.teachers.Ensemble([])
         with self.assertRaisesRegex(ValueError, "weights=\\[1, -1\\]"):
