@@ -111,7 +111,15 @@ def array_specs(manifest):
 
 
 def open_shard(directory, manifest, shard, mode="r"):
-    """The memory-mapped arrays of one shard, fingerprints included."""
+    """The memory-mapped arrays of one shard, fingerprints included.
+
+    With `mode="r+"` (the writer), missing files are created, each under a
+    temporary name and renamed whole, fingerprints last: a writer killed
+    while it creates one leaves no file that cannot be opened. A file that
+    cannot be opened in a shard whose fingerprints mark no row holds
+    nothing yet (an interrupted creation by an earlier version): it is
+    created again.
+    """
     folder = shard_directory(directory, shard)
     size = manifest["shard_size"]
     # The last shard holds the samples that are left.
@@ -123,14 +131,39 @@ def open_shard(directory, manifest, shard, mode="r"):
         path = os.path.join(folder, f"{name}.npy")
         if mode == "r":
             arrays[name] = np.load(path, mmap_mode="r", allow_pickle=False)
-        elif os.path.exists(path):
-            arrays[name] = np.load(path, mmap_mode="r+", allow_pickle=False)
-        else:
-            os.makedirs(folder, exist_ok=True)
-            arrays[name] = np.lib.format.open_memmap(
-                path, mode="w+", dtype=dtype, shape=(rows,) + shape
-            )
+            continue
+        if os.path.exists(path):
+            try:
+                arrays[name] = np.load(path, mmap_mode="r+", allow_pickle=False)
+                continue
+            except (EOFError, ValueError) as error:
+                if written_rows(folder):
+                    raise ValueError(
+                        f"The cache file {path} cannot be read, and rows of "
+                        "its shard are marked written: the cache is "
+                        "damaged. Write it into a new directory. Received: "
+                        f"{type(error).__name__}: {error}"
+                    ) from error
+        os.makedirs(folder, exist_ok=True)
+        temporary = f"{path}.tmp"
+        array = np.lib.format.open_memmap(
+            temporary, mode="w+", dtype=dtype, shape=(rows,) + shape
+        )
+        # The memory map follows the file through its rename.
+        os.replace(temporary, path)
+        arrays[name] = array
     return arrays
+
+
+def written_rows(folder):
+    """How many rows the shard in `folder` marks written (0 without a
+    readable fingerprints file)."""
+    path = os.path.join(folder, "fingerprints.npy")
+    try:
+        fingerprints = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, EOFError, ValueError):
+        return 0
+    return int(np.count_nonzero(fingerprints))
 
 
 def augmentation_name(augment):

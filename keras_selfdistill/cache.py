@@ -30,6 +30,7 @@ from keras_selfdistill._cache_files import open_shard
 from keras_selfdistill._cache_files import read_manifest
 from keras_selfdistill._cache_files import shard_directory
 from keras_selfdistill._cache_files import view_inputs
+from keras_selfdistill._cache_files import written_rows
 from keras_selfdistill._sparse_targets import sample
 from keras_selfdistill._sparse_targets import top_k
 from keras_selfdistill.batch import SAMPLE_ID
@@ -103,14 +104,10 @@ class _Targets(keras.Model):
 
 
 def _count_written(directory, manifest):
-    total = 0
-    for shard in range(manifest["num_shards"]):
-        if os.path.exists(
-            os.path.join(shard_directory(directory, shard), "fingerprints.npy")
-        ):
-            arrays = open_shard(directory, manifest, shard)
-            total += int(np.count_nonzero(arrays["fingerprints"]))
-    return total
+    return sum(
+        written_rows(shard_directory(directory, shard))
+        for shard in range(manifest["num_shards"])
+    )
 
 
 def write_teacher_outputs(

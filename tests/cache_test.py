@@ -1,7 +1,10 @@
 """The teacher-output cache writer against float64 NumPy."""
 
+import contextlib
+import itertools
 import json
 import os
+from unittest import mock
 
 import keras
 import numpy as np
@@ -275,6 +278,26 @@ class WriteTeacherOutputsTest(parameterized.TestCase):
             json.load(open(os.path.join(whole, "manifest.json"))),
         )
 
+    def test_rows_from_other_batches_equal_to_float32_rounding(self):
+        # A float32 forward depends on the batch it runs in: a restart on
+        # data batched otherwise keeps the finished rows and computes the
+        # others in other company.
+        data = ksd.data.with_sample_ids(
+            tf.data.Dataset.from_tensor_slices(self.x)
+        )
+        whole = self.create_tempdir().full_path
+        _write(self.teacher, data.batch(4), whole)
+        stopped = self.create_tempdir().full_path
+        with self.assertRaisesRegex(ValueError, "held 12 of num_samples"):
+            _write(self.teacher, data.batch(4).take(3), stopped)
+        _write(self.teacher, data.shuffle(24, seed=1).batch(5), stopped)
+        np.testing.assert_array_equal(
+            _rows(stopped, "fingerprints"), _rows(whole, "fingerprints")
+        )
+        np.testing.assert_allclose(
+            _rows(stopped, "log_probs"), _rows(whole, "log_probs"), atol=2e-6
+        )
+
     def test_progress_bar_counts_the_samples(self):
         import contextlib
         import io
@@ -325,6 +348,119 @@ class WriteTeacherOutputsTest(parameterized.TestCase):
             )
         with self.assertRaisesRegex(ValueError, "function of the inputs"):
             _write(ksd.teachers.EMA(), data, directory)
+
+
+class _Killed(BaseException):
+    """A kill, raised where the writer would have died."""
+
+
+@contextlib.contextmanager
+def _dying_at(event, log, old_writer=False):
+    """Kills the cache writer at its write number `event` (`None`: none).
+
+    Every write is counted and named in `log`: a file's creation (a kill
+    leaves it empty; with `old_writer` under its final name, as writers
+    before atomic creation did), a rename, the manifest's JSON (a kill
+    leaves half of it), each array's write of a row (a kill comes after
+    it) and each flush (a kill comes before it).
+    """
+    counter = itertools.count()
+
+    def hit(kind):
+        log.append(kind)
+        return next(counter) == event
+
+    open_memmap, replace = np.lib.format.open_memmap, os.replace
+    dump, setitem, flush = json.dump, np.memmap.__setitem__, np.memmap.flush
+
+    def creating(path, *args, **kwargs):
+        if hit("create"):
+            path = path[: -len(".tmp")] if old_writer else path
+            open(path, "wb").close()
+            raise _Killed
+        return open_memmap(path, *args, **kwargs)
+
+    def renaming(source, destination):
+        if hit("rename"):
+            raise _Killed
+        return replace(source, destination)
+
+    def dumping(value, file, **kwargs):
+        if hit("manifest"):
+            file.write(json.dumps(value)[:20])
+            raise _Killed
+        return dump(value, file, **kwargs)
+
+    def writing(array, index, value):
+        setitem(array, index, value)
+        if hit("row"):
+            raise _Killed
+
+    def flushing(array):
+        if hit("flush"):
+            raise _Killed
+        return flush(array)
+
+    with (
+        mock.patch.object(np.lib.format, "open_memmap", creating),
+        mock.patch.object(os, "replace", renaming),
+        mock.patch.object(json, "dump", dumping),
+        mock.patch.object(np.memmap, "__setitem__", writing),
+        mock.patch.object(np.memmap, "flush", flushing),
+    ):
+        yield
+
+
+# File handling, the same on both backends.
+@tiny.ONCE
+class KilledAtEveryWriteTest(parameterized.TestCase):
+    def test_a_writer_killed_at_any_write_restarts_to_the_same_cache(self):
+        x, _ = tiny.data(n=8)
+        data = ksd.data.with_sample_ids(
+            tf.data.Dataset.from_tensor_slices(x)
+        ).batch(4)
+        teacher = tiny.mlp(seed=5)
+
+        def write(directory):
+            ksd.cache.write_teacher_outputs(
+                teacher,
+                data,
+                directory,
+                8,
+                kind="top_k",
+                k=2,
+                shard_size=4,
+                verbose=0,
+            )
+
+        whole, log = self.create_tempdir().full_path, []
+        with _dying_at(None, log):
+            write(whole)
+        # Two shards of four files, each created and renamed; the
+        # manifest twice; 8 rows of 4 arrays; the flushes.
+        self.assertEqual(log.count("create"), 8)
+        self.assertEqual(log.count("rename"), 10)
+        self.assertEqual(log.count("manifest"), 2)
+        self.assertEqual(log.count("row"), 32)
+        self.assertGreater(log.count("flush"), 0)
+        kills = [(event, False) for event in range(len(log))]
+        kills += [(e, True) for e, kind in enumerate(log) if kind == "create"]
+        for event, old_writer in kills:
+            where = f"killed at write {event} ({log[event]}, {old_writer})"
+            directory = self.create_tempdir().full_path
+            with self.assertRaises(_Killed, msg=where):
+                with _dying_at(event, [], old_writer):
+                    write(directory)
+            write(directory)
+            for name in ("ids", "log_probs", "rest", "fingerprints"):
+                np.testing.assert_array_equal(
+                    _rows(directory, name), _rows(whole, name), err_msg=where
+                )
+            self.assertEqual(
+                json.load(open(os.path.join(directory, "manifest.json"))),
+                json.load(open(os.path.join(whole, "manifest.json"))),
+                where,
+            )
 
 
 _KILLED_WRITER = """
