@@ -184,6 +184,9 @@ class SigmoidRampUp(_RampUp):
         start: Value at step or epoch 0 (exactly; the curve itself starts
             at `exp(−5)`). Defaults to `0.0`.
         end: Value after the ramp. Defaults to `1.0`.
+        zero_at_start: Whether step or epoch 0 gives `start` exactly.
+            `False` follows the curve there too (`exp(−5)` of the way), as
+            the mean teacher's `sigmoid_rampup` does. Defaults to `True`.
 
     Example:
 
@@ -192,9 +195,30 @@ class SigmoidRampUp(_RampUp):
     ```
     """
 
+    def __init__(
+        self,
+        ramp_up_steps=None,
+        ramp_up_epochs=None,
+        start=0.0,
+        end=1.0,
+        zero_at_start=True,
+    ):
+        super().__init__(ramp_up_steps, ramp_up_epochs, start, end)
+        if not isinstance(zero_at_start, bool):
+            raise TypeError(
+                "SigmoidRampUp: `zero_at_start` must be True or False. "
+                f"Received: zero_at_start={zero_at_start!r}"
+            )
+        self.zero_at_start = zero_at_start
+
     def _shape(self, progress):
         curve = ops.exp(-5.0 * ops.square(1.0 - progress))
+        if not self.zero_at_start:
+            return curve
         return ops.where(progress > 0.0, curve, 0.0)
+
+    def get_config(self):
+        return dict(super().get_config(), zero_at_start=self.zero_at_start)
 
 
 @keras.saving.register_keras_serializable(package="keras_selfdistill")

@@ -117,3 +117,41 @@ class PSKDTest(parameterized.TestCase):
             ksd.recipes.ps_kd(10, 3, epochs=5, alpha=1.5)
         with self.assertRaisesRegex(ValueError, "epochs=0"):
             ksd.recipes.ps_kd(10, 3, epochs=0)
+
+
+class MeanTeacherTest(parameterized.TestCase):
+    def test_is_the_official_setting(self):
+        term = ksd.recipes.mean_teacher(keras.layers.Identity())
+        self.assertIsInstance(term, ksd.terms.Consistency)
+        self.assertEqual((term.loss, term.name), ("mse", "mean_teacher"))
+        self.assertEqual(term.temperature, 1.0)
+        self.assertEqual(term.teacher.momentum, 0.97)
+        self.assertTrue(term.teacher.warmup)
+        # consistency · sigmoid_rampup(epoch, 5), the integer epoch.
+        weights = [float(term.weight(0, epoch)) for epoch in range(7)]
+        expected = [
+            100.0 * np.exp(-5.0 * (1.0 - min(epoch, 5) / 5) ** 2)
+            for epoch in range(7)
+        ]
+        np.testing.assert_allclose(weights, expected, rtol=1e-6)
+
+    def test_trains_semi_supervised_and_refuses_bad_arguments(self):
+        x, y = tiny.data(n=16)
+        y = np.where(np.arange(16) % 2 == 0, y, -1)
+        distiller = ksd.Distiller(
+            tiny.mlp(),
+            [ksd.recipes.mean_teacher(keras.layers.GaussianNoise(0.1))],
+        )
+        distiller.compile(
+            "adam",
+            keras.losses.SparseCategoricalCrossentropy(
+                from_logits=True, ignore_class=-1
+            ),
+        )
+        history = distiller.fit(x, y, batch_size=8, epochs=2, verbose=0)
+        self.assertIn("mean_teacher_loss", history.history)
+        self.assertIn("mean_teacher_weight", history.history)
+        with self.assertRaisesRegex(ValueError, "consistency=-1"):
+            ksd.recipes.mean_teacher(keras.layers.Identity(), consistency=-1)
+        with self.assertRaisesRegex(ValueError, "ramp_up_epochs"):
+            ksd.recipes.mean_teacher(keras.layers.Identity(), ramp_up_epochs=0)

@@ -58,6 +58,21 @@ class SigmoidRampUpTest(parameterized.TestCase):
         values = [float(schedule(s, 0)) for s in steps]
         np.testing.assert_allclose(values, expected, rtol=1e-6)
 
+    def test_the_curve_from_epoch_zero(self):
+        # The mean teacher's sigmoid_rampup: exp(−5) of the way at 0 too.
+        schedule = schedules.SigmoidRampUp(
+            ramp_up_epochs=5, end=100.0, zero_at_start=False
+        )
+        expected = [
+            100 * math.exp(-5 * (1 - min(e / 5, 1)) ** 2) for e in range(7)
+        ]
+        values = [float(schedule(0, e)) for e in range(7)]
+        np.testing.assert_allclose(values, expected, rtol=1e-6)
+        restored = schedules.SigmoidRampUp.from_config(schedule.get_config())
+        self.assertFalse(restored.zero_at_start)
+        with self.assertRaisesRegex(TypeError, "zero_at_start"):
+            schedules.SigmoidRampUp(ramp_up_steps=1, zero_at_start=0)
+
     def test_value_range(self):
         schedule = schedules.SigmoidRampUp(ramp_up_epochs=3, start=4, end=1)
         self.assertEqual(schedule.value_range(), (1.0, 4.0))

@@ -9,6 +9,8 @@ from keras_selfdistill.teachers.cached import Cached
 from keras_selfdistill.teachers.frozen_model import as_teacher
 from keras_selfdistill.terms.term import Term
 
+_LOSSES = ("kl", "mse")
+
 
 @keras.saving.register_keras_serializable(package="keras_selfdistill")
 class Consistency(Term):
@@ -24,6 +26,11 @@ class Consistency(Term):
     `temperature`:
 
     `Σ_i m_i · w_i · KL(softmax(t_i / T) ‖ softmax(s_i))`
+
+    or, with `loss="mse"`, the mean teacher's consistency cost (Tarvainen
+    & Valpola; their code's `softmax_mse_loss`, the squared differences
+    summed over classes and divided by their number) in place of the KL:
+    `mean_c (softmax(s_i)_c − softmax(t_i / T)_c)²`,
 
     with `s_i` the student's logits on the strong view, `T = 0` giving
     one-hot pseudo-labels (FixMatch's cross-entropy with `argmax`), `m_i`
@@ -56,6 +63,8 @@ class Consistency(Term):
     - [Zhao et al., 2023](https://arxiv.org/abs/2308.09922) (MDCS)
     - [Xie et al., 2020](https://arxiv.org/abs/1904.12848) (UDA)
     - [Caron et al., 2021](https://arxiv.org/abs/2104.14294) (DINO)
+    - [Tarvainen & Valpola, 2017](https://arxiv.org/abs/1703.01780) (mean
+      teacher; `keras_selfdistill.recipes.mean_teacher` has its setting)
 
     Args:
         augment: The strong augmentation: a Keras layer (e.g.
@@ -73,6 +82,7 @@ class Consistency(Term):
         correct_only: Whether only correctly predicted samples teach.
             Defaults to `False`.
         dynamic_weight: `γ >= 0` of the dynamic weights. Defaults to `0.0`.
+        loss: `"kl"` or `"mse"` (the mean teacher's). Defaults to `"kl"`.
         weight: Non-negative number or schedule. Defaults to `1.0`.
         name: Name of the term. Defaults to `"consistency"`.
 
@@ -101,9 +111,16 @@ class Consistency(Term):
         dynamic_weight=0.0,
         weight=1.0,
         name=None,
+        loss="kl",
         **kwargs,
     ):
         super().__init__(weight=weight, name=name, **kwargs)
+        if loss not in _LOSSES:
+            raise ValueError(
+                f"Consistency `loss` must be one of {_LOSSES}: 'kl', or "
+                "'mse', the mean teacher's squared difference of the "
+                f"softmax outputs. Received: loss={loss!r}"
+            )
         if not callable(augment):
             raise TypeError(
                 "`augment` must be a Keras layer (or callable) producing the "
@@ -139,6 +156,7 @@ class Consistency(Term):
         self.threshold = None if threshold is None else float(threshold)
         self.correct_only = correct_only
         self.dynamic_weight = float(dynamic_weight)
+        self.loss = loss
         self.mask_rate = keras.metrics.Mean(name=f"{self.name}_mask_rate")
 
     @property
@@ -204,8 +222,13 @@ class Consistency(Term):
         else:
             target = ops.softmax(weak / self.temperature, axis=-1)
         log_student = ops.log_softmax(strong, axis=-1)
-        log_target = ops.log(ops.maximum(target, 1e-30))
-        values = ops.sum(target * (log_target - log_student), axis=-1)
+        if self.loss == "mse":
+            values = ops.mean(
+                ops.square(ops.exp(log_student) - target), axis=-1
+            )
+        else:
+            log_target = ops.log(ops.maximum(target, 1e-30))
+            values = ops.sum(target * (log_target - log_student), axis=-1)
         mask = ops.ones_like(values)
         if self.threshold is not None:
             confidence = ops.max(ops.softmax(weak, axis=-1), axis=-1)
@@ -256,6 +279,7 @@ class Consistency(Term):
             threshold=self.threshold,
             correct_only=self.correct_only,
             dynamic_weight=self.dynamic_weight,
+            loss=self.loss,
         )
         return config
 

@@ -138,6 +138,36 @@ class EMATest(parameterized.TestCase):
             np.testing.assert_array_equal(a, b)
         self.assertEqual(int(restored.terms[0].teacher.updates.numpy()), 2)
 
+    def test_warmup_is_the_true_average_until_the_decay(self):
+        # The mean teacher's min(1 − 1/(t + 1), decay) at the t-th update:
+        # the mean of the weights seen while t/(t + 1) < decay.
+        student = tiny.mlp()
+        teacher = ksd.teachers.EMA(momentum=0.8, warmup=True)
+        teacher.attach(student)
+        teacher.on_train_begin()
+        rng = np.random.default_rng(0)
+        seen = [[v.numpy().copy() for v in student.variables]]
+        for step in range(6):
+            student.set_weights(
+                [rng.normal(size=w.shape).astype("float32") for w in seen[0]]
+            )
+            seen.append(student.get_weights())
+            teacher.update(None)
+            if step < 3:  # updates 1, 2, 3: momenta 1/2, 2/3, 3/4
+                expected = [np.mean(ws, axis=0) for ws in zip(*seen)]
+            else:  # then 0.8
+                expected = [
+                    0.8 * e + 0.2 * w for e, w in zip(expected, seen[-1])
+                ]
+            for got, want in zip(teacher.model.get_weights(), expected):
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        restored = keras.saving.deserialize_keras_object(
+            keras.saving.serialize_keras_object(teacher)
+        )
+        self.assertTrue(restored.warmup)
+        with self.assertRaisesRegex(TypeError, "warmup=1"):
+            ksd.teachers.EMA(warmup=1)
+
     def test_rejects_bad_momentum_and_reuse(self):
         with self.assertRaisesRegex(ValueError, "momentum=1.0"):
             ksd.teachers.EMA(momentum=1.0)

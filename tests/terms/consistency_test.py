@@ -79,6 +79,24 @@ class ConsistencyTest(parameterized.TestCase):
         self.assertAlmostEqual(self._loss(term), expected.mean(), places=5)
         self.assertAlmostEqual(float(term.mask_rate.result()), 1.0)
 
+    @parameterized.named_parameters(("t1", 1.0), ("t05", 0.5))
+    def test_mean_teachers_squared_softmax_difference(self, temperature):
+        # The official softmax_mse_loss: squared differences summed over
+        # classes, divided by their number; then the batch mean.
+        term = ksd.terms.Consistency(
+            keras.layers.Identity(), temperature=temperature, loss="mse"
+        )
+        target = np.exp(_log_softmax(self.weak / temperature))
+        student = np.exp(_log_softmax(self.strong))
+        expected = np.sum((student - target) ** 2, -1) / 3
+        self.assertAlmostEqual(self._loss(term), expected.mean(), places=6)
+        restored = keras.saving.deserialize_keras_object(
+            keras.saving.serialize_keras_object(term)
+        )
+        self.assertEqual(restored.loss, "mse")
+        with self.assertRaisesRegex(ValueError, "loss='l2'"):
+            ksd.terms.Consistency(keras.layers.Identity(), loss="l2")
+
     def test_fixmatch_pseudo_labels_and_threshold(self):
         term = ksd.terms.Consistency(
             keras.layers.Identity(), temperature=0.0, threshold=0.7

@@ -217,6 +217,31 @@ class FeatureDistillationTest(parameterized.TestCase):
         self.assertGreater(history.history["feature_distillation_loss"][0], 0)
         self.assertEqual(distiller.predict(self.x, verbose=0).shape, (8, 3))
 
+    def test_conv1x1_is_mdistillers_conv_reg_with_pytorch_constants(self):
+        # FitNets' regressor: 1x1 convolution, BatchNorm2d (eps 1e-5,
+        # momentum 0.1: Keras's 0.9), ReLU, in training mode.
+        term = ksd.terms.FeatureDistillation(
+            tiny.cnn(seed=3), "b2", projector="conv1x1"
+        )
+        term.attach(tiny.cnn())
+        rng = np.random.default_rng(0)
+        features = rng.normal(size=(5, 2, 2, 6)).astype("float32")
+        got = keras.ops.convert_to_numpy(
+            term.projection(features, training=True)
+        )
+        convolution, normalization, _ = term.projection.layers
+        kernel = keras.ops.convert_to_numpy(convolution.kernel)[0, 0]
+        h = np.float64(features) @ kernel
+        mean, variance = h.mean((0, 1, 2)), h.var((0, 1, 2))
+        expected = np.maximum((h - mean) / np.sqrt(variance + 1e-5), 0.0)
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(normalization.moving_mean),
+            0.1 * mean,
+            rtol=1e-4,
+            atol=1e-6,
+        )
+
     @tiny.ONCE
     def test_saves_and_loads_with_its_projector(self):
         term = ksd.terms.FeatureDistillation(
