@@ -189,17 +189,25 @@ class Consistency(Term):
         if not training:
             return None
         strong = self.augment(inputs, training=True)
-        for given, made in zip(
-            keras.tree.flatten(inputs), keras.tree.flatten(strong)
-        ):
-            if tuple(given.shape)[1:] != tuple(made.shape)[1:]:
-                raise ValueError(
-                    f"Consistency '{self.name}': `augment` must keep the "
-                    "inputs' shape, since both views run in one batch. "
-                    f"Received: {tuple(given.shape)} became "
-                    f"{tuple(made.shape)}"
-                )
-        return strong
+        given, made = keras.tree.flatten(inputs), keras.tree.flatten(strong)
+        message = (
+            f"Consistency '{self.name}': `augment` "
+            f"({getattr(self.augment, 'name', type(self.augment).__name__)}) "
+            "must keep the inputs' shape, batch size included, since both "
+            "views run in one batch. Received: "
+        )
+        if len(given) != len(made):
+            raise ValueError(
+                f"{message}{len(given)} input tensors became {len(made)}"
+            )
+        for before, after in zip(given, made):
+            shapes = tuple(before.shape), tuple(after.shape)
+            if len(shapes[0]) != len(shapes[1]) or any(
+                None not in pair and pair[0] != pair[1]
+                for pair in zip(*shapes)
+            ):
+                raise ValueError(f"{message}{shapes[0]} became {shapes[1]}")
+        return _same_batch_size(given, made, strong, message)
 
     def forward(self, outputs, training=None):
         if VIEW not in outputs:
@@ -292,3 +300,25 @@ class Consistency(Term):
                     config[name]
                 )
         return super().from_config(config)
+
+
+def _same_batch_size(given, made, strong, message):
+    """`strong`, checked to hold the inputs' batch size where only running
+    the step knows it (TensorFlow graphs; JAX traces static shapes)."""
+    if keras.backend.backend() != "tensorflow":
+        return strong
+    import tensorflow as tf
+
+    checks = [
+        tf.debugging.assert_equal(
+            tf.shape(after)[0],
+            tf.shape(before)[0],
+            message=f"{message}another batch size (strong view, inputs)",
+        )
+        for before, after in zip(given, made)
+        if None in (before.shape[0], after.shape[0])
+    ]
+    if not checks:
+        return strong
+    with tf.control_dependencies(checks):
+        return tf.nest.map_structure(tf.identity, strong)

@@ -32,6 +32,13 @@ class _CountBatch(keras.layers.Layer):
         return inputs
 
 
+class _HalfBatch(keras.layers.Layer):
+    """A broken augmentation: the first half of the batch."""
+
+    def call(self, inputs, training=None):
+        return inputs[: keras.ops.shape(inputs)[0] // 2]
+
+
 class ConsistencyTest(parameterized.TestCase):
     def setUp(self):
         super().setUp()
@@ -209,3 +216,27 @@ class ConsistencyTest(parameterized.TestCase):
         distiller.compile("adam", tiny.sparse_ce())
         with self.assertRaisesRegex(ValueError, "must keep the inputs' shape"):
             distiller.fit(x, y, verbose=0)
+
+    @parameterized.named_parameters(("arrays", False), ("dataset", True))
+    def test_a_view_of_another_batch_size_is_named(self, dataset):
+        # From a dataset of unknown batch size, TensorFlow knows the sizes
+        # only when the step runs; JAX traces the sizes themselves.
+        x, y = tiny.images(n=8)
+        data = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
+        distiller = ksd.Distiller(
+            tiny.cnn(), [ksd.terms.Consistency(_HalfBatch(name="half"))]
+        )
+        distiller.compile("adam", tiny.sparse_ce())
+        with self.assertRaisesRegex(
+            # TensorFlow's assertion escapes the apostrophe.
+            Exception,
+            r"`augment` \(half\) must keep the inputs\\?' shape, batch",
+        ) as caught:
+            if dataset:
+                distiller.fit(data, verbose=0)
+            else:
+                distiller.fit(x, y, batch_size=4, verbose=0)
+        self.assertRegex(
+            str(caught.exception),
+            r"\(4, 6, 6, 1\) became \(2, 6, 6, 1\)|another batch size",
+        )
