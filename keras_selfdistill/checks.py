@@ -318,13 +318,11 @@ def check_fit_data(x, y, distiller, num_samples, unique_ids=True):
     classes = teacher.num_classes(distiller.student)
     if x is None:
         return x
-    if (
-        distiller.check_data
-        and distiller.terms
-        and all(term.reads_logits for term in distiller.terms)
-    ):
-        first = _first_batch(x)
-        if first is not None:
+    first = _first_batch(x) if distiller.check_data else None
+    if first is not None:
+        for term in distiller.terms:
+            term.check_batch(first)
+        if distiller.terms and all(t.reads_logits for t in distiller.terms):
             check_logits(distiller, first)
     if isinstance(x, types.GeneratorType):
         if not distiller.check_data:

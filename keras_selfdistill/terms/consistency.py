@@ -203,8 +203,7 @@ class Consistency(Term):
         for before, after in zip(given, made):
             shapes = tuple(before.shape), tuple(after.shape)
             if len(shapes[0]) != len(shapes[1]) or any(
-                None not in pair and pair[0] != pair[1]
-                for pair in zip(*shapes)
+                None not in pair and pair[0] != pair[1] for pair in zip(*shapes)
             ):
                 raise ValueError(f"{message}{shapes[0]} became {shapes[1]}")
         return _same_batch_size(given, made, strong, message)

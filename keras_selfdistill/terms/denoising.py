@@ -1,4 +1,5 @@
 import keras
+import numpy as np
 from keras import ops
 
 from keras_selfdistill import _arguments
@@ -10,6 +11,8 @@ from keras_selfdistill.terms.term import Term
 from keras_selfdistill.terms.term import draw_for_global_batch
 
 WEIGHTINGS = ("truncated_snr", "snr_plus_one", "snr", "constant")
+# Rounding room above |x| = 1 (a float16 or resized image).
+_SCALE_SLACK = 1e-3
 
 
 @keras.saving.register_keras_serializable(package="keras_selfdistill")
@@ -39,9 +42,11 @@ class Denoising(Term):
 
     Compile the distiller without a `loss` and fit it on images alone,
     as floats in `[−1, 1]` (the model is unconditional; labels and
-    integer pixels are refused; floats on another scale cannot be told
-    apart and train a model of that scale, which the sampler's clipping
-    to `[−1, 1]` then cuts). The noise and times
+    integer pixels are refused, and so is a first batch with values
+    outside `[−1, 1]`, such as floats in `[0, 255]`, which would train a
+    model of that scale for the sampler's clipping to cut; images in
+    `[0, 1]` cannot be told apart and train a model of that range). The
+    noise and times
     are drawn from this term's seed generator, a variable, so a resumed
     run draws what an uninterrupted one does. `evaluate` and
     `validation_data` are refused: measure a sampler by its samples
@@ -158,6 +163,27 @@ class Denoising(Term):
                 f"logsnr])`: '{student.name}' must take two inputs, the "
                 "noisy images and their (batch,) log-SNR. Received: "
                 f"{len(inputs)} inputs"
+            )
+
+    def check_batch(self, x):
+        if isinstance(x, (dict, list, tuple)) or not hasattr(x, "dtype"):
+            return
+        values = np.asarray(x)
+        if values.dtype.kind != "f" or not values.size:
+            return
+        low, high = float(values.min()), float(values.max())
+        if low < -1.0 - _SCALE_SLACK or high > 1.0 + _SCALE_SLACK:
+            hint = (
+                "`image / 127.5 - 1` for pixels in [0, 255]"
+                if low >= 0.0 and high > 2.0
+                else "map the data's own range linearly onto [-1, 1]"
+            )
+            raise ValueError(
+                f"Term '{self.name}' reads images scaled to [-1, 1], the "
+                "range its sampler clips samples to, but the first batch "
+                f"spans [{low:.4g}, {high:.4g}]: the model would learn that "
+                f"scale. Rescale the images first, e.g. {hint}. Received: "
+                f"inputs in [{low:.4g}, {high:.4g}]"
             )
 
     def rewrite_batch(self, x, y, sample_weight):

@@ -309,6 +309,16 @@ class Term(keras.layers.Layer, metaclass=abc.ABCMeta):
     def attach(self, student):
         """Checks the term against the student; called by the `Distiller`."""
 
+    def check_batch(self, x):
+        """Checks the inputs of the first training batch, before any step.
+
+        Called by `fit` (with `check_data`, the default) on the inputs of
+        the first batch it can read without consuming the data, as
+        `compute_loss` receives them: up to 32 rows of NumPy inputs, or a
+        dataset's first element. Raise a `ValueError` for inputs the term
+        cannot train on. Defaults to no check.
+        """
+
     # The forward-pass protocol. A term that reads more than the student's
     # final output declares it here; the `Distiller` serves every such term
     # from the student's one call per step and hands it, as `y_pred`, a

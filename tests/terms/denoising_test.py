@@ -179,6 +179,23 @@ class DenoisingTest(parameterized.TestCase):
                 teacher, schedule=ksd.diffusion.CosineSchedule(-10.0, 10.0)
             )
 
+    def test_images_outside_minus_one_to_one_are_refused(self):
+        import tensorflow as tf
+
+        pixels = (_images() + 1.0) * 127.5
+        for data in (
+            pixels,
+            tf.data.Dataset.from_tensor_slices(pixels).batch(4),
+        ):
+            with self.assertRaisesRegex(
+                ValueError, r"spans \[\d.*, 2\d\d.*\].*image / 127.5 - 1"
+            ):
+                _distiller().fit(data, epochs=1, verbose=0)
+        with self.assertRaisesRegex(ValueError, "range linearly onto"):
+            _distiller().fit(_images() * 1.5, epochs=1, verbose=0)
+        # Images in [0, 1] are in range (and indistinguishable).
+        _distiller().fit((_images() + 1.0) / 2.0, epochs=1, verbose=0)
+
     def test_seed_state_is_saved(self):
         distiller = _distiller(teacher_steps=4)
         distiller.fit(_images(), batch_size=4, epochs=1, verbose=0)
