@@ -73,9 +73,10 @@ class Distiller(keras.Model):
         check_data: Whether `fit` checks the training data (finite inputs,
             labels in range, sample ids): once for NumPy arrays, and per
             batch in the `tf.data` pipeline, on the host beside training,
-            over the dataset's first pass (`fit`). Defaults to `True`;
-            `False` skips the per-batch checks, e.g. for large image batches
-            on a CPU-bound input pipeline.
+            over the dataset's first pass (`fit`), and, at the end of each
+            epoch, that the training loss is finite. Defaults to `True`;
+            `False` skips these checks, e.g. for large image batches on a
+            CPU-bound input pipeline.
         name: Name of the model. Defaults to `"distiller"`.
 
     Example:

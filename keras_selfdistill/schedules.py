@@ -226,8 +226,11 @@ class _StepFunction(Schedule):
     """A function of the optimizer step, e.g. a Keras learning-rate schedule.
 
     Terms wrap a `keras.optimizers.schedules.LearningRateSchedule` or a
-    plain callable `f(step)` in this class. Only its value at step 0 can
-    be checked against a hyperparameter's bounds before training.
+    plain callable `f(step)` in this class. The range of Keras's own
+    schedules is read from their arguments (`PolynomialDecay` from its
+    start to its end, `PiecewiseConstantDecay` its values, ...); of any other
+    function only the value at step 0 is known before training, and `fit`
+    checks the values of each epoch's steps at its end.
     """
 
     def __init__(self, function):
@@ -237,6 +240,9 @@ class _StepFunction(Schedule):
         return ops.cast(self.function(step), "float32")
 
     def value_range(self):
+        known = _keras_schedule_range(self.function)
+        if known is not None:
+            return known
         first = float(_internals.to_numpy(self(0, 0)))
         return first, first
 
@@ -256,6 +262,36 @@ class _StepFunction(Schedule):
     @classmethod
     def from_config(cls, config):
         return cls(keras.saving.deserialize_keras_object(config["function"]))
+
+
+def _keras_schedule_range(function):
+    """`(lowest, highest)` of a Keras learning-rate schedule, or `None`."""
+    known = keras.optimizers.schedules
+    if not isinstance(function, known.LearningRateSchedule):
+        return None
+    config = function.get_config()
+    start = float(config.get("initial_learning_rate", 0.0))
+    if isinstance(function, known.PolynomialDecay):
+        values = [start, float(config["end_learning_rate"])]
+    elif isinstance(function, known.PiecewiseConstantDecay):
+        values = [float(v) for v in config["values"]]
+    elif isinstance(function, known.CosineDecay):
+        peak = config.get("warmup_target")
+        peak = start if peak is None else float(peak)
+        values = [start, peak, float(config["alpha"]) * peak]
+    elif isinstance(function, (known.ExponentialDecay, known.InverseTimeDecay)):
+        rate = float(config["decay_rate"])
+        shrinking = isinstance(function, known.InverseTimeDecay) or rate < 1.0
+        # A decay towards 0 keeps its sign and never reaches 0 (the step
+        # holds a value that underflows to its bound, and `fit` stops).
+        values = (
+            [start, math.copysign(1e-30, start)]
+            if shrinking
+            else [start, math.copysign(math.inf, start)]
+        )
+    else:
+        return None
+    return min(values), max(values)
 
 
 def as_schedule(value):

@@ -58,6 +58,65 @@ class BadInputTest(parameterized.TestCase):
         with self.assertRaisesRegex(errors, r"\[0, 3\).*to 9"):
             _distiller().fit(batches(), verbose=0)
 
+    # The passes counted below are TensorFlow's (JAX's trainer reads the
+    # dataset once more before training); the check itself is the host's.
+    @tiny.ONCE
+    def test_nan_inputs_of_a_later_epoch_stop_fit_at_its_end(self):
+        # A dataset of known size, checked over its first pass, whose
+        # inputs turn NaN in the pass the second epoch reads (the passes:
+        # `fit`'s look at the first batch, the checked first pass, then
+        # the second epoch's).
+        passes = []
+
+        def poison(index, x):
+            passes.extend([1] if index == 0 else [])
+            return x + np.float32("nan" if len(passes) >= 3 else 0)
+
+        dataset = (
+            tf.data.Dataset.from_tensor_slices((self.x, self.y))
+            .enumerate()
+            .map(
+                lambda i, xy: (
+                    tf.ensure_shape(
+                        tf.numpy_function(poison, [i, xy[0]], tf.float32), (4,)
+                    ),
+                    xy[1],
+                )
+            )
+        )
+        distiller = _distiller()
+        with self.assertRaisesRegex(
+            ValueError, r"not finite in epoch 1: \{'loss': nan\}.*checkpoint"
+        ):
+            distiller.fit(dataset.batch(8), epochs=3, verbose=0)
+        self.assertEqual(int(keras.ops.convert_to_numpy(distiller.epoch)), 1)
+
+    @parameterized.named_parameters(
+        ("weight", "weight", lambda step: 1.0 - 0.5 * step, "must be >= 0"),
+        ("temperature", "temperature", lambda step: 3.0 - step, "must be > 0"),
+    )
+    def test_a_schedule_out_of_range_is_held_and_stops_fit(
+        self, name, schedule, message
+    ):
+        # Not knowable before training (a plain function of the step): the
+        # step holds it to its bound (no maximised term, no division by
+        # zero), and the epoch's end names the step and the value.
+        term = ksd.terms.Distillation(
+            tiny.mlp(seed=1),
+            **{name: lambda step: schedule(keras.ops.cast(step, "float32"))},
+        )
+        distiller = _distiller([term])
+        with self.assertRaisesRegex(
+            ValueError, f"`{name}` .*optimizer step 3 of epoch 0 {message}"
+        ):
+            distiller.fit(self.x, self.y, batch_size=4, verbose=0)
+        for weight in distiller.student.get_weights():
+            self.assertTrue(np.isfinite(weight).all())
+        # Where the range is known, before training.
+        decay = keras.optimizers.schedules.PolynomialDecay(1.0, 10, -1.0)
+        with self.assertRaisesRegex(ValueError, "lowest value must be >= 0"):
+            ksd.terms.Distillation(tiny.mlp(seed=1), weight=decay)
+
     def test_checks_can_be_turned_off(self):
         self.x[3, 1] = np.nan
         distiller = ksd.Distiller(tiny.mlp(), check_data=False)

@@ -80,6 +80,28 @@ def draw_for_global_batch(draw, shape):
     return values[replica * local : (replica + 1) * local]
 
 
+# Where a schedule that leaves a strict bound (a temperature > 0) is held
+# in the step: finite, and no division by zero.
+_STRICT_FLOOR = 1e-6
+
+
+def _values_at(schedule, steps, epoch):
+    """The schedule's values at `steps`: one call on all of them when it
+    computes elementwise (the library's schedules, Keras's), else one per
+    step."""
+    if not steps:
+        return []
+    try:
+        values = _internals.to_numpy(
+            schedule(ops.convert_to_tensor(steps, "int64"), epoch)
+        )
+    except Exception:  # A schedule written for one step at a time.
+        values = None
+    if values is not None and values.shape == (len(steps),):
+        return [float(v) for v in values]
+    return [float(_internals.to_numpy(schedule(s, epoch))) for s in steps]
+
+
 def hyperparameter_property(name, doc=None):
     """A term attribute reading and assigning hyperparameter `name`.
 
@@ -247,7 +269,14 @@ class Term(keras.layers.Layer, metaclass=abc.ABCMeta):
         current.assign(float(value))
 
     def hyperparameter(self, name, step, epoch):
-        """Returns hyperparameter `name` as a float32 scalar tensor."""
+        """Returns hyperparameter `name` as a float32 scalar tensor.
+
+        A schedule's value is held to the hyperparameter's bound in the
+        step (a weight at 0, a temperature just above 0), where a value
+        beyond it would maximise the term or divide by zero; `fit` then
+        stops at the end of the epoch with the step and the value
+        (`check_schedules`).
+        """
         value = self._hyperparameters[name]
         if isinstance(value, schedules.Schedule):
             value = ops.convert_to_tensor(value(step, epoch), "float32")
@@ -256,8 +285,31 @@ class Term(keras.layers.Layer, metaclass=abc.ABCMeta):
                     f"The schedule for `{name}` of term '{self.name}' must "
                     f"return a scalar. Received: shape={value.shape}"
                 )
-            return value
+            minimum, strict = self._hyperparameter_bounds[name]
+            if minimum is None:
+                return value
+            return ops.maximum(
+                value, minimum + (_STRICT_FLOOR if strict else 0)
+            )
         return ops.convert_to_tensor(value, "float32")
+
+    def check_schedules(self, steps, epoch):
+        """Raises if a scheduled hyperparameter leaves its bounds.
+
+        Evaluates each schedule at the optimizer `steps` of `epoch`; `fit`
+        calls it at the end of every epoch with the epoch's steps (at most
+        64 of them, evenly spaced, the first and last included).
+        """
+        for name in self.scheduled_hyperparameters:
+            schedule = self._hyperparameters[name]
+            values = _values_at(schedule, steps, epoch)
+            for step, value in zip(steps, values):
+                self._check_number(
+                    name,
+                    value,
+                    f"(a schedule, held to its bound in the step) at "
+                    f"optimizer step {step} of epoch {epoch}",
+                )
 
     weight = hyperparameter_property("weight")
 
