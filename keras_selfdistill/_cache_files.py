@@ -6,7 +6,9 @@ library (`numpy.load`, memory-mapped):
 
 - `manifest.json`: the format, the kind of targets, `num_samples`, the
   per-sample output shape, the temperature the targets were taken at, the
-  shard size, the teacher's name and whether the cache is complete;
+  shard size, the teacher's name and the fingerprint of its weights
+  (`keras_selfdistill.cache.teacher_fingerprint`: a writer refuses to
+  continue a cache of another teacher) and whether the cache is complete;
 - `shard-00000/`, `shard-00001/`, ...: shard `s` holds the samples with ids
   `s · shard_size` to `(s + 1) · shard_size − 1`, one row per sample id:
   - `fingerprints.npy` (`int32`): the hash of the inputs the teacher saw,

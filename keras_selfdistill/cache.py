@@ -10,6 +10,7 @@ JSON manifest, readable without this library);
 three kinds of targets, augmented views, restarts); the module, 510.
 """
 
+import hashlib
 import json
 import os
 
@@ -37,6 +38,7 @@ from keras_selfdistill.batch import SAMPLE_ID
 from keras_selfdistill.batch import check_ids
 from keras_selfdistill.batch import fingerprints_of
 from keras_selfdistill.batch import select_input
+from keras_selfdistill.files import weights_fingerprint
 from keras_selfdistill.teachers.frozen_model import as_teacher
 
 
@@ -101,6 +103,23 @@ class _Targets(keras.Model):
             self.teacher.target_kind,
             self.temperature,
         )
+
+
+def teacher_fingerprint(teacher):
+    """A hash of what decides a teacher's outputs: its weights.
+
+    Over every teacher it holds (`walk`): the class, an ensemble's mixture
+    weights, and `keras_selfdistill.files.weights_fingerprint` of its
+    models. Names are left out, so the same teacher rebuilt elsewhere has
+    the same fingerprint.
+    """
+    digest = hashlib.sha256()
+    for leaf in teacher.walk():
+        digest.update(type(leaf).__name__.encode())
+        digest.update(repr(getattr(leaf, "teacher_weights", None)).encode())
+        for model in leaf.feature_models():
+            digest.update(weights_fingerprint(model.variables).encode())
+    return digest.hexdigest()[:16]
 
 
 def _count_written(directory, manifest):
@@ -252,6 +271,19 @@ def write_teacher_outputs(
     os.makedirs(directory, exist_ok=True)
     targets = _Targets(teacher, float(temperature))
     manifest = _stored_manifest(directory, settings)
+    identity = teacher_fingerprint(teacher)
+    if manifest is not None and manifest.get("teacher_fingerprint") not in (
+        None,
+        identity,
+    ):
+        raise ValueError(
+            f"'{directory}' holds the outputs of another teacher: the "
+            "fingerprint of its weights is "
+            f"{manifest['teacher_fingerprint']}, this teacher's {identity} "
+            "(retrained, or another model). A cache holds one teacher's "
+            "outputs: write these into a new directory, or delete the old "
+            f"cache first. Received: teacher={teacher_name!r}"
+        )
     progress = keras.utils.Progbar(
         int(num_samples),
         verbose=1 if verbose == "auto" else verbose,
@@ -283,6 +315,7 @@ def write_teacher_outputs(
                 settings,
                 output_shape=list(log_probs.shape[1:]),
                 teacher=teacher_name,
+                teacher_fingerprint=identity,
                 # Logits' log-probabilities are the logits less a
                 # constant, valid at any temperature; a mixture's are not.
                 any_temperature=teacher.target_kind == ksd_targets.LOGITS,

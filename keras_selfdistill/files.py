@@ -1,8 +1,14 @@
-"""Writing files: atomically, and never over a file we did not create."""
+"""Writing files: atomically, never over a file we did not create, and
+recording the weights they were made from."""
 
 import contextlib
+import hashlib
 import os
 import tempfile
+
+import numpy as np
+
+from keras_selfdistill import _internals
 
 
 def check_writable(path, overwrite=False):
@@ -123,3 +129,30 @@ def save_model(model, path, overwrite=False):
         if os.path.exists(temporary):
             os.remove(temporary)
         raise
+
+
+def weights_fingerprint(variables):
+    """A hash of variables' values: which weights a file was made from.
+
+    The dtype, shape and bytes of each variable, in order; names are left
+    out, so the same weights in a model built again hash the same. 16
+    hexadecimal digits of a SHA-256.
+
+    Args:
+        variables: An iterable of Keras variables (e.g. `model.weights`).
+
+    Returns:
+        A string.
+
+    Example:
+
+    ```python
+    keras_selfdistill.files.weights_fingerprint(model.weights)
+    ```
+    """
+    digest = hashlib.sha256()
+    for variable in variables:
+        value = np.ascontiguousarray(_internals.to_numpy(variable))
+        digest.update(str((value.dtype.str, value.shape)).encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()[:16]

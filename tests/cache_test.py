@@ -298,6 +298,28 @@ class WriteTeacherOutputsTest(parameterized.TestCase):
             _rows(stopped, "log_probs"), _rows(whole, "log_probs"), atol=2e-6
         )
 
+    def test_a_cache_of_another_teacher_is_not_continued(self):
+        # The same settings, the teacher retrained: its outputs would be
+        # mixed with, or hidden by, the old teacher's.
+        data = ksd.data.with_sample_ids(
+            tf.data.Dataset.from_tensor_slices(self.x)
+        ).batch(4)
+        directory = self.create_tempdir().full_path
+        _write(self.teacher, data, directory)
+        manifest = json.load(open(os.path.join(directory, "manifest.json")))
+        self.assertEqual(
+            manifest["teacher_fingerprint"],
+            ksd.cache.teacher_fingerprint(
+                ksd.teachers.FrozenModel(self.teacher)
+            ),
+        )
+        # The same weights in a model built again: the same teacher.
+        _write(tiny.mlp(seed=5), data, directory)
+        retrained = tiny.mlp(seed=5)
+        retrained.set_weights([w + 0.1 for w in retrained.get_weights()])
+        with self.assertRaisesRegex(ValueError, "outputs of another teacher"):
+            _write(retrained, data, directory)
+
     def test_progress_bar_counts_the_samples(self):
         import contextlib
         import io

@@ -11,6 +11,7 @@ import keras
 from keras_selfdistill import _arguments
 from keras_selfdistill._ddim import CosineSchedule
 from keras_selfdistill.distiller import Distiller
+from keras_selfdistill.files import weights_fingerprint
 from keras_selfdistill.generations import fresh_compile_kwargs
 from keras_selfdistill.teachers.ddim import DDIM
 from keras_selfdistill.terms.denoising import Denoising
@@ -74,6 +75,13 @@ def progressive_distillation(
     seed generator) at every epoch's end, so a killed round restarts from
     its last saved epoch and ends where an uninterrupted one does (its
     returned history then holds the epochs trained after the restart).
+    Each round records what it is made from in `steps-<N>.made_from.json`
+    before it trains: the fingerprint of its teacher's weights
+    (`keras_selfdistill.files.weights_fingerprint`), the teacher's steps,
+    the schedule, weighting, seed, optimizer and `fit`'s `epochs`,
+    `batch_size` and `steps_per_epoch`. A later call whose round differs
+    (a retrained base model, another weighting) is refused instead of
+    loading or resuming the stale round.
 
     Reference:
     - [Salimans & Ho, 2022](https://arxiv.org/abs/2202.00512),
@@ -144,9 +152,23 @@ def progressive_distillation(
     previous = model
     for index, steps in enumerate(rounds):
         path = history_path = None
+        round_seed = None if seed is None else seed + index
         if directory is not None:
             path = os.path.join(directory, f"steps-{steps}.keras")
             history_path = os.path.join(directory, f"steps-{steps}.json")
+            _check_made_from(
+                directory,
+                steps,
+                _made_from(
+                    previous,
+                    steps,
+                    schedule,
+                    weighting,
+                    round_seed,
+                    compile_kwargs,
+                    fit_kwargs,
+                ),
+            )
         if path is not None and os.path.exists(path):
             student = keras.saving.load_model(path)
             with open(history_path) as file:
@@ -158,7 +180,7 @@ def progressive_distillation(
                 steps,
                 schedule,
                 weighting,
-                None if seed is None else seed + index,
+                round_seed,
                 compile_kwargs,
                 fit_kwargs,
                 directory,
@@ -173,6 +195,57 @@ def progressive_distillation(
             progress.add(1, [("steps", steps), ("loss", loss)])
         previous = student
     return results
+
+
+def _made_from(
+    teacher, steps, schedule, weighting, seed, compile_kwargs, fit_kwargs
+):
+    """What a round is made from: its teacher's weights and the settings
+    that decide its training, as JSON values (names left out: Keras
+    numbers them per process)."""
+    optimizer = keras.saving.serialize_keras_object(
+        keras.optimizers.get(compile_kwargs["optimizer"])
+    )
+    optimizer["config"].pop("name", None)
+    record = {
+        "teacher_weights": weights_fingerprint(teacher.weights),
+        "teacher_steps": 2 * steps,
+        "schedule": keras.saving.serialize_keras_object(schedule),
+        "weighting": weighting,
+        "seed": seed,
+        "optimizer": optimizer,
+        "fit": {
+            key: fit_kwargs.get(key)
+            for key in ("epochs", "batch_size", "steps_per_epoch")
+        },
+    }
+    return json.loads(json.dumps(record, sort_keys=True, default=repr))
+
+
+def _check_made_from(directory, steps, record):
+    """Refuses a round (saved, or backed up mid-way) made from another
+    teacher or settings; records this round's before it trains."""
+    path = os.path.join(directory, f"steps-{steps}.made_from.json")
+    if not os.path.exists(path):
+        if os.path.exists(os.path.join(directory, f"steps-{steps}.keras")):
+            return  # Saved by an earlier version, which kept no record.
+        partial = path + ".partial"
+        with open(partial, "w") as file:
+            json.dump(record, file, indent=1, sort_keys=True)
+        os.replace(partial, path)
+        return
+    with open(path) as file:
+        stored = json.load(file)
+    if stored != record:
+        changed = sorted(k for k in record if stored.get(k) != record[k])
+        raise ValueError(
+            f"The {steps}-step round in '{directory}' was made from another "
+            f"teacher or other settings ({', '.join(changed)} differ), so "
+            "it would be loaded, or resumed, and distilled further as if it "
+            "were this run's. Use a new directory, or delete that round and "
+            "the rounds after it. Received: "
+            + ", ".join(f"{key}={record[key]!r}" for key in changed)
+        )
 
 
 def _train_round(

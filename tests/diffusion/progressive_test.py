@@ -117,6 +117,35 @@ class ProgressiveDistillationTest(parameterized.TestCase):
         self.assertEqual(again.fits, 0)
 
     @tiny.ONCE
+    def test_a_round_made_from_another_model_or_setting_is_refused(self):
+        folder = self.create_tempdir().full_path
+
+        def run(seed=1, **kwargs):
+            counter = _Count()
+            ksd.diffusion.progressive_distillation(
+                reference.unet(keras, ksd, seed=seed),
+                _images(),
+                num_steps=8,
+                end_steps=4,
+                directory=folder,
+                epochs=1,
+                batch_size=8,
+                verbose=0,
+                callbacks=[counter],
+                **kwargs,
+            )
+            return counter.fits
+
+        self.assertEqual(run(), 1)
+        self.assertEqual(run(), 0)  # the same base model and settings
+        with self.assertRaisesRegex(
+            ValueError, "another teacher.*teacher_weights"
+        ):
+            run(seed=2)  # a retrained base model
+        with self.assertRaisesRegex(ValueError, r"\(weighting differ\)"):
+            run(weighting="snr")
+
+    @tiny.ONCE
     def test_bad_arguments(self):
         model = reference.unet(keras, ksd, seed=1)
         with self.assertRaisesRegex(ValueError, "power of two"):
