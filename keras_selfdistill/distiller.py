@@ -192,7 +192,10 @@ class Distiller(keras.Model):
                 "no distillation terms. Compile with a `loss` or add terms."
             )
         label_scale = None
-        if terms:
+        # A distiller whose terms add no loss (a batch-rewriting term
+        # alone: SequenceKD) still reports its supervised part.
+        tracked = training and bool(self.supervised_metrics.metrics)
+        if terms or tracked:
             step = self._step()
             batch_size = ops.shape(_first_leaf(x))[0]
         for term, tracker in zip(terms, self.term_metrics.metrics):
@@ -220,7 +223,7 @@ class Distiller(keras.Model):
             losses.append(
                 self._supervised_loss(y, y_pred, sample_weight, label_scale)
             )
-            if terms:
+            if tracked:
                 self.supervised_metrics.metrics[0].add_batch(
                     unscale_for_distribution(losses[-1]), batch_size
                 )

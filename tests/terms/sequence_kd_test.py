@@ -55,6 +55,12 @@ class SequenceKDTest(parameterized.TestCase):
             distiller.compile(optimizer="adam", loss=tiny.sparse_ce())
             history = distiller.fit(*data, batch_size=4, epochs=2, verbose=0)
             self.assertLess(history.history["loss"][-1], 2.4)
+            # The whole loss is the supervised part, and is logged so.
+            np.testing.assert_allclose(
+                history.history["supervised_loss"],
+                history.history["loss"],
+                rtol=1e-5,
+            )
             weights.append(distiller.student.get_weights())
         for a, b in zip(*weights):
             np.testing.assert_array_equal(a, b)
