@@ -1,3 +1,6 @@
+import os
+import socketserver
+import threading
 import time
 from unittest import mock
 
@@ -24,7 +27,9 @@ class LoadTest(parameterized.TestCase):
         with (
             mock.patch.object(tfds, "builder", return_value=builder),
             mock.patch.object(tfds, "load") as download,
-            mock.patch.object(sources, "_DOWNLOAD_HOST", ("192.0.2.1", 443)),
+            mock.patch.object(
+                sources, "_DOWNLOAD_URL", "https://192.0.2.1/mnist.gz"
+            ),
         ):
             start = time.perf_counter()
             with self.assertRaisesRegex(ConnectionError, "'bundled_mnist'"):
@@ -35,6 +40,32 @@ class LoadTest(parameterized.TestCase):
                 "mnist", fallback="bundled_mnist", timeout=0.5
             )
         self.assertEqual(x.shape, (4000, 28, 28, 1))
+
+    def test_the_offline_check_goes_through_the_proxy(self):
+        # A proxy that records what it is asked and refuses: the check asks
+        # it for the download host, as tensorflow-datasets' download would
+        # (a raw socket to the host ignored HTTPS_PROXY).
+        asked = []
+
+        class Refusing(socketserver.StreamRequestHandler):
+            def handle(self):
+                asked.append(self.rfile.readline().decode())
+                self.wfile.write(b"HTTP/1.1 502 Bad Gateway\r\n\r\n")
+
+        with socketserver.TCPServer(("127.0.0.1", 0), Refusing) as proxy:
+            thread = threading.Thread(target=proxy.handle_request)
+            thread.start()
+            address = f"http://127.0.0.1:{proxy.server_address[1]}"
+            environment = {
+                key: value
+                for name, value in (("https_proxy", address), ("no_proxy", ""))
+                for key in (name, name.upper())
+            }
+            with mock.patch.dict(os.environ, environment):
+                self.assertFalse(sources._reachable(5.0))
+            thread.join(5.0)
+        self.assertLen(asked, 1)
+        self.assertStartsWith(asked[0], "CONNECT storage.googleapis.com:443")
 
     def test_missing_fashion_mnist_falls_back(self):
         missing = self.create_tempdir().full_path + "/absent"
