@@ -2,6 +2,7 @@
 
 from keras_selfdistill import batch
 from keras_selfdistill import cache
+from keras_selfdistill import callbacks
 from keras_selfdistill import data
 from keras_selfdistill import datasets
 from keras_selfdistill import diffusion
@@ -24,6 +25,7 @@ __all__ = [
     "Distiller",
     "batch",
     "cache",
+    "callbacks",
     "data",
     "datasets",
     "diffusion",

@@ -238,3 +238,40 @@ def called_by_keras():
 
     caller = sys._getframe(2).f_globals.get("__name__", "")
     return caller == "keras" or caller.startswith("keras.")
+
+
+class _HistogramView:
+    """What `keras.callbacks.TensorBoard._log_weights` reads of a model:
+    `layers`, each with `weights`; here one holding `weights`."""
+
+    def __init__(self, weights):
+        self.weights = weights
+        self.layers = [self]
+
+
+def trained_histograms(callback):
+    """Makes a `keras.callbacks.TensorBoard`'s weight histograms those of
+    its model's `trained_weights` (a distiller's student and terms), not of
+    every layer (the frozen teachers' unchanged copies included). Models
+    without `trained_weights`, other callbacks and a TensorBoard without
+    histograms are left as they are."""
+    if not isinstance(callback, keras.callbacks.TensorBoard) or not getattr(
+        callback, "histogram_freq", 0
+    ):
+        return
+    if getattr(callback, "_ksd_log_weights", None) is not None:
+        return
+    original = callback._ksd_log_weights = callback._log_weights
+
+    def log_weights(epoch):
+        model = callback._model
+        if not hasattr(model, "trained_weights"):
+            return original(epoch)
+        sync_training_state(model)
+        callback._model = _HistogramView(model.trained_weights)
+        try:
+            return original(epoch)
+        finally:
+            callback._model = model
+
+    callback._log_weights = log_weights

@@ -157,6 +157,18 @@ class Distiller(keras.Model):
         self.built = True
 
     @property
+    def trained_weights(self):
+        """The student's weights and the terms' trainable ones.
+
+        What the training changes (BatchNorm statistics included):
+        `keras.callbacks.TensorBoard` draws the histograms of these, not of
+        the frozen teachers' unchanged copies.
+        """
+        return list(self.student.weights) + [
+            weight for term in self.terms for weight in term.trainable_weights
+        ]
+
+    @property
     def _loss_terms(self):
         return [term for term in self.terms if term.has_loss]
 
@@ -425,6 +437,10 @@ class Distiller(keras.Model):
         arguments.pop("self")
         self._refuse_silent_fit(arguments)
         arguments, callbacks = pipeline.fit_arguments(self, arguments)
+        for callback in callbacks:
+            # TensorBoard's histograms: the trained weights, not the
+            # frozen teachers' (an unchanged copy every epoch).
+            _internals.trained_histograms(callback)
         # First, so that a snapshot taken at an epoch's end is in the state
         # that BackupAndRestore or ModelCheckpoint save at the same moment.
         arguments["callbacks"] = [TrainingEvents(self)] + callbacks
