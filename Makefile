@@ -45,8 +45,8 @@ test-deps: $(BIN)/python
 
 # The fast tier (README, "Tests").
 test: test-deps
-	$(BIN)/ruff check keras_selfdistill tests examples benchmarks
-	$(BIN)/ruff format --check keras_selfdistill tests examples benchmarks
+	$(BIN)/ruff check keras_selfdistill tests examples benchmarks tools
+	$(BIN)/ruff format --check keras_selfdistill tests examples benchmarks tools
 	$(call BOTH_BACKENDS,not slow and not manual)
 
 # The slow tier (README, "Tests"); CI runs it after `make test`.
@@ -73,11 +73,11 @@ test-tf-cpu:
 		-p no:cacheprovider tests/keras_hub_test.py tests/terms/on_policy_test.py
 
 lint:
-	$(BIN)/ruff check keras_selfdistill tests examples benchmarks
+	$(BIN)/ruff check keras_selfdistill tests examples benchmarks tools
 
 format:
-	$(BIN)/ruff format keras_selfdistill tests examples benchmarks
-	$(BIN)/ruff check --fix keras_selfdistill tests examples benchmarks
+	$(BIN)/ruff format keras_selfdistill tests examples benchmarks tools
+	$(BIN)/ruff check --fix keras_selfdistill tests examples benchmarks tools
 
 benchmark: $(BIN)/python
 	$(PIP_INSTALL) -e .

@@ -142,6 +142,7 @@ def _batches(x, y, batch_size, steps, seed):
 
 
 def train_teacher(args, x, y):
+    print(f"training the teacher ({args.teacher_steps} steps)", flush=True)
     teacher = transformer(args.length, 128, 2, 4, "teacher", seed=100)
     teacher.compile(optimizer=keras.optimizers.Adam(1e-3), loss=_ce())
     bx, by = _batches(x, y, args.batch_size, args.teacher_steps, seed=100)
@@ -181,8 +182,27 @@ def train_student(args, method, teacher, x, y, seed):
     return distiller.student, bx.size / seconds
 
 
+METHODS = ("ce", "kd", "gkd")
+
+
+class _Help(
+    argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter
+):
+    """The docstring as written, and every option's default."""
+
+
+def _methods(text):
+    methods = text.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise argparse.ArgumentTypeError(
+            f"methods are chosen from {', '.join(METHODS)}; got {text!r}"
+        )
+    return methods
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_Help)
     parser.add_argument(
         "--steps", type=int, default=600, help="optimizer steps per student"
     )
@@ -196,7 +216,11 @@ def build_parser():
         "--seeds", default="0,1,2", help="comma-separated student seeds"
     )
     parser.add_argument(
-        "--methods", default="ce,kd,gkd", help="comma-separated methods"
+        "--methods",
+        default="ce,kd,gkd",
+        type=_methods,
+        help=f"comma-separated, from {', '.join(METHODS)}: cross-entropy "
+        "alone, token-level KD, on-policy GKD",
     )
     parser.add_argument("--length", type=int, default=64, help="window size")
     parser.add_argument("--batch-size", type=int, default=32, help="batch")
@@ -225,7 +249,7 @@ def main(argv=None):
         "teacher": perplexity(teacher, test_x, test_y)[0],
     }
     print(f"teacher held-out perplexity {results['teacher']:.3f}")
-    for method in args.methods.split(","):
+    for method in args.methods:
         runs = []
         for seed in [int(s) for s in args.seeds.split(",")]:
             student, speed = train_student(args, method, teacher, x, y, seed)

@@ -66,7 +66,9 @@ def _dataset(images, batch_size, seed):
     )
 
 
-def train_base(images, steps, seed, batch_size=128, learning_rate=1e-3):
+def train_base(
+    images, steps, seed, batch_size=128, learning_rate=1e-3, verbose=0
+):
     """The base diffusion model, its weights the EMA's at the end.
 
     Returns `(distiller, seconds)`; `distiller.student` is the model.
@@ -87,11 +89,13 @@ def train_base(images, steps, seed, batch_size=128, learning_rate=1e-3):
         )
     )
     start = time.perf_counter()
-    _fit_steps(distiller, _dataset(images, batch_size, seed), steps)
+    _fit_steps(
+        distiller, _dataset(images, batch_size, seed), steps, verbose=verbose
+    )
     return distiller, time.perf_counter() - start
 
 
-def _fit_steps(distiller, data, steps, callbacks=()):
+def _fit_steps(distiller, data, steps, callbacks=(), verbose=0):
     per_epoch = min(steps, 500)
     epochs = -(-steps // per_epoch)
     return distiller.fit(
@@ -99,7 +103,7 @@ def _fit_steps(distiller, data, steps, callbacks=()):
         epochs=epochs,
         steps_per_epoch=per_epoch,
         shuffle=False,  # the dataset is shuffled
-        verbose=0,
+        verbose=verbose,
         callbacks=list(callbacks),
     )
 
@@ -114,6 +118,7 @@ def distil(
     batch_size=128,
     learning_rate=2e-4,
     directory=None,
+    verbose=0,
 ):
     """Progressive rounds from `start_steps` to `end_steps`.
 
@@ -146,7 +151,7 @@ def distil(
         epochs=1,
         shuffle=False,
         seed=seed,
-        verbose=0,
+        verbose=verbose,
     )
     return rounds, time.perf_counter() - start
 
@@ -184,8 +189,14 @@ def quality(samples, embed, reference):
     }
 
 
+class _Help(
+    argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter
+):
+    """The docstring as written, and every option's default."""
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_Help)
     parser.add_argument(
         "--data",
         choices=["fashion_mnist", "bundled_mnist"],
@@ -221,9 +232,18 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     os.makedirs(args.output_dir, exist_ok=True)
     train, test, test_labels, train_labels = load_images(args.data, args.limit)
+    print("training the classifier whose features FID reads", flush=True)
     _, embed = train_classifier(train, train_labels)
     reference, _ = embed.predict(test, batch_size=500, verbose=0)
-    base, base_seconds = train_base(train, args.base_steps, args.seed)
+    print(f"training the base model ({args.base_steps} steps)", flush=True)
+    base, base_seconds = train_base(
+        train, args.base_steps, args.seed, verbose=2
+    )
+    print(
+        f"distilling {args.start_steps} -> {args.end_steps} sampler steps "
+        f"({args.round_steps} steps a round)",
+        flush=True,
+    )
     rounds, round_seconds = distil(
         base.student,
         train,
@@ -232,6 +252,7 @@ def main(argv=None):
         args.round_steps,
         args.seed,
         directory=os.path.join(args.output_dir, "rounds"),
+        verbose=2,
     )
     noise = np.random.default_rng(1000 + args.seed).normal(
         size=(args.samples,) + train.shape[1:]

@@ -1,6 +1,6 @@
 """Search the distillation temperature and ξ with KerasTuner.
 
-    pip install "keras-selfdistill[tuning]"
+    pip install ".[tuning]"      # in a clone of the repository
     python examples/tuning.py --max-trials 8
 
 A `Distiller` is a `keras.Model`, so it is a KerasTuner hypermodel as it
@@ -8,8 +8,8 @@ is: `build(hp)` picks the temperature `T` and the label weight `ξ` of a
 teacher → student `Distillation`, and the tuner keeps the trial with the
 best validation accuracy. Validation runs the student alone (no teacher),
 so the objective measures the model that will be shipped. `--tuner
-bayesian` searches with Bayesian optimisation (it needs scikit-learn:
-`pip install "keras-tuner[bayesian]"`), the first half of BOSS (Yoo et
+bayesian` searches with Bayesian optimisation (scikit-learn's Gaussian
+process, which the `tuning` extra installs), the first half of BOSS (Yoo et
 al., "Bayesian Optimization Meets Self-Distillation", ICCV 2023,
 https://arxiv.org/abs/2304.12666); its second half, distilling from
 models of earlier trials, is not done here.
@@ -51,6 +51,30 @@ def hypermodel(teacher):
         return distiller
 
     return build
+
+
+class TrialReport(keras.callbacks.Callback):
+    """Prints each trial's temperature, ξ and best validation accuracy as
+    it ends, so a long search shows its progress."""
+
+    def __init__(self):
+        super().__init__()
+        self.trials = 0
+
+    def on_train_begin(self, logs=None):
+        self.best = float("-inf")
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.best = max(self.best, (logs or {}).get("val_accuracy", self.best))
+
+    def on_train_end(self, logs=None):
+        self.trials += 1
+        term = self.model.terms[0]
+        print(
+            f"trial {self.trials}: T={term.temperature:g} xi={term.xi:.1f} "
+            f"best val_accuracy={self.best:.4f}",
+            flush=True,
+        )
 
 
 def build_parser():
@@ -109,9 +133,17 @@ def main(argv=None):
         import keras_tuner
     except ImportError as error:
         raise SystemExit(
-            'This example needs KerasTuner: pip install "keras-selfdistill'
-            '[tuning]"'
+            'This example needs KerasTuner: pip install ".[tuning]" in a '
+            "clone of the repository"
         ) from error
+    if args.tuner == "bayesian":
+        try:
+            import sklearn  # noqa: F401 (KerasTuner's Bayesian oracle)
+        except ImportError as error:
+            raise SystemExit(
+                "--tuner bayesian needs scikit-learn: pip install "
+                '".[tuning]" in a clone, or pip install scikit-learn'
+            ) from error
     os.makedirs(args.output_dir, exist_ok=True)
     (x, y), (x_test, y_test) = ksd.datasets.load(args.data)
     if args.limit:
@@ -123,6 +155,7 @@ def main(argv=None):
     keras.utils.set_random_seed(0)
     teacher = demo.teacher_model()
     compile_model(teacher)
+    print(f"training the teacher ({args.teacher_epochs} epochs)", flush=True)
     teacher.fit(
         x[kept], y[kept], epochs=args.teacher_epochs, batch_size=64, verbose=0
     )
@@ -139,6 +172,7 @@ def main(argv=None):
         project_name="distillation_tuning",
         overwrite=True,
     )
+    print(f"{args.tuner} search: {args.max_trials} trials", flush=True)
     tuner.search(
         x[kept],
         y[kept],
@@ -146,6 +180,7 @@ def main(argv=None):
         epochs=args.epochs,
         batch_size=64,
         verbose=0,
+        callbacks=[TrialReport()],
     )
     best = tuner.get_best_hyperparameters(1)[0]
     print("trials (temperature, xi, best validation accuracy):")
