@@ -157,6 +157,13 @@ class Distiller(keras.Model):
         self.built = True
 
     @property
+    def schedule_names(self):
+        """The logged names of the hyperparameters given as schedules
+        (`<term>_<hyperparameter>`), which `keras_selfdistill.plots.history`
+        draws on their own axis."""
+        return [name for _, _, name in self._schedules]
+
+    @property
     def trained_weights(self):
         """The student's weights and the terms' trainable ones.
 

@@ -3,8 +3,8 @@
 Each function returns a `matplotlib.figure.Figure` built without pyplot,
 so it works headless (a script, CI), shows in a notebook as a cell's
 value, and saves with `figure.savefig(path)`.
-matplotlib is an optional dependency: `pip install
-"keras-selfdistill[plots]"`.
+matplotlib is an optional dependency: the `plots` extra (`pip install
+".[plots]"` in a clone).
 """
 
 import numpy as np
@@ -13,7 +13,8 @@ from keras_selfdistill.metrics import ExpectedCalibrationError
 
 INSTALL_HINT = (
     "Plots need matplotlib, an optional dependency. Install it with "
-    '`pip install "keras-selfdistill[plots]"` (or `pip install matplotlib`).'
+    'the `plots` extra (`pip install ".[plots]"` in a clone of the '
+    "repository) or `pip install matplotlib`."
 )
 
 
@@ -46,23 +47,59 @@ def _history_dict(history):
     return logs
 
 
-def history(history, hyperparameters=None):
-    """Plots a `fit` history: every loss, then the other logged values.
+# Suffixes of a distiller's logged schedules (`<term>_<hyperparameter>`),
+# for a History dict that does not say which values are schedules.
+_SCHEDULE_SUFFIXES = ("_xi", "_weight", "_temperature", "_beta")
 
-    The left panel holds `loss`, `supervised_loss`, each term's
-    `<term>_loss` and their `val_` counterparts; the right panel the other
-    metrics and the scheduled hyperparameters (`distillation_xi`, ...)
-    against the epoch.
+
+def _schedule_names(history, logs, hyperparameters):
+    if hyperparameters is not None:
+        unknown = sorted(set(hyperparameters) - set(logs))
+        if unknown:
+            raise ValueError(
+                f"{unknown} are not in the history, which holds "
+                f"{sorted(logs)}. Received: hyperparameters={hyperparameters}"
+            )
+        return list(hyperparameters)
+    names = getattr(getattr(history, "model", None), "schedule_names", None)
+    if names is not None:
+        return [name for name in names if name in logs]
+    return [
+        key
+        for key in logs
+        if key.endswith(_SCHEDULE_SUFFIXES)
+        and not key.endswith("loss")
+        and f"val_{key}" not in logs
+    ]
+
+
+def history(history, hyperparameters=None):
+    """Plots a `fit` history, each quantity beside what it compares with.
+
+    Up to four panels, against the epoch:
+
+    - "Training objective": `loss` (the mixed objective), `supervised_loss`
+      and each term's `<term>_loss`, on the scale the optimizer sees;
+    - "Validation loss": `val_loss` and the other `val_` losses, which a
+      distiller computes on the student alone (its compiled loss), so they
+      are not drawn beside the mixed objective;
+    - "Metrics": each metric (solid) and its `val_` counterpart (dashed, the
+      same colour);
+    - "Schedules": the scheduled hyperparameters (`distillation_xi`, ...),
+      on their own axis, whatever their range.
 
     Args:
         history: The `keras.callbacks.History` returned by `fit`, or its
             `.history` dict.
-        hyperparameters: Names of the logged values to draw in the right
-            panel. Defaults to `None` (every value not ending in `loss`).
+        hyperparameters: Names of the logged schedules. Defaults to `None`:
+            those of the History's distiller, or, for a dict, the values
+            named `<term>_xi`, `_weight`, `_temperature` or `_beta` that
+            validation does not log.
 
     Returns:
-        A `matplotlib.figure.Figure` with two axes; each line's label is
-        the History key it draws.
+        A `matplotlib.figure.Figure` with one axes per panel that has
+        values, titled as above; each line's label is the History key it
+        draws.
 
     Example:
 
@@ -72,33 +109,33 @@ def history(history, hyperparameters=None):
     ```
     """
     logs = _history_dict(history)
+    schedules = _schedule_names(history, logs, hyperparameters)
     losses = [k for k in logs if k.endswith("loss")]
-    others = [k for k in logs if not k.endswith("loss")]
-    if hyperparameters is not None:
-        unknown = sorted(set(hyperparameters) - set(logs))
-        if unknown:
-            raise ValueError(
-                f"{unknown} are not in the history, which holds "
-                f"{sorted(logs)}. Received: hyperparameters={hyperparameters}"
-            )
-        others = list(hyperparameters)
-    figure, (left, right) = _figure(2)
-    for axes, keys, title in (
-        (left, losses, "Losses"),
-        (right, others, "Metrics and schedules"),
-    ):
+    metrics = [k for k in logs if k not in losses and k not in schedules]
+    panels = [
+        ("Training objective", [k for k in losses if not k.startswith("val_")]),
+        ("Validation loss", [k for k in losses if k.startswith("val_")]),
+        ("Metrics", metrics),
+        ("Schedules", schedules),
+    ]
+    panels = [(title, keys) for title, keys in panels if keys]
+    figure, axes_list = _figure(len(panels))
+    colours = {}
+    for axes, (title, keys) in zip(axes_list, panels):
         for key in keys:
+            base = key[len("val_") :] if key.startswith("val_") else key
             values = np.asarray(logs[key], dtype="float64")
+            colour = colours.setdefault(base, f"C{len(colours) % 10}")
             axes.plot(
                 np.arange(1, len(values) + 1),
                 values,
                 label=key,
+                color=colour,
                 linestyle="--" if key.startswith("val_") else "-",
             )
         axes.set_xlabel("epoch")
         axes.set_title(title)
-        if keys:
-            axes.legend(fontsize="small")
+        axes.legend(fontsize="small")
     return figure
 
 
@@ -113,11 +150,13 @@ def reliability_diagram(metric, title=None):
         metric: A `keras_selfdistill.metrics.ExpectedCalibrationError`
             after `update_state` (or after `evaluate` on a model compiled
             with it: `model.metrics`).
-        title: Title. Defaults to `None` (the ECE in percent).
+        title: Title; the ECE in percent follows it in parentheses.
+            Defaults to `None` (the ECE alone).
 
     Returns:
         A `matplotlib.figure.Figure`; its axes hold one bar per bin (height
-        the bin's accuracy, empty bins at 0) and the diagonal.
+        the bin's accuracy, empty bins at 0) with its sample count above
+        it, and the diagonal.
 
     Example:
 
@@ -149,13 +188,23 @@ def reliability_diagram(metric, title=None):
         edgecolor="black",
         label="accuracy",
     )
+    # How many samples each bar stands for: a bin of 3 says little.
+    for lower, height, count in zip(bins["lower"], accuracy, bins["counts"]):
+        if count:
+            axes.text(
+                lower + width / 2,
+                min(height + 0.02, 0.93),
+                f"{int(count)}",
+                ha="center",
+                fontsize="x-small",
+            )
     axes.plot([0, 1], [0, 1], color="gray", linestyle="--", label="ideal")
     axes.set_xlim(0, 1)
     axes.set_ylim(0, 1)
-    axes.set_xlabel("confidence")
+    axes.set_xlabel("confidence (numbers: samples per bin)")
     axes.set_ylabel("accuracy")
-    ece = float(metric.result())
-    axes.set_title(title or f"ECE {ece * 100:.2f}%")
+    ece = f"ECE {float(metric.result()) * 100:.2f}%"
+    axes.set_title(ece if title is None else f"{title} ({ece})")
     axes.legend(loc="upper left", fontsize="small")
     return figure
 

@@ -12,29 +12,70 @@ def _lines(axes):
 
 
 class HistoryTest(parameterized.TestCase):
-    def test_draws_every_logged_value(self):
+    def test_each_quantity_beside_what_it_compares_with(self):
         logs = {
             "loss": [1.0, 0.5],
             "supervised_loss": [0.6, 0.3],
             "distillation_loss": [0.4, 0.2],
-            "val_loss": [1.1, 0.7],
             "accuracy": [0.5, 0.8],
-            "distillation_xi": [0.4, 0.8],
+            "distillation_weight": [50.0, 100.0],
+            "val_loss": [1.1, 0.7],
+            "val_accuracy": [0.4, 0.7],
         }
         figure = ksd.plots.history(logs)
         self.assertIsInstance(figure, Figure)
         self.assertEqual(figure._repr_png_()[:4], b"\x89PNG")
-        losses, others = figure.axes
+        objective, validation, metrics, schedules = figure.axes
+        # The mixed objective apart from the student's validation loss, a
+        # weight of 100 apart from the accuracies.
         self.assertEqual(
-            set(_lines(losses)),
-            {"loss", "supervised_loss", "distillation_loss", "val_loss"},
+            [a.get_title() for a in figure.axes],
+            ["Training objective", "Validation loss", "Metrics", "Schedules"],
         )
+        self.assertEqual(
+            set(_lines(objective)),
+            {"loss", "supervised_loss", "distillation_loss"},
+        )
+        self.assertEqual(set(_lines(validation)), {"val_loss"})
+        self.assertEqual(set(_lines(metrics)), {"accuracy", "val_accuracy"})
         np.testing.assert_array_equal(
-            _lines(others)["distillation_xi"], [0.4, 0.8]
+            _lines(schedules)["distillation_weight"], [50.0, 100.0]
         )
-        np.testing.assert_array_equal(losses.lines[0].get_xdata(), [1, 2])
-        chosen = ksd.plots.history(logs, hyperparameters=["distillation_xi"])
-        self.assertEqual(list(_lines(chosen.axes[1])), ["distillation_xi"])
+        np.testing.assert_array_equal(objective.lines[0].get_xdata(), [1, 2])
+        # A validation curve has its training curve's colour, dashed.
+        train, val = metrics.lines
+        self.assertEqual(train.get_color(), val.get_color())
+        self.assertEqual(
+            (train.get_linestyle(), val.get_linestyle()), ("-", "--")
+        )
+        loss, *_ = objective.lines
+        self.assertEqual(loss.get_color(), validation.lines[0].get_color())
+        chosen = ksd.plots.history(logs, hyperparameters=[])
+        self.assertEqual([a.get_title() for a in chosen.axes][-1], "Metrics")
+
+    def test_schedules_named_by_the_distiller(self):
+        x = np.random.default_rng(0).normal(size=(16, 4)).astype("float32")
+        y = np.arange(16) % 3
+        student = keras.Sequential(
+            [keras.Input((4,)), keras.layers.Dense(3, name="out")]
+        )
+        teacher = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+        distiller = ksd.Distiller(
+            student,
+            [
+                ksd.terms.Distillation(
+                    teacher,
+                    xi=ksd.schedules.LinearRampUp(ramp_up_epochs=2, end=0.5),
+                )
+            ],
+        )
+        distiller.compile(
+            "sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        )
+        fit = distiller.fit(x, y, epochs=2, verbose=0)
+        self.assertEqual(distiller.schedule_names, ["distillation_xi"])
+        figure = ksd.plots.history(fit)
+        self.assertEqual(list(_lines(figure.axes[-1])), ["distillation_xi"])
 
     def test_without_matplotlib_says_how_to_install_it(self):
         import sys
@@ -69,6 +110,11 @@ class ReliabilityDiagramTest(parameterized.TestCase):
         np.testing.assert_allclose(heights, [0.0, 0.0, 1.0, 0.5])
         # ECE = (|1 − 0.6|·1 + |0.5 − 0.9|·2) / 3 = 0.4.
         self.assertEqual(figure.axes[0].get_title(), "ECE 40.00%")
+        # Each bar's sample count; a title keeps the ECE.
+        counts = [text.get_text() for text in figure.axes[0].texts]
+        self.assertEqual(counts, ["1", "2"])
+        titled = ksd.plots.reliability_diagram(metric, title="student")
+        self.assertEqual(titled.axes[0].get_title(), "student (ECE 40.00%)")
 
     def test_rejects_an_empty_metric_or_another_kind(self):
         with self.assertRaisesRegex(ValueError, "no samples"):
