@@ -93,7 +93,7 @@ def _values_at(schedule, steps, epoch):
         return []
     try:
         values = _internals.to_numpy(
-            schedule(ops.convert_to_tensor(steps, "int64"), epoch)
+            schedule(ops.convert_to_tensor(steps, "int32"), epoch)
         )
     except Exception:  # A schedule written for one step at a time.
         values = None
