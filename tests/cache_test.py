@@ -8,6 +8,7 @@ from unittest import mock
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 from absl.testing import parameterized
 
@@ -433,8 +434,10 @@ def _dying_at(event, log, old_writer=False):
         yield
 
 
-# File handling, the same on both backends.
+# File handling, the same on both backends: once, in the slow tier (64
+# kills and restarts, about 25 s).
 @tiny.ONCE
+@pytest.mark.slow
 class KilledAtEveryWriteTest(parameterized.TestCase):
     def test_a_writer_killed_at_any_write_restarts_to_the_same_cache(self):
         x, _ = tiny.data(n=8)

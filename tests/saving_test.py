@@ -99,31 +99,27 @@ def _shared(kind, test):
     ]
 
 
+def _round_trip_shared(test, kind):
+    x, y = tiny.images(16)
+    inputs = ksd.data.with_sample_ids(x) if kind == "cached" else x
+    distiller = ksd.Distiller(tiny.cnn(seed=2), _shared(kind, test))
+    distiller.compile(optimizer="adam", loss=tiny.sparse_ce())
+    distiller.fit(inputs, y, batch_size=8, epochs=2, verbose=0)
+    restored = _round_trip(test, distiller)
+    # One teacher (or model) in the file as in the distiller.
+    sharing = _sharing(distiller)
+    test.assertEqual(_sharing(restored), sharing)
+    test.assertNotEqual(sharing, list(range(len(sharing))))
+    for model in (distiller, restored):
+        model.fit(inputs, y, batch_size=8, shuffle=False, verbose=0)
+    for a, b in zip(_values(distiller), _values(restored), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
 class SharedTeacherTest(parameterized.TestCase):
-    @parameterized.parameters(
-        "model",
-        "frozen_model",
-        "ensemble_member",
-        "ema",
-        "snapshot",
-        "random_init",
-        "cached",
-    )
-    def test_terms_sharing_a_teacher_round_trip(self, kind):
-        x, y = tiny.images(16)
-        inputs = ksd.data.with_sample_ids(x) if kind == "cached" else x
-        distiller = ksd.Distiller(tiny.cnn(seed=2), _shared(kind, self))
-        distiller.compile(optimizer="adam", loss=tiny.sparse_ce())
-        distiller.fit(inputs, y, batch_size=8, epochs=2, verbose=0)
-        restored = _round_trip(self, distiller)
-        # One teacher (or model) in the file as in the distiller.
-        sharing = _sharing(distiller)
-        self.assertEqual(_sharing(restored), sharing)
-        self.assertNotEqual(sharing, list(range(len(sharing))))
-        for model in (distiller, restored):
-            model.fit(inputs, y, batch_size=8, shuffle=False, verbose=0)
-        for a, b in zip(_values(distiller), _values(restored), strict=True):
-            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    def test_terms_sharing_a_model_round_trip(self):
+        # The README's FitNets stage: logits and features of one model.
+        _round_trip_shared(self, "model")
 
     def test_a_shared_teacher_updates_once_per_step(self):
         # Two terms reading one EMA: one average per step, as with one term.
@@ -162,3 +158,18 @@ class SharedTeacherTest(parameterized.TestCase):
                     ),
                 ],
             )
+
+
+# Every other shared teacher: the slow tier.
+@pytest.mark.slow
+class SharedTeacherSlowTest(parameterized.TestCase):
+    @parameterized.parameters(
+        "frozen_model",
+        "ensemble_member",
+        "ema",
+        "snapshot",
+        "random_init",
+        "cached",
+    )
+    def test_terms_sharing_a_teacher_round_trip(self, kind):
+        _round_trip_shared(self, kind)

@@ -41,11 +41,16 @@ class TrainingEvents(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self.first_epoch = True
+        # Reading the optimizer's step syncs a JAX fit's state: only for
+        # terms with schedules to check.
+        self.scheduled = any(
+            term.scheduled_hyperparameters for term in self.distiller.terms
+        )
         for teacher in self.distiller.teachers:
             teacher.on_train_begin()
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.first_step = self._steps()
+        self.first_step = self._steps() if self.scheduled else 0
         counted = max(int(_internals.to_numpy(self.distiller.epoch)), epoch)
         self.distiller.epoch.assign(counted)
         for teacher in self.distiller.teachers:
@@ -68,9 +73,10 @@ class TrainingEvents(keras.callbacks.Callback):
         counted = int(_internals.to_numpy(self.distiller.epoch))
         if self.distiller.check_data:
             _check_losses(logs or {}, counted)
-        steps = _sampled(self.first_step, self._steps())
-        for term in self.distiller.terms:
-            term.check_schedules(steps, counted)
+        if self.scheduled:
+            steps = _sampled(self.first_step, self._steps())
+            for term in self.distiller.terms:
+                term.check_schedules(steps, counted)
         for teacher in self.distiller.teachers:
             teacher.on_epoch_end(counted)
         # Counted as done before BackupAndRestore or ModelCheckpoint save

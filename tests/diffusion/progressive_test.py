@@ -117,6 +117,7 @@ class ProgressiveDistillationTest(parameterized.TestCase):
         self.assertEqual(again.fits, 0)
 
     @tiny.ONCE
+    @pytest.mark.slow
     def test_a_round_made_from_another_model_or_setting_is_refused(self):
         folder = self.create_tempdir().full_path
 
