@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test-deps test test-slow test-tf-cpu lint format benchmark
+.PHONY: demo test-deps test test-slow test-tf-cpu test-min docs lint format benchmark
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,8 +33,8 @@ define BOTH_BACKENDS
 endef
 
 # KerasHub without its tensorflow-text, which would pull in the full
-# tensorflow wheel beside an environment's tensorflow-cpu (README,
-# "Language models"): the package alone, then its other requirements.
+# tensorflow wheel beside an environment's tensorflow-cpu
+# (docs/language-models.md): the package alone, then its other requirements.
 KERAS_HUB_DEPS := absl-py numpy packaging regex rich kagglehub kagglesdk \
 	sentencepiece tokenizers
 
@@ -43,17 +43,17 @@ test-deps: $(BIN)/python
 	$(PIP_INSTALL) --no-deps keras-hub
 	$(PIP_INSTALL) $(KERAS_HUB_DEPS)
 
-# The fast tier (README, "Tests").
+# The fast tier (docs/development.md).
 test: test-deps
 	$(BIN)/ruff check keras_selfdistill tests examples benchmarks tools
 	$(BIN)/ruff format --check keras_selfdistill tests examples benchmarks tools
 	$(call BOTH_BACKENDS,not slow and not manual)
 
-# The slow tier (README, "Tests"); CI runs it after `make test`.
+# The slow tier (docs/development.md); CI runs it after `make test`.
 test-slow: test-deps
 	$(call BOTH_BACKENDS,slow)
 
-# The KerasHub install beside tensorflow-cpu (README, "Language models"),
+# The KerasHub install beside tensorflow-cpu (docs/language-models.md),
 # in a venv of its own: tensorflow-cpu, Keras and tfds as a user has them,
 # this package and keras-hub without their tensorflow / tensorflow-text
 # requirements, then the KerasHub tests. CI runs it after `make test`.
@@ -71,6 +71,33 @@ test-tf-cpu:
 		2>/dev/null || { echo "the full tensorflow was installed"; exit 1; }
 	KERAS_BACKEND=tensorflow $(CPU_VENV)/bin/python -m pytest -q \
 		-p no:cacheprovider tests/keras_hub_test.py tests/terms/on_policy_test.py
+
+# The oldest versions setup.cfg accepts (constraints-min.txt: TensorFlow
+# 2.19, Keras 3.10, tensorflow-datasets 4.9.8, NumPy 1.26, matplotlib
+# 3.10, as Colab had them), in a venv of its own: the fast tier on
+# TensorFlow, less what needs the extras this venv leaves out (the wheel
+# build, and the example scripts and notebooks, which are all slow-tier;
+# the KerasHub tests skip).
+# tensorflow-cpu stands in for the same version of tensorflow. CI runs it
+# after `make test-slow`.
+MIN_VENV ?= .venv-min
+MIN_PIP := $(MIN_VENV)/bin/python -m pip install -q -c constraints-min.txt
+MIN_SKIPPED := tests/packaging_test.py tests/examples_test.py
+
+test-min:
+	$(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/python -m pip install -q --upgrade pip
+	$(MIN_PIP) tensorflow-cpu keras tensorflow-datasets importlib_resources \
+		numpy matplotlib pytest absl-py tensorboard
+	$(MIN_PIP) --no-deps -e .
+	KERAS_BACKEND=tensorflow $(MIN_VENV)/bin/python -m pytest -q \
+		-p no:cacheprovider -m "not slow and not manual" \
+		$(addprefix --ignore=,$(MIN_SKIPPED))
+
+# The documentation site (mkdocs.yml) into site/, warnings as errors.
+docs: $(BIN)/python
+	$(PIP_INSTALL) -e ".[docs]"
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 lint:
 	$(BIN)/ruff check keras_selfdistill tests examples benchmarks tools

@@ -10,6 +10,7 @@ of the pipeline's checks come back through `pipeline_error`.
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from keras_selfdistill import checks
 
@@ -139,14 +140,13 @@ def _keep_label_free_weights(arguments):
 
 
 def _label_free_batches(x, sample_weight, batch_size, shuffle):
-    order = np.arange(len(sample_weight))
-    while True:
-        if shuffle:
-            np.random.shuffle(order)
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            inputs = keras.tree.map_structure(lambda a: a[rows], x)
-            yield inputs, None, sample_weight[rows]
+    # tf.data, not a generator: it carries the missing label (a
+    # NoneTensorSpec), which Keras's generator adapter before 3.12 cannot.
+    batches = tf.data.Dataset.from_tensor_slices((x, sample_weight))
+    if shuffle:
+        batches = batches.shuffle(len(sample_weight))
+    batches = batches.batch(batch_size).map(lambda x, w: (x, None, w))
+    return batches.repeat()
 
 
 def label_free_with_weights(x, sample_weight, batch_size, shuffle):
@@ -154,9 +154,10 @@ def label_free_with_weights(x, sample_weight, batch_size, shuffle):
 
     Keras packs `fit(x, sample_weight=w)` without labels as `(x,)` and
     drops `w`, so a padding mask or per-sample weight would never reach
-    the terms. Returns `(generator, steps_per_epoch)` of `(x, None, w)`
-    batches, shuffled each epoch with `shuffle` as Keras shuffles arrays,
-    or `None` when `x` is not NumPy or there are no weights.
+    the terms. Returns `(dataset, steps_per_epoch)`: a repeated
+    `tf.data.Dataset` of `(x, None, w)` batches, shuffled each epoch with
+    `shuffle` as Keras shuffles arrays, or `None` when `x` is not NumPy or
+    there are no weights.
     """
     leaves = keras.tree.flatten(x)
     if sample_weight is None or not leaves:

@@ -1,7 +1,8 @@
 """The bad-input catalogue: data mistakes caught before or beside the step.
 
 Each test feeds `fit` one mistake and checks the error names the problem
-and the fix. The README's "Bad input catalogue" lists these with the
+and the fix. The "Bad input catalogue"
+(docs/errors.md) lists these with the
 construction-time errors tested beside each class.
 """
 

@@ -3,7 +3,7 @@
 TensorFlow's C++ start-up lines (absl, oneDNN, CUDA stub, CPU feature
 notes) reach a kernel's stderr before `TF_CPP_MIN_LOG_LEVEL` can silence
 them, and warnings name the site-packages of the machine that ran the
-notebook. After executing the notebooks (README, "Development"):
+notebook. After executing the notebooks (docs/development.md):
 
     python tools/tidy_notebooks.py examples/*.ipynb
 

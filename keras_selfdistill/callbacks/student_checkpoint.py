@@ -30,6 +30,9 @@ class StudentCheckpoint(keras.callbacks.ModelCheckpoint):
     ```
     """
 
+    def __init__(self, filepath, **kwargs):
+        super().__init__(filepath, **kwargs)
+
     @property
     def model(self):
         # Keras brings a JAX fit's state into the variables on this read.

@@ -94,6 +94,14 @@ def _cut(exits):
     return _CUTS[exits]
 
 
+def _skip_connection(before):
+    return ValueError(
+        f"Cannot cut the student between {before} and the next exit: the "
+        "graph there reads layers from before the cut (a skip connection "
+        "across an exit). Put exits at block boundaries."
+    )
+
+
 class _Cut:
     """The student cut into segments at its exits, and the exits' heads."""
 
@@ -104,19 +112,23 @@ class _Cut:
         ends = tensors + [student.outputs[0]]
         self.num_classes = exits.num_classes
         self.segments = []
+        earlier = set()
         for index, (start, end) in enumerate(zip(starts, ends)):
+            before = "the input" if index == 0 else exits.exit_names[index - 1]
             try:
                 segment = keras.Model(start, end)
             except ValueError as error:
-                before = (
-                    "the input" if index == 0 else exits.exit_names[index - 1]
-                )
-                raise ValueError(
-                    "Cannot cut the student between "
-                    f"{before} and the next exit: the graph there reads "
-                    "layers from before the cut (a skip connection across "
-                    "an exit). Put exits at block boundaries."
-                ) from error
+                raise _skip_connection(before) from error
+            # Older Keras (3.10) builds such a segment from the layers
+            # before the cut instead of refusing it.
+            layers = {id(layer) for layer in segment.layers}
+            if index and (layers & earlier):
+                raise _skip_connection(before)
+            earlier |= {
+                id(layer)
+                for layer in segment.layers
+                if not isinstance(layer, keras.layers.InputLayer)
+            }
             self.segments.append(segment)
         self.heads = [exits.heads[n] for n in exits.exit_names]
         self.fused = None
