@@ -42,6 +42,7 @@ class CosineSchedule:
     `keras_selfdistill.diffusion` read the same schedule.
 
     Reference:
+
     - [Salimans & Ho, 2022](https://arxiv.org/abs/2202.00512), and
       `diffusion_distillation/schedules.py` of their official code
       (`_logsnr_schedule_cosine`, bounds ±20 in every configuration).

@@ -4,6 +4,7 @@ What `keras_selfdistill.cache.write_teacher_outputs` stores for
 `kind="top_k"` and `kind="sampled"`, in NumPy.
 
 Reference:
+
 - [Anshumann et al., 2025](https://arxiv.org/abs/2503.16870) (RS-KD,
   Sparse Logit Sampling)
 """

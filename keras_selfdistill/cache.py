@@ -190,6 +190,7 @@ def write_teacher_outputs(
     epochs gives every epoch its own augmentation of every sample.
 
     Reference:
+
     - [Anshumann et al., 2025](https://arxiv.org/abs/2503.16870) (RS-KD,
       Sparse Logit Sampling)
 

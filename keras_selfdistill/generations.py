@@ -24,6 +24,7 @@ noise.
 generations and its three ways of choosing ξ.
 
 References:
+
 - [Borup & Andersen, 2021](https://arxiv.org/abs/2102.13088)
 - [Furlanello et al., 2018](https://arxiv.org/abs/1805.04770)
 - [Das & Sanghavi, 2023](https://arxiv.org/abs/2301.13304)

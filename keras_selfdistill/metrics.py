@@ -22,6 +22,7 @@ class ExpectedCalibrationError(keras.metrics.Metric):
     NaN (compiled JAX code, which cannot raise), never a plausible number.
 
     Reference:
+
     - [Guo et al., 2017](https://arxiv.org/abs/1706.04599)
 
     Args:

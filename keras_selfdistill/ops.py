@@ -41,6 +41,7 @@ def kl_divergence(
     autodiff through the branch that keeps the value precise at large `T`.
 
     Reference:
+
     - [Hinton et al., 2015](https://arxiv.org/abs/1503.02531)
 
     Args:
@@ -76,6 +77,7 @@ def reverse_kl_divergence(
     the exact closed form (see `kl_divergence`).
 
     Reference:
+
     - [Gu et al., 2024](https://arxiv.org/abs/2306.08543)
 
     Args:
@@ -122,6 +124,7 @@ def generalized_jsd(
     `β = 0` is therefore defined as forward KL and `β = 1` as reverse KL.
 
     Reference:
+
     - [Agarwal et al., 2024](https://arxiv.org/abs/2306.13649)
 
     Args:
@@ -174,6 +177,7 @@ def logits_mse(teacher_logits, student_logits):
     themselves, not only their softmax.
 
     Reference:
+
     - [Ba & Caruana, 2014](https://arxiv.org/abs/1312.6184)
 
     Args:
@@ -218,6 +222,7 @@ def decoupled_kl(
     NCKD)` here.
 
     Reference:
+
     - [Zhao et al., 2022](https://arxiv.org/abs/2203.08679) (DKD)
 
     Args:
@@ -283,6 +288,7 @@ def standardize_logits(logits):
     `normalize`: `torch.std` is unbiased by default).
 
     Reference:
+
     - [Sun et al., 2024](https://arxiv.org/abs/2403.01427)
 
     Args:
@@ -360,6 +366,7 @@ def top_k_divergence(
     is unbiased instead.
 
     Reference:
+
     - [Anshumann et al., 2025](https://arxiv.org/abs/2503.16870) (RS-KD:
       top-k targets are biased)
 
@@ -429,6 +436,7 @@ def sampled_kl_divergence(
     its expectation cannot.
 
     Reference:
+
     - [Anshumann et al., 2025](https://arxiv.org/abs/2503.16870)
 
     Args:

@@ -29,6 +29,7 @@ def ps_kd(num_samples, num_classes, epochs, alpha=0.8, dtype="float16"):
     that add up to `epochs`.
 
     Reference:
+
     - [Kim et al., 2021](https://arxiv.org/abs/2006.12000) (PS-KD)
 
     Args:
@@ -87,6 +88,7 @@ def dkd(teacher, alpha=1.0, beta=8.0, temperature=4.0, warmup_epochs=20):
     on across `fit` calls.
 
     Reference:
+
     - [Zhao et al., 2022](https://arxiv.org/abs/2203.08679) (DKD)
 
     Args:
@@ -166,6 +168,7 @@ def mean_teacher(augment, consistency=100.0, ramp_up_epochs=5, ema_decay=0.97):
     draws two independent views of the same augmentation).
 
     Reference:
+
     - [Tarvainen & Valpola, 2017](https://arxiv.org/abs/1703.01780)
 
     Args:

@@ -174,6 +174,7 @@ class SigmoidRampUp(_RampUp):
     `start` while the student's own predictions are still poor.
 
     Reference:
+
     - [Laine & Aila, 2017](https://arxiv.org/abs/1610.02242)
     - [Tarvainen & Valpola, 2017](https://arxiv.org/abs/1703.01780)
 

@@ -84,6 +84,7 @@ def progressive_distillation(
     loading or resuming the stale round.
 
     Reference:
+
     - [Salimans & Ho, 2022](https://arxiv.org/abs/2202.00512),
       algorithm 2; the distillation loop of the official code
       (`google-research/diffusion_distillation`: the teacher's

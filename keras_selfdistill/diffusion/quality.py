@@ -44,6 +44,7 @@ def frechet_distance(features, reference):
     rows.
 
     Reference:
+
     - [Heusel et al., 2017](https://arxiv.org/abs/1706.08500)
 
     Args:
@@ -90,6 +91,7 @@ def kernel_distance(
     from different numbers of samples compare.
 
     Reference:
+
     - [Bińkowski et al., 2018](https://arxiv.org/abs/1801.01401)
 
     Args:

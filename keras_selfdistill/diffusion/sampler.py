@@ -23,6 +23,7 @@ def sample(model, noise, num_steps, schedule=None, clip=True, batch_size=250):
     samples that can be compared step count against step count.
 
     Reference:
+
     - [Song et al., 2021 (DDIM)](https://arxiv.org/abs/2010.02502);
       `dpm.Model.ddim_step` and `sample_loop` of the official progressive
       distillation code (`google-research/diffusion_distillation`).

@@ -7,6 +7,7 @@ heads (labels plus the deepest exit as a teacher, Be Your Own Teacher), and
 `EarlyExit` answers each sample from the first exit confident enough.
 
 References:
+
 - [Zhang et al., 2019](https://arxiv.org/abs/1905.08094) (Be Your Own
   Teacher, BYOT)
 - [Teerapittayanon et al., 2016](https://arxiv.org/abs/1709.01686)

@@ -1,6 +1,7 @@
 """Early-exit inference: each sample answered by the first confident exit.
 
 References:
+
 - [Teerapittayanon et al., 2016](https://arxiv.org/abs/1709.01686)
   (BranchyNet early exits)
 """

@@ -37,6 +37,7 @@ class DDIM(FrozenModel):
     this).
 
     Reference:
+
     - [Salimans & Ho, 2022](https://arxiv.org/abs/2202.00512), algorithm 2;
       `dpm.Model.training_losses` of the official code
       (`google-research/diffusion_distillation`), whose discrete times,

@@ -31,6 +31,7 @@ class EMA(Teacher):
     statistics are averaged too and the teacher runs in inference mode.
 
     Reference:
+
     - [Tarvainen & Valpola, 2017](https://arxiv.org/abs/1703.01780)
     - [Caron et al., 2021](https://arxiv.org/abs/2104.14294) (DINO)
 

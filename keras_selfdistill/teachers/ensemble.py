@@ -22,6 +22,7 @@ class Ensemble(Teacher):
     forward each step; dropping changes the target, not the cost.
 
     Reference:
+
     - [Sariyildiz et al., 2024](https://arxiv.org/abs/2408.17062) (UNIC)
 
     Args:

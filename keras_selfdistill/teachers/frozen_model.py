@@ -20,6 +20,7 @@ class FrozenModel(Teacher):
     class.
 
     Reference:
+
     - [Hinton et al., 2015](https://arxiv.org/abs/1503.02531)
 
     A model that ends in a softmax (every `keras.applications` model by

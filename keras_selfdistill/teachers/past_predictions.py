@@ -62,6 +62,7 @@ class PastPredictions(Teacher):
     bank over `max_bytes` fails at construction with its size.
 
     Reference:
+
     - [Kim et al., 2021](https://arxiv.org/abs/2006.12000) (PS-KD)
 
     Args:

@@ -16,6 +16,7 @@ class RandomInit(Teacher):
     with `FeatureDistillation`.
 
     Reference:
+
     - [Sarnthein et al., 2023](https://arxiv.org/abs/2302.12091)
 
     Args:

@@ -29,6 +29,7 @@ class Snapshot(Teacher):
     Each snapshot runs forward every step: `keep` extra student forwards.
 
     Reference:
+
     - [Furlanello et al., 2018](https://arxiv.org/abs/1805.04770)
       (born-again networks)
     - [Zhu et al., 2023](https://arxiv.org/abs/2302.05629) (SD-DARTS)

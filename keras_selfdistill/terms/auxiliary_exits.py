@@ -52,6 +52,7 @@ class AuxiliaryExits(Term):
     the plain student.
 
     References:
+
     - [Zhang et al., 2019](https://arxiv.org/abs/1905.08094) (BYOT)
     - [Lee et al., 2015](https://arxiv.org/abs/1409.5185) (deeply
       supervised nets)

@@ -59,6 +59,7 @@ class Consistency(Term):
     `<name>_mask_rate` (training only).
 
     Reference:
+
     - [Sohn et al., 2020](https://arxiv.org/abs/2001.07685) (FixMatch)
     - [Zhao et al., 2023](https://arxiv.org/abs/2308.09922) (MDCS)
     - [Xie et al., 2020](https://arxiv.org/abs/1904.12848) (UDA)

@@ -54,6 +54,7 @@ class Denoising(Term):
     `keras_selfdistill.diffusion.frechet_distance`).
 
     Reference:
+
     - [Salimans & Ho, 2022](https://arxiv.org/abs/2202.00512), algorithm
       2 and section 4; `dpm.Model.training_losses` of the official code
       (`google-research/diffusion_distillation`).

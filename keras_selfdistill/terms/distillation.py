@@ -74,6 +74,7 @@ class Distillation(Term):
     full weight. Maths is in float32, also under `mixed_float16`.
 
     Reference:
+
     - [Hinton et al., 2015](https://arxiv.org/abs/1503.02531)
     - [Agarwal et al., 2024](https://arxiv.org/abs/2306.13649) (GKD)
     - [Das & Sanghavi, 2023](https://arxiv.org/abs/2301.13304)

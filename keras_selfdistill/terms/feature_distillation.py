@@ -64,6 +64,7 @@ class FeatureDistillation(Term):
     scale of the features, and so of the loss, depends on the network.
 
     Reference:
+
     - [Romero et al., 2015](https://arxiv.org/abs/1412.6550) (FitNets)
     - [Miles et al., 2024](https://arxiv.org/abs/2403.06213) (V_kD)
     - [Miles & Mikolajczyk, 2024](https://arxiv.org/abs/2303.11098)

@@ -135,6 +135,7 @@ class OnPolicy(Term):
     uninterrupted one does.
 
     Reference:
+
     - [Agarwal et al., 2024](https://arxiv.org/abs/2306.13649) (GKD);
       TRL's `GKDTrainer.training_step` (`lmbda`, student sampling,
       completion-only loss).

@@ -29,6 +29,7 @@ class SequenceKD(OnPolicy):
     temperature.
 
     Reference:
+
     - [Kim & Rush, 2016](https://arxiv.org/abs/1606.07947)
 
     Args:
