@@ -12,7 +12,11 @@ number of optimizer steps, a smaller student is trained three ways:
 - `gkd`: the same divergence, half of the steps (GKD's λ = 0.5) on the
   student's own continuations of the windows' first halves
   (`keras_selfdistill.terms.OnPolicy`);
-- `kd_kl` (with `--methods`): off-policy KD with the forward KL instead.
+- `kd_kl` (with `--methods`): off-policy KD with the forward KL instead;
+- `taid` (with `--methods`): TAID, the cross-entropy to an interpolation
+  of the student's and the teacher's logits whose coefficient moves from
+  0.4 to 1 over the steps, adaptively (`keras_selfdistill.terms.TAID`,
+  the official defaults).
 
 Each reports the held-out perplexity (bits per byte too), the teacher's
 perplexity of the student's own continuations of held-out prompts (what
@@ -164,8 +168,14 @@ def train_student(args, method, teacher, x, y, seed):
         divergence = ksd.terms.Distillation(
             teacher, loss="kl", reduction="mean_with_sample_weight"
         )
+    if method == "taid":
+        divergence = ksd.terms.TAID(
+            teacher,
+            total_steps=args.steps,
+            reduction="mean_with_sample_weight",
+        )
     terms, loss = [], _ce()
-    if method in ("kd", "gkd", "kd_kl"):
+    if method in ("kd", "gkd", "kd_kl", "taid"):
         terms, loss = [divergence], None
     if method == "gkd":
         terms.append(
@@ -182,7 +192,7 @@ def train_student(args, method, teacher, x, y, seed):
     return distiller.student, bx.size / seconds
 
 
-METHODS = ("ce", "kd", "gkd")
+METHODS = ("ce", "kd", "gkd", "kd_kl", "taid")
 
 
 class _Help(
@@ -220,7 +230,8 @@ def build_parser():
         default="ce,kd,gkd",
         type=_methods,
         help=f"comma-separated, from {', '.join(METHODS)}: cross-entropy "
-        "alone, token-level KD, on-policy GKD",
+        "alone, token-level KD (JSD), on-policy GKD, KD with the forward "
+        "KL, TAID",
     )
     parser.add_argument("--length", type=int, default=64, help="window size")
     parser.add_argument("--batch-size", type=int, default=32, help="batch")

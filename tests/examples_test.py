@@ -188,16 +188,17 @@ class ProgressiveDistillationScriptTest(parameterized.TestCase):
 
 @tiny.IN_JAX_PASS
 class LanguageModelScriptTest(parameterized.TestCase):
-    def test_ce_kd_and_gkd_on_the_standard_library(self):
+    def test_every_method_on_the_standard_library(self):
         script = _load("language_model")
         for action in script.build_parser()._actions:
             self.assertTrue(action.help, msg=action.option_strings)
         result = script.main(
             ["--steps", "4", "--teacher-steps", "4", "--seeds", "0"]
             + ["--length", "16", "--limit", "40000"]
+            + ["--methods", ",".join(script.METHODS)]
         )
         self.assertGreater(result["train_bytes"], 30000)
-        for method in ("ce", "kd", "gkd"):
+        for method in script.METHODS:
             (run,) = result[method]
             # Byte-level perplexity: below uniform (256) after a few steps.
             self.assertBetween(run["perplexity"], 1.0, 256.0)

@@ -7,6 +7,7 @@ from keras_selfdistill.terms.distillation import Distillation
 from keras_selfdistill.terms.feature_distillation import FeatureDistillation
 from keras_selfdistill.terms.on_policy import OnPolicy
 from keras_selfdistill.terms.sequence_kd import SequenceKD
+from keras_selfdistill.terms.taid import TAID
 from keras_selfdistill.terms.term import Term
 
 __all__ = [
@@ -17,5 +18,6 @@ __all__ = [
     "FeatureDistillation",
     "OnPolicy",
     "SequenceKD",
+    "TAID",
     "Term",
 ]

@@ -61,6 +61,8 @@ def _weights(model):
 
 
 class ProgressiveDistillationTest(parameterized.TestCase):
+    # About half a CPU-minute per backend: the slow tier.
+    @pytest.mark.slow
     def test_rounds_halve_the_steps_from_the_previous_model(self):
         base = reference.unet(keras, ksd, seed=1)
         before = _weights(base)

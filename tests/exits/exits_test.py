@@ -2,6 +2,7 @@ import os
 
 import keras
 import numpy as np
+import pytest
 from absl.testing import parameterized
 
 import keras_selfdistill as ksd
@@ -202,6 +203,9 @@ class DistillerWithExitsTest(parameterized.TestCase):
         distiller.fit(self.x, self.y, batch_size=16, epochs=1, verbose=0)
         self.assertEqual(float(counter.calls.numpy()), 3.0)
 
+    # Two fresh processes load the files without the library (about 40 s
+    # in the TensorFlow pass): the slow tier.
+    @pytest.mark.slow
     def test_heads_train_and_the_student_saves_without_heads(self):
         distiller = self._distiller(head="bottleneck")
         before = distiller.exits(self.x)["b1"]
