@@ -178,9 +178,19 @@ def distiller(keras, ksd, kind, jit_compile=False):
             reduction="mean_with_sample_weight",
         )
         term._chunk_elements = 3 * VOCABULARY
+        # TAID beside it, its coefficient updated from the loss over real
+        # tokens of the global batch (alpha 0.3 to move it fast).
+        taid = ksd.terms.TAID(
+            _language_model(keras, 3),
+            total_steps=12,
+            alpha=0.3,
+            momentum=0.5,
+            weight=0.5,
+            reduction="mean_with_sample_weight",
+        )
         # The student's own greedy continuations (GKD). Every step, and
         # greedy: TensorFlow draws other random numbers under XLA.
-        terms = [term, ksd.terms.OnPolicy(2, temperature=0)]
+        terms = [term, taid, ksd.terms.OnPolicy(2, temperature=0)]
     elif kind == "diffusion":
         # Progressive distillation: a 4-step DDIM teacher, a 2-step
         # student, noise and times drawn for the global batch.

@@ -18,7 +18,11 @@ class _Current(keras.metrics.Metric):
     def __init__(self, name, dtype="float32"):
         super().__init__(name=name, dtype=dtype)
         self.current = self.add_variable(
-            shape=(), initializer="zeros", dtype="float32", name="current"
+            shape=(),
+            initializer="zeros",
+            dtype="float32",
+            aggregation="only_first_replica",
+            name="current",
         )
 
     def update_state(self, value):
@@ -146,7 +150,14 @@ class TAID(Distillation):
         self.alpha = float(alpha)
         self.momentum = float(momentum)
         self.adaptive = adaptive
-        state = dict(shape=(), dtype="float32", trainable=False)
+        # Every replica computes the same values (the loss is averaged
+        # over all of them): the first one's assignment is kept.
+        state = dict(
+            shape=(),
+            dtype="float32",
+            trainable=False,
+            aggregation="only_first_replica",
+        )
         self.interpolation = self.add_weight(
             initializer=keras.initializers.Constant(self.t_start),
             name="interpolation",
