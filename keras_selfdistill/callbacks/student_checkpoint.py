@@ -30,6 +30,7 @@ class StudentCheckpoint(keras.callbacks.ModelCheckpoint):
     ```
     """
 
+    # Spelled out so that the documentation shows the signature.
     def __init__(self, filepath, **kwargs):
         super().__init__(filepath, **kwargs)
 

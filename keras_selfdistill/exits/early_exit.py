@@ -122,14 +122,14 @@ class _Cut:
                 raise _skip_connection(before) from error
             # Older Keras (3.10) builds such a segment from the layers
             # before the cut instead of refusing it.
-            layers = {id(layer) for layer in segment.layers}
-            if index and (layers & earlier):
-                raise _skip_connection(before)
-            earlier |= {
+            layers = {
                 id(layer)
                 for layer in segment.layers
                 if not isinstance(layer, keras.layers.InputLayer)
             }
+            if layers & earlier:
+                raise _skip_connection(before)
+            earlier |= layers
             self.segments.append(segment)
         self.heads = [exits.heads[n] for n in exits.exit_names]
         self.fused = None

@@ -32,6 +32,20 @@ _SINGLE_LOGIT = (
 )
 
 
+def position_weights(values, sample_weight):
+    """`sample_weight` (a sample's or a position's) broadcast to `values`'
+    shape as float32; ones without weights."""
+    weights = ops.ones_like(values)
+    if sample_weight is None:
+        return weights
+    sample_weight = ops.cast(sample_weight, "float32")
+    while len(sample_weight.shape) > len(values.shape):
+        sample_weight = ops.squeeze(sample_weight, -1)
+    while len(sample_weight.shape) < len(values.shape):
+        sample_weight = ops.expand_dims(sample_weight, -1)
+    return weights * sample_weight
+
+
 @keras.saving.register_keras_serializable(package="keras_selfdistill")
 class Distillation(Term):
     """Matches the student's outputs to a teacher's soft targets.
@@ -385,14 +399,7 @@ class Distillation(Term):
     def reduce(self, values, sample_weight):
         if self.reduction == "sum_over_batch_size":
             return super().reduce(values, sample_weight)
-        weights = ops.ones_like(values)
-        if sample_weight is not None:
-            sample_weight = ops.cast(sample_weight, "float32")
-            while len(sample_weight.shape) > len(values.shape):
-                sample_weight = ops.squeeze(sample_weight, -1)
-            while len(sample_weight.shape) < len(values.shape):
-                sample_weight = ops.expand_dims(sample_weight, -1)
-            weights = weights * sample_weight
+        weights = position_weights(values, sample_weight)
         # Divided by the weight of the whole global batch, so that several
         # replicas give the mean over all real tokens, as one device does
         # (Keras's own 'mean_with_sample_weight' divides per replica).

@@ -8,12 +8,15 @@ from keras import ops
 
 from keras_selfdistill import _arguments
 from keras_selfdistill.terms.distillation import Distillation
+from keras_selfdistill.terms.distillation import position_weights
 from keras_selfdistill.terms.term import Term
 from keras_selfdistill.terms.term import replica_mean
 
 
 class _Current(keras.metrics.Metric):
-    """The value last given to `update_state`, kept across epochs."""
+    """The value last given to `update_state`: after an epoch, the value
+    at its last step (Keras's reset at the epoch's start is overwritten by
+    the first step)."""
 
     def __init__(self, name, dtype="float32"):
         super().__init__(name=name, dtype=dtype)
@@ -30,11 +33,6 @@ class _Current(keras.metrics.Metric):
 
     def result(self):
         return ops.convert_to_tensor(self.current)
-
-    def reset_state(self):
-        # Keras resets metrics at each epoch's start; the coefficient
-        # carries on, so the log shows its value after the epoch's last step.
-        pass
 
 
 @keras.saving.register_keras_serializable(package="keras_selfdistill")
@@ -196,14 +194,7 @@ class TAID(Distillation):
         )
 
     def reduce(self, values, sample_weight):
-        weights = ops.ones_like(values)
-        if sample_weight is not None:
-            sample_weight = ops.cast(sample_weight, "float32")
-            while len(sample_weight.shape) > len(values.shape):
-                sample_weight = ops.squeeze(sample_weight, -1)
-            while len(sample_weight.shape) < len(values.shape):
-                sample_weight = ops.expand_dims(sample_weight, -1)
-            weights = weights * sample_weight
+        weights = position_weights(values, sample_weight)
         total = replica_mean(ops.sum(ops.stop_gradient(values) * weights))
         count = replica_mean(ops.sum(weights))
         self._token_mean = total / ops.maximum(count, 1e-12)
