@@ -51,6 +51,23 @@ class Forward:
             self.tapped = keras.Model(
                 student.input, self._graph_outputs(), name="tapped"
             )
+        # A term that computes the output layer itself: the training
+        # forward stops at the taps, and the output layer does not run.
+        self.headless = None
+        if any(t.computes_output for t in self.terms):
+            if self.tapped is None:
+                raise ValueError(
+                    "A term that computes the student's output layer "
+                    "itself reads the hidden states of a Functional "
+                    f"student; '{student.name}' is subclassed. Build it as "
+                    "a Functional model. Received: "
+                    f"{type(student).__name__}"
+                )
+            self.headless = keras.Model(
+                student.input,
+                graph_taps(student, self.taps),
+                name="headless",
+            )
 
     @property
     def extended(self):
@@ -72,6 +89,8 @@ class Forward:
 
     def _run(self, inputs, training):
         """The student's logits and taps for `inputs`, from one call."""
+        if self.headless is not None and training:
+            return self.headless(inputs, training=training)
         if self.tapped is not None:
             return self.tapped(inputs, training=training)
         outputs = self.student(inputs, training=training)
@@ -137,7 +156,7 @@ class Forward:
                 by_term[id(term)] = {
                     key: parts[index] for key, parts in pieces.items()
                 }
-        result = {OUTPUT: outputs[OUTPUT]}
+        result = {OUTPUT: outputs[OUTPUT]} if OUTPUT in outputs else {}
         owners = {OUTPUT: "the student"}
         for term in self.terms:
             given = dict(outputs)
@@ -219,8 +238,15 @@ def tap_shapes(model, names):
 
 
 def _classifier_input(student, output):
+    call = _internals.producing_call(output)
     final = _internals.producing_operation(output)
-    inputs = getattr(final, "input", None)
+    inputs = None
+    if call is not None and len(call[1]) == 1:
+        # The input of this call (a layer called twice, as a tied
+        # embedding is, has one per call).
+        inputs = call[1][0]
+    elif call is None:
+        inputs = getattr(final, "input", None)
     if not hasattr(inputs, "shape"):
         raise ValueError(
             f"The tap '{DEEPEST_FEATURES}' is the input of the student's "

@@ -53,6 +53,18 @@ def compiled_loss(model):
         ) from error
 
 
+def compiled_metrics(model):
+    """The metrics `compile` built (Keras's `CompileMetrics`), or `None`."""
+    try:
+        return model._compile_metrics
+    except AttributeError as error:
+        raise RuntimeError(
+            _UNSUPPORTED.format(
+                name="Model._compile_metrics", version=keras.__version__
+            )
+        ) from error
+
+
 # Keras saves a layer's own variables but not its seed generators' state:
 # a run resumed from a backup would draw the first epochs' numbers again.
 _SEED_STATE = "seed_generator_state"
@@ -84,6 +96,25 @@ def producing_operation(tensor):
     """The operation (layer) that produced a Functional model's tensor."""
     history = getattr(tensor, "_keras_history", None)
     return None if history is None else history.operation
+
+
+def producing_call(tensor):
+    """`(operation, positional arguments, keyword arguments)` of the call
+    that produced a Functional model's tensor, or `None`.
+
+    The call's own, where a layer is called more than once (a tied
+    embedding is called on the token ids and, reversed, on the hidden
+    states).
+    """
+    history = getattr(tensor, "_keras_history", None)
+    if history is None:
+        return None
+    try:
+        node = history.operation._inbound_nodes[history.node_index]
+        arguments = node.arguments
+    except (AttributeError, IndexError):
+        return None
+    return history.operation, tuple(arguments.args), dict(arguments.kwargs)
 
 
 def built_input_shape(model):

@@ -189,7 +189,9 @@ class Distiller(keras.Model):
     ):
         outputs = y_pred
         if self._forward.extended:
-            y_pred = outputs[OUTPUT]
+            # No logits in the training step of a term that computes the
+            # output layer itself.
+            y_pred = outputs.get(OUTPUT)
         if y is None and _internals.compiled_loss(self) is not None:
             raise ValueError(
                 "The distiller was compiled with a loss but the data has no "
@@ -218,6 +220,17 @@ class Distiller(keras.Model):
             step = self._step()
             batch_size = ops.shape(_first_leaf(x))[0]
         for term, tracker in zip(terms, self.term_metrics.metrics):
+            if term.computes_output:
+                objective, value, labels = term.compute_objective(
+                    x, y, outputs, sample_weight, step, self.epoch
+                )
+                tracker.add_batch(unscale_for_distribution(value), batch_size)
+                losses.append(objective)
+                if labels is not None and tracked:
+                    self.supervised_metrics.metrics[0].add_batch(
+                        unscale_for_distribution(labels), batch_size
+                    )
+                continue
             value, mask = term.compute_loss_and_mask(
                 x,
                 y,
@@ -335,7 +348,9 @@ class Distiller(keras.Model):
 
     def _hide_supervised(self, logs):
         # Label-free distillation has no supervised part to report.
-        if _internals.compiled_loss(self) is None:
+        if _internals.compiled_loss(self) is None and not any(
+            term.supervises for term in self.terms
+        ):
             return self._without(logs, {SUPERVISED_LOSS})
         return logs
 
@@ -380,7 +395,7 @@ class Distiller(keras.Model):
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         outputs = y_pred
         if self._forward.extended:
-            y_pred = outputs[OUTPUT]
+            y_pred = outputs.get(OUTPUT)
         for term in self.terms:
             term.update_metrics(
                 y, outputs if term.reads_forward else y_pred, sample_weight
@@ -464,7 +479,22 @@ class Distiller(keras.Model):
             raise ValueError(message) from error
 
     def _refuse_silent_fit(self, arguments):
-        """Refuses what a term that builds its own batches cannot serve."""
+        """Refuses what a term that builds its own batches, or computes the
+        output layer itself, cannot serve."""
+        fused = [term.name for term in self.terms if term.computes_output]
+        compiled = _internals.compiled_metrics(self)
+        if fused and (
+            _internals.compiled_loss(self) is not None or compiled is not None
+        ):
+            raise ValueError(
+                f"Term '{fused[0]}' computes the student's output layer "
+                "itself, chunk by chunk, so the training step builds no "
+                "logits for a compiled loss or metric to read. Compile the "
+                "distiller without `loss` and `metrics`; the term computes "
+                "the label cross-entropy itself (`label_loss=True`) and "
+                "reports it as `supervised_loss`. Received: a compiled "
+                + ("loss" if _internals.compiled_loss(self) else "metric")
+            )
         silent = [term.name for term in self.terms if not term.evaluates]
         if not silent:
             return

@@ -5,6 +5,7 @@ from keras_selfdistill.terms.consistency import Consistency
 from keras_selfdistill.terms.denoising import Denoising
 from keras_selfdistill.terms.distillation import Distillation
 from keras_selfdistill.terms.feature_distillation import FeatureDistillation
+from keras_selfdistill.terms.fused_distillation import FusedDistillation
 from keras_selfdistill.terms.on_policy import OnPolicy
 from keras_selfdistill.terms.sequence_kd import SequenceKD
 from keras_selfdistill.terms.taid import TAID
@@ -16,6 +17,7 @@ __all__ = [
     "Denoising",
     "Distillation",
     "FeatureDistillation",
+    "FusedDistillation",
     "OnPolicy",
     "SequenceKD",
     "TAID",

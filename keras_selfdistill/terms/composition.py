@@ -51,6 +51,13 @@ def compose(student, terms):
             "be ambiguous. Use `weight` on the others. Received: "
             f"terms {mixing}"
         )
+    fused = [t.name for t in terms if t.computes_output]
+    if len(fused) > 1:
+        raise ValueError(
+            "At most one term may compute the student's output layer "
+            "itself: the training forward stops at the hidden states once. "
+            f"Received: terms {fused}"
+        )
     _check_shared_banks(terms)
     rewriting = [t.name for t in terms if t.rewrites_batch]
     if len(rewriting) > 1:

@@ -293,7 +293,7 @@ class Distillation(Term):
         *labels, temperature = args
         # Log-probabilities are used as they are (`keras_selfdistill.
         # targets`), except where logits are standardised.
-        kind = self.teacher.target_kind
+        kind = self._target_kind
         if self.vocabulary_size is not None:
             teacher_logits = teacher_logits[..., : self.vocabulary_size]
             student_logits = student_logits[..., : self.vocabulary_size]
@@ -333,6 +333,11 @@ class Distillation(Term):
             )
         # Temperature-free (T = 1, where the two kinds coincide).
         return ksd_ops.logits_mse(teacher_logits, student_logits)
+
+    @property
+    def _target_kind(self):
+        """What the teacher's rows in `_divergence` are (`targets`)."""
+        return self.teacher.target_kind
 
     def _check_widths(self, teacher_logits, student_logits):
         teacher_shape = tuple(teacher_logits.shape)

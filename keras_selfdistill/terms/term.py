@@ -416,6 +416,39 @@ class Term(keras.layers.Layer, metaclass=abc.ABCMeta):
     #: that declares taps, a view or layers of its own sets it.
     reads_forward = False
 
+    #: Whether the term computes the student's output layer itself, from
+    #: its taps (a loss fused with a language model's head, which never
+    #: builds all the logits). In the training step the student's forward
+    #: then stops at the taps: `y_pred` has no `"output"`, no compiled
+    #: loss or metric may read the logits, and the `Distiller` calls
+    #: `compute_objective` instead of `compute_loss_and_mask`. At most one
+    #: term of a distiller sets it.
+    computes_output = False
+
+    @property
+    def supervises(self):
+        """Whether `compute_objective` also returns the label loss.
+
+        A term that computes the student's output layer and the label
+        loss with it sets it; the `Distiller` reports that loss as
+        `supervised_loss`. Defaults to `False`.
+        """
+        return False
+
+    def compute_objective(self, x, y, y_pred, sample_weight, step, epoch):
+        """Returns `(objective, loss, supervised)` for one batch.
+
+        Called instead of `compute_loss_and_mask` for a term that
+        `computes_output`: `objective` is what the step minimises, the
+        term's weight and any label loss included; `loss` the term's own
+        unweighted loss, for its `<name>_loss` metric; `supervised` the
+        label loss that `objective` holds, or `None`.
+        """
+        raise NotImplementedError(
+            f"Term '{self.name}' sets `computes_output = True` and must "
+            "implement `compute_objective`."
+        )
+
     @property
     def output_key(self):
         """Key of the logits in a subclassed student's output dict."""

@@ -1,0 +1,358 @@
+"""`FusedDistillation` equals `Distillation` with a compiled label loss.
+
+Each case builds the same student twice, one distiller with the fused
+term and one with `Distillation` (and, with labels, a compiled
+`SparseCategoricalCrossentropy(from_logits=True)`), and compares the
+objective and its gradient with respect to every trainable weight.
+"""
+
+import keras
+import numpy as np
+import pytest
+from absl.testing import parameterized
+
+import keras_selfdistill as ksd
+from keras_selfdistill import _fused
+
+keras_hub = pytest.importorskip("keras_hub")
+
+VOCABULARY = 48
+
+
+def _gemma(layers, seed, vocabulary=VOCABULARY):
+    """A tiny Gemma: its head is the token embedding, reversed (tied)."""
+    keras.utils.set_random_seed(seed)
+    backbone = keras_hub.models.GemmaBackbone(
+        vocabulary_size=vocabulary,
+        num_layers=layers,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        hidden_dim=16,
+        intermediate_dim=32,
+        head_dim=8,
+    )
+    return keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
+
+
+def _llama(seed, vocabulary=VOCABULARY):
+    """A tiny Llama with an untied reverse embedding as its head."""
+    keras.utils.set_random_seed(seed)
+    backbone = keras_hub.models.LlamaBackbone(
+        vocabulary_size=vocabulary,
+        num_layers=1,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        hidden_dim=16,
+        intermediate_dim=32,
+        tie_word_embeddings=False,
+    )
+    return keras_hub.models.LlamaCausalLM(backbone=backbone, preprocessor=None)
+
+
+def _dense_lm(seed, vocabulary=VOCABULARY, width=12):
+    """A plain Keras LM whose head is a Dense layer with a bias."""
+    keras.utils.set_random_seed(seed)
+    ids = keras.Input((None,), dtype="int32", name="token_ids")
+    hidden = keras.layers.Embedding(vocabulary, width)(ids)
+    hidden = keras.layers.Dense(width, activation="tanh")(hidden)
+    logits = keras.layers.Dense(vocabulary, name="head")(hidden)
+    return keras.Model(ids, logits)
+
+
+def _batch(seed=0, n=4, length=9, vocabulary=VOCABULARY, padding=True):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, vocabulary, size=(n, length + 1)).astype("int32")
+    mask = np.arange(length + 1) < rng.integers(4, length + 2, size=(n, 1))
+    ids[~mask] = 0
+    if not padding:
+        return ids[:, :-1], ids[:, 1:], mask[:, 1:].astype("float32")
+    x = {"token_ids": ids[:, :-1], "padding_mask": mask[:, :-1]}
+    return x, ids[:, 1:], mask[:, 1:].astype("float32")
+
+
+def _loss_and_gradients(distiller, x, y, weights):
+    """The training objective and its gradients, one per trainable weight."""
+    variables = distiller.trainable_variables
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            outputs = distiller(x, training=True)
+            loss = distiller.compute_loss(x, y, outputs, weights)
+        gradients = tape.gradient(loss, [v.value for v in variables])
+        return float(loss), [
+            None if g is None else np.asarray(tf.convert_to_tensor(g))
+            for g in gradients
+        ]
+    import jax
+
+    distiller.optimizer.build(variables)
+
+    def objective(trainable):
+        loss, _ = distiller.compute_loss_and_updates(
+            trainable,
+            [v.value for v in distiller.non_trainable_variables],
+            [v.value for v in distiller.metrics_variables],
+            x,
+            y,
+            weights,
+            training=True,
+            optimizer_variables=[
+                v.value for v in distiller.optimizer.variables
+            ],
+        )
+        return loss
+
+    loss, gradients = jax.value_and_grad(objective)(
+        [v.value for v in variables]
+    )
+    return float(loss), [np.asarray(g) for g in gradients]
+
+
+def _compare(test, fused, plain, x, y, weights, frozen=()):
+    """Objective within 1e-5 relative, gradients within 1e-4."""
+    loss, gradients = _loss_and_gradients(fused, x, y, weights)
+    expected, expected_gradients = _loss_and_gradients(plain, x, y, weights)
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    paths = [v.path for v in fused.trainable_variables]
+    test.assertEqual(
+        [v.shape for v in fused.trainable_variables],
+        [v.shape for v in plain.trainable_variables],
+    )
+    checked = 0
+    for path, got, want in zip(paths, gradients, expected_gradients):
+        if any(name in path for name in frozen):
+            continue
+        scale = max(float(np.max(np.abs(want))), 1e-12)
+        np.testing.assert_allclose(
+            got / scale, want / scale, atol=1e-4, err_msg=path
+        )
+        checked += 1
+    test.assertGreater(checked, 0)
+
+
+def _pair(make_student, teacher, fused_kwargs, plain_kwargs=None, labels=True):
+    """Two distillers on identical students: fused and `Distillation`."""
+    plain_kwargs = dict(fused_kwargs if plain_kwargs is None else plain_kwargs)
+    fused_kwargs = dict(fused_kwargs)
+    fused_kwargs.setdefault("chunk_size", 5)
+    fused = ksd.Distiller(
+        make_student(),
+        [
+            ksd.terms.FusedDistillation(
+                teacher, label_loss=labels, **fused_kwargs
+            )
+        ],
+    )
+    fused.compile(optimizer="sgd")
+    plain = ksd.Distiller(
+        make_student(), [ksd.terms.Distillation(teacher, **plain_kwargs)]
+    )
+    loss = None
+    if labels:
+        loss = keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True,
+            reduction=plain_kwargs.get("reduction", "sum_over_batch_size"),
+        )
+    plain.compile(optimizer="sgd", loss=loss)
+    return fused, plain
+
+
+class FusedParityTest(parameterized.TestCase):
+    @parameterized.named_parameters(
+        ("kl_xi", dict(loss="kl", temperature=2.0, xi=0.5)),
+        ("reverse_kl", dict(loss="reverse_kl", temperature=1.5, weight=0.7)),
+        ("jsd", dict(loss="jsd", beta=0.3)),
+        (
+            "mean_reduction",
+            dict(loss="kl", reduction="mean_with_sample_weight"),
+        ),
+        ("dkd", dict(loss="dkd", beta=2.0, temperature=2.0)),
+        ("mse", dict(loss="mse")),
+        ("standardize", dict(loss="kl", standardize=True, temperature=2.0)),
+        ("recompute", dict(loss="jsd", temperature=2.0, recompute=True)),
+    )
+    def test_gemma_tied_head(self, kwargs):
+        teacher = _gemma(2, seed=1)
+        plain_kwargs = {k: v for k, v in kwargs.items() if k != "recompute"}
+        fused, plain = _pair(
+            lambda: _gemma(1, seed=2), teacher, kwargs, plain_kwargs
+        )
+        x, y, weights = _batch()
+        _compare(self, fused, plain, x, y, weights)
+
+    def test_label_free(self):
+        teacher = _gemma(2, seed=1)
+        fused, plain = _pair(
+            lambda: _gemma(1, seed=2),
+            teacher,
+            dict(temperature=2.0),
+            labels=False,
+        )
+        x, y, weights = _batch()
+        _compare(self, fused, plain, x, None, weights)
+
+    def test_untied_keras_hub_head(self):
+        teacher = _gemma(1, seed=1)
+        fused, plain = _pair(
+            lambda: _llama(seed=2), teacher, dict(temperature=2.0)
+        )
+        x, y, weights = _batch()
+        _compare(self, fused, plain, x, y, weights)
+
+    def test_dense_heads_with_padded_vocabulary(self):
+        # The teacher's head has 8 padding rows; both compare the first 40.
+        teacher = _dense_lm(seed=1, vocabulary=VOCABULARY + 8)
+        kwargs = dict(temperature=2.0, vocabulary_size=VOCABULARY - 8)
+        fused, plain = _pair(lambda: _dense_lm(seed=2), teacher, kwargs)
+        x, y, weights = _batch(padding=False)
+        _compare(self, fused, plain, x, y, weights)
+
+    def test_teacher_targets_read_by_rows(self):
+        # An ensemble's mixture is no one head's logits: its dense targets
+        # are read a chunk of rows at a time.
+        teacher = ksd.teachers.Ensemble([_gemma(1, seed=1), _gemma(1, seed=3)])
+        fused, plain = _pair(
+            lambda: _gemma(1, seed=2), teacher, dict(temperature=2.0)
+        )
+        x, y, weights = _batch()
+        _compare(self, fused, plain, x, y, weights)
+
+    def test_frozen_head_gets_no_gradient(self):
+        def student():
+            model = _dense_lm(seed=2)
+            model.get_layer("head").trainable = False
+            return model
+
+        teacher = _dense_lm(seed=1)
+        fused, plain = _pair(student, teacher, dict(temperature=2.0))
+        self.assertNotIn(
+            "head", str([v.path for v in fused.trainable_variables])
+        )
+        x, y, weights = _batch(padding=False)
+        _compare(self, fused, plain, x, y, weights)
+
+
+class FusedInFitTest(parameterized.TestCase):
+    def test_fit_matches_the_unfused_trajectory(self):
+        teacher = _gemma(2, seed=1)
+        kwargs = dict(temperature=2.0, xi=0.5)
+        x, y, weights = _batch(n=8)
+        histories = []
+        for fused in (True, False):
+            keras.utils.set_random_seed(0)
+            pair = _pair(lambda: _gemma(1, seed=2), teacher, kwargs)
+            distiller = pair[0 if fused else 1]
+            distiller.compile(
+                optimizer=keras.optimizers.Adam(1e-2),
+                loss=None
+                if fused
+                else keras.losses.SparseCategoricalCrossentropy(
+                    from_logits=True
+                ),
+            )
+            history = distiller.fit(
+                x,
+                y,
+                sample_weight=weights,
+                batch_size=4,
+                epochs=2,
+                shuffle=False,
+                verbose=0,
+            ).history
+            histories.append((history, distiller.student.get_weights()))
+        (fused, fused_weights), (plain, plain_weights) = histories
+        term = "fused_distillation_loss"
+        np.testing.assert_allclose(
+            fused[term], plain["distillation_loss"], rtol=1e-4
+        )
+        np.testing.assert_allclose(
+            fused["supervised_loss"], plain["supervised_loss"], rtol=1e-4
+        )
+        np.testing.assert_allclose(fused["loss"], plain["loss"], rtol=1e-4)
+        for got, want in zip(fused_weights, plain_weights):
+            np.testing.assert_allclose(got, want, atol=1e-4)
+
+    def test_ema_teacher_and_config(self):
+        term = ksd.terms.FusedDistillation(
+            ksd.teachers.EMA(momentum=0.9), label_loss=True, chunk_size=7
+        )
+        distiller = ksd.Distiller(_dense_lm(seed=2), [term])
+        distiller.compile(optimizer="adam")
+        x, y, weights = _batch(n=8, padding=False)
+        history = distiller.fit(
+            x, y, sample_weight=weights, batch_size=4, verbose=0
+        ).history
+        self.assertIn("supervised_loss", history)
+        self.assertTrue(np.isfinite(history["loss"]).all())
+        # Evaluation and prediction run the whole student.
+        logits = distiller.predict(x, verbose=0)
+        self.assertEqual(logits.shape, (8, 9, VOCABULARY))
+        config = term.get_config()
+        self.assertEqual(
+            (config["label_loss"], config["chunk_size"], config["recompute"]),
+            (True, 7, False),
+        )
+
+
+class HeadLossTest(parameterized.TestCase):
+    """`_fused.head_loss` against the loss of the whole logits."""
+
+    @parameterized.product(recompute=(False, True), transposed=(False, True))
+    def test_value_and_gradients(self, recompute, transposed):
+        rng = np.random.default_rng(0)
+        hidden = rng.normal(size=(37, 8)).astype("float32")
+        kernel = rng.normal(size=(8, 50)).astype("float32")
+        bias = rng.normal(size=(50,)).astype("float32")
+        labels = rng.integers(0, 50, size=(37,)).astype("int32")
+        weights = rng.uniform(size=(37, 2)).astype("float32")
+        from keras import ops
+
+        def rows(logits, labels):
+            log_probs = ops.log_softmax(logits)
+            picked = ops.take_along_axis(log_probs, labels[:, None], axis=-1)
+            return ops.stack(
+                [-picked[:, 0], ops.logsumexp(logits, axis=-1)], -1
+            )
+
+        given = kernel.T.copy() if transposed else kernel
+
+        def fused(h, k, b):
+            objective, _ = _fused.head_loss(
+                rows,
+                h,
+                k,
+                b,
+                [labels],
+                weights,
+                weights,
+                transposed=transposed,
+                chunk=8,
+                recompute=recompute,
+            )
+            return objective
+
+        def whole(h, k, b):
+            return ops.sum(weights * rows(ops.matmul(h, k) + b, labels))
+
+        got, got_gradients = _gradients(fused, hidden, given, bias)
+        want, want_gradients = _gradients(whole, hidden, kernel, bias)
+        if transposed:
+            want_gradients[1] = want_gradients[1].T
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+        for a, b in zip(got_gradients, want_gradients):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _gradients(function, *arrays):
+    if keras.backend.backend() == "jax":
+        import jax
+
+        value, grads = jax.value_and_grad(function, argnums=(0, 1, 2))(*arrays)
+        return float(value), [np.asarray(g) for g in grads]
+    import tensorflow as tf
+
+    variables = [tf.Variable(a) for a in arrays]
+    with tf.GradientTape() as tape:
+        value = function(*[v * 1.0 for v in variables])
+    return float(value), [g.numpy() for g in tape.gradient(value, variables)]
