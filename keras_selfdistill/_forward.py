@@ -31,6 +31,19 @@ def is_graph(model):
         return False
 
 
+def graph_input(model):
+    """A graph model's input structure, to build models that share it.
+
+    A Sequential model keeps its input in the Functional model it builds;
+    its `input` property fails before the model is called.
+    """
+    try:
+        return model.input
+    except (AttributeError, ValueError):
+        inputs = model.inputs
+        return inputs[0] if len(inputs) == 1 else inputs
+
+
 def _ordered_union(lists):
     names = []
     for items in lists:
@@ -49,7 +62,7 @@ class Forward:
         self.tapped = None
         if self.taps and is_graph(student):
             self.tapped = keras.Model(
-                student.input, self._graph_outputs(), name="tapped"
+                graph_input(student), self._graph_outputs(), name="tapped"
             )
         # A term that computes the output layer itself: the training
         # forward stops at the taps, and the output layer does not run.
@@ -64,7 +77,7 @@ class Forward:
                     f"{type(student).__name__}"
                 )
             self.headless = keras.Model(
-                student.input,
+                graph_input(student),
                 graph_taps(student, self.taps),
                 name="headless",
             )

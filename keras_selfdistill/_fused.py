@@ -27,6 +27,8 @@ are padded to a whole number of chunks, the padding weighted zero.
 import keras
 from keras import ops
 
+from keras_selfdistill import _heads
+
 
 def head_loss(
     function,
@@ -104,15 +106,9 @@ class _Chunk:
         self.has_bias = has_bias
 
     def logits(self, hidden, kernel, bias):
-        hidden = ops.cast(hidden, "float32")
-        kernel = ops.cast(kernel, "float32")
-        if self.transposed:
-            logits = ops.matmul(hidden, ops.transpose(kernel))
-        else:
-            logits = ops.matmul(hidden, kernel)
-        if self.has_bias:
-            logits = logits + ops.cast(bias, "float32")
-        return logits
+        return _heads.project(
+            hidden, kernel, bias if self.has_bias else None, self.transposed
+        )
 
     def __call__(
         self, hidden, kernel, bias, rows, coefficients, reports, constants

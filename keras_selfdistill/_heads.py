@@ -8,6 +8,7 @@ the token embedding, as Gemma's, or with a reverse matrix of its own).
 """
 
 import keras
+from keras import ops
 
 from keras_selfdistill import _forward
 from keras_selfdistill import _internals
@@ -44,6 +45,18 @@ class Head:
             f"'{self.layer.name}' ({type(self.layer).__name__}, {kind} of "
             f"shape {tuple(self.kernel.shape)})"
         )
+
+
+def project(hidden, kernel, bias=None, transposed=False):
+    """float32 logits `hidden @ kernel (+ bias)` (`kernel` transposed)."""
+    hidden = ops.cast(hidden, "float32")
+    kernel = ops.cast(kernel, "float32")
+    if transposed:
+        kernel = ops.transpose(kernel)
+    logits = ops.matmul(hidden, kernel)
+    if bias is not None:
+        logits = logits + ops.cast(bias, "float32")
+    return logits
 
 
 def output_head(model, role):

@@ -5,6 +5,7 @@ from keras import ops
 
 from keras_selfdistill import _internals
 from keras_selfdistill import targets as ksd_targets
+from keras_selfdistill._forward import graph_input
 from keras_selfdistill._forward import graph_taps
 from keras_selfdistill._forward import is_graph
 from keras_selfdistill._forward import tap_shapes
@@ -294,7 +295,7 @@ class Teacher(keras.layers.Layer, metaclass=abc.ABCMeta):
         if key not in cache:
             if is_graph(model):
                 tapped = keras.Model(
-                    model.input,
+                    graph_input(model),
                     graph_taps(model, [layer_name])[layer_name],
                     name=f"{model.name}_{layer_name}",
                 )

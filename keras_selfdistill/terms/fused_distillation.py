@@ -1,11 +1,14 @@
 """`FusedDistillation`: token-level KD that never builds all the logits."""
 
+import functools
+
 import keras
 from keras import ops
 
 from keras_selfdistill import _arguments
 from keras_selfdistill import _fused
 from keras_selfdistill import _heads
+from keras_selfdistill import ops as ksd_ops
 from keras_selfdistill import targets as ksd_targets
 from keras_selfdistill._forward import DEEPEST_FEATURES
 from keras_selfdistill._forward import tap_shapes
@@ -182,16 +185,6 @@ class FusedDistillation(Distillation):
 
     def attach(self, student):
         super().attach(student)
-        for teacher in self.teacher.walk():
-            kind = getattr(teacher, "kind", "dense")
-            if kind != "dense":
-                raise ValueError(
-                    f"Term '{self.name}' reads whole rows of teacher "
-                    f"targets; the {kind} cache '{teacher.name}' holds some "
-                    "classes of each. Use `Distillation` with sparse caches, "
-                    "or a dense cache. Received: a cache of kind "
-                    f"{kind!r}"
-                )
         head = _heads.output_head(student, "student")
         width = tap_shapes(student, [DEEPEST_FEATURES])[DEEPEST_FEATURES][-1]
         if width is not None and width != head.width:
@@ -270,7 +263,9 @@ class FusedDistillation(Distillation):
         temperature = ops.cast(
             self.hyperparameter("temperature", step, epoch), "float32"
         )
-        teacher_rows, mask, constants = self._teacher_rows(x, temperature)
+        source, teacher_rows, mask, constants = self._teacher_rows(
+            x, temperature
+        )
         weights = position_weights(
             ops.ones(leading, "float32"),
             self._positions_weight(x, hidden, sample_weight),
@@ -303,11 +298,11 @@ class FusedDistillation(Distillation):
         )
         head = self._student_head
         objective, totals = _fused.head_loss(
-            self._row_values,
+            functools.partial(self._row_values, source),
             flat,
             ops.convert_to_tensor(head.kernel),
             None if head.bias is None else ops.convert_to_tensor(head.bias),
-            [teacher_rows, labels],
+            [labels] + teacher_rows,
             objective_weights,
             report,
             constants=[temperature] + constants,
@@ -320,8 +315,13 @@ class FusedDistillation(Distillation):
         return objective, totals[0], supervised
 
     def _teacher_rows(self, x, temperature):
-        """`(rows, mask, constants)`: the teacher's hidden states and head,
-        or its targets."""
+        """`(source, rows, mask, constants)` of the teacher for the loop.
+
+        `source` says what the rows are: `"head"`, its hidden states (its
+        head's weights are the constants); `"dense"`, its targets;
+        `"top_k"` or `"sampled"`, a sparse cache's log-probabilities, ids
+        and the rest mass or the importance weights.
+        """
         head = self._teacher_head
         if head is not None:
             hidden, mask = self.teacher.features_and_mask(x, DEEPEST_FEATURES)
@@ -330,18 +330,25 @@ class FusedDistillation(Distillation):
                 constants.append(
                     ops.stop_gradient(ops.convert_to_tensor(head.bias))
                 )
-            rows = ops.reshape(hidden, (-1, hidden.shape[-1]))
-            return rows, mask, constants
+            rows = [ops.reshape(hidden, (-1, hidden.shape[-1]))]
+            return "head", rows, mask, constants
         targets, mask = self.teacher.targets_and_mask(x, None, temperature)
-        if isinstance(targets, dict):
-            raise ValueError(
-                f"Term '{self.name}' reads whole rows of teacher targets. "
-                f"Received: sparse targets {sorted(targets)}"
+        if not isinstance(targets, dict):
+            targets = ops.cast(targets, "float32")
+            rows = [ops.reshape(targets, (-1, targets.shape[-1]))]
+            return "dense", [ops.stop_gradient(r) for r in rows], mask, []
+        kind = self.teacher.kind
+        names = ("log_probs", "ids", "rest" if kind == "top_k" else "weights")
+        rows = []
+        leading = len(targets["ids"].shape) - 1
+        for name in names:
+            value = targets[name]
+            if name == "ids":
+                value = ops.cast(value, "int32")
+            rows.append(
+                ops.reshape(value, (-1,) + tuple(value.shape[leading:]))
             )
-        rows = ops.reshape(
-            ops.cast(targets, "float32"), (-1, targets.shape[-1])
-        )
-        return ops.stop_gradient(rows), mask, []
+        return kind, [ops.stop_gradient(r) for r in rows], mask, []
 
     def _labels(self, y, leading):
         """The flat int32 labels (0 where none) and which rows have one."""
@@ -378,21 +385,40 @@ class FusedDistillation(Distillation):
         count = replica_mean(ops.sum(weights))
         return scale_for_distribution(weights / ops.maximum(count, 1e-12))
 
-    def _row_values(self, student_logits, teacher_rows, labels, *constants):
-        """`(n, 2)`: the divergence and the label cross-entropy per row."""
-        temperature, *teacher_head = constants
-        teacher_logits = teacher_rows
-        if self._teacher_head is not None:
-            kernel = teacher_head[0]
-            if self._teacher_head.transposed:
-                kernel = ops.transpose(kernel)
-            teacher_logits = ops.matmul(
-                teacher_rows, ops.cast(kernel, "float32")
+    def _row_values(self, source, student_logits, labels, *args):
+        """`(n, 2)`: the divergence and the label cross-entropy per row.
+
+        `args` are the teacher's rows and then the constants, as
+        `_teacher_rows` gives them after the temperature.
+        """
+        count = {"head": 1, "dense": 1}.get(source, 3)
+        teacher, (temperature, *teacher_head) = args[:count], args[count:]
+        if source == "head":
+            teacher_logits = _heads.project(
+                teacher[0],
+                *teacher_head,
+                transposed=self._teacher_head.transposed,
             )
-            if len(teacher_head) > 1:
-                teacher_logits = teacher_logits + ops.cast(
-                    teacher_head[1], "float32"
+        elif source == "dense":
+            teacher_logits = teacher[0]
+        if source in ("top_k", "sampled"):
+            log_probs, ids, extra = teacher
+            if source == "top_k":
+                beta = 0.5 if self.beta is None else self.beta
+                divergence = ksd_ops.top_k_divergence(
+                    ids,
+                    log_probs,
+                    extra,
+                    student_logits,
+                    self.loss,
+                    beta,
+                    temperature,
                 )
+            else:
+                divergence = ksd_ops.sampled_kl_divergence(
+                    ids, extra, log_probs, student_logits, temperature
+                )
+            return self._with_labels(divergence, student_logits, labels)
         labelled = labels >= 0
         safe = ops.where(labelled, labels, 0)
         if self.loss == "dkd":
@@ -409,8 +435,13 @@ class FusedDistillation(Distillation):
             divergence = self._divergence(
                 teacher_logits, student_logits, temperature
             )
+        return self._with_labels(divergence, student_logits, labels)
+
+    def _with_labels(self, divergence, student_logits, labels):
+        """The divergence beside the rows' label cross-entropy."""
         if not self.label_loss:
             return ops.stack([divergence, ops.zeros_like(divergence)], -1)
+        safe = ops.where(labels >= 0, labels, 0)
         log_probs = ops.log_softmax(student_logits, axis=-1)
         picked = ops.take_along_axis(log_probs, safe[:, None], axis=-1)
         return ops.stack([divergence, -picked[:, 0]], -1)

@@ -260,7 +260,15 @@ class FusedInFitTest(parameterized.TestCase):
                 shuffle=False,
                 verbose=0,
             ).history
-            histories.append((history, distiller.student.get_weights()))
+            histories.append(
+                (
+                    history,
+                    [
+                        keras.ops.convert_to_numpy(v)
+                        for v in distiller.student.weights
+                    ],
+                )
+            )
         (fused, fused_weights), (plain, plain_weights) = histories
         term = "fused_distillation_loss"
         np.testing.assert_allclose(
@@ -356,3 +364,69 @@ def _gradients(function, *arrays):
     with tf.GradientTape() as tape:
         value = function(*[v * 1.0 for v in variables])
     return float(value), [g.numpy() for g in tape.gradient(value, variables)]
+
+
+class FusedCachedTest(parameterized.TestCase):
+    """Cached targets (dense, top-k, sampled) are read a chunk at a time."""
+
+    @parameterized.named_parameters(
+        ("dense", dict(kind="dense"), "kl"),
+        ("top_k_jsd", dict(kind="top_k", k=3), "jsd"),
+        ("sampled", dict(kind="sampled", k=6), "kl"),
+    )
+    def test_trains_as_distillation_on_the_cache(self, cache, loss):
+        from tests import tiny
+
+        x, y = tiny.data()
+        directory = self.create_tempdir().full_path
+        ksd.cache.write_teacher_outputs(
+            tiny.mlp(seed=5),
+            ksd.data.with_sample_ids(x),
+            directory,
+            num_samples=len(x),
+            verbose=0,
+            dtype="float32",
+            temperature=2.0,
+            **cache,
+        )
+        results = []
+        for term_class in (ksd.terms.FusedDistillation, ksd.terms.Distillation):
+            teacher = ksd.teachers.Cached(directory)
+            kwargs = dict(temperature=2.0, loss=loss, xi=0.5)
+            if term_class is ksd.terms.FusedDistillation:
+                kwargs.update(label_loss=True, chunk_size=5)
+            distiller = ksd.Distiller(
+                tiny.mlp(seed=1), [term_class(teacher, **kwargs)]
+            )
+            distiller.compile(
+                optimizer="sgd",
+                loss=None
+                if term_class is ksd.terms.FusedDistillation
+                else tiny.sparse_ce(),
+            )
+            history = distiller.fit(
+                ksd.data.with_sample_ids(x),
+                y,
+                batch_size=8,
+                epochs=2,
+                shuffle=False,
+                verbose=0,
+            ).history
+            results.append(
+                (
+                    history,
+                    [
+                        keras.ops.convert_to_numpy(v)
+                        for v in distiller.student.weights
+                    ],
+                )
+            )
+        (fused, fused_weights), (plain, plain_weights) = results
+        np.testing.assert_allclose(
+            fused["fused_distillation_loss"],
+            plain["distillation_loss"],
+            rtol=1e-5,
+        )
+        np.testing.assert_allclose(fused["loss"], plain["loss"], rtol=1e-5)
+        for got, want in zip(fused_weights, plain_weights):
+            np.testing.assert_allclose(got, want, atol=1e-5)
