@@ -28,6 +28,7 @@ import keras
 from keras import ops
 
 from keras_selfdistill import _heads
+from keras_selfdistill import _internals
 
 
 def head_loss(
@@ -278,6 +279,14 @@ def _tensorflow(
         )
         return tf.pad(array, widths)
 
+    in_place = _internals.in_xla_function() is False
+
+    def update(buffer, indices, piece):
+        piece = tf.cast(piece, buffer.dtype)
+        if in_place:
+            return tf.raw_ops.InplaceUpdate(x=buffer, i=indices, v=piece)
+        return tf.tensor_scatter_nd_update(buffer, indices[:, None], piece)
+
     def loop(hidden, kernel, bias, differentiate, scale):
         padded_hidden = pad(hidden)
         c_all, r_all = pad(coefficients), pad(reports)
@@ -287,7 +296,13 @@ def _tensorflow(
             start = i * chunk
 
             def cut(array):
-                return array[start : start + chunk]
+                # A slice of static size, which XLA needs.
+                rank = len(array.shape)
+                return tf.slice(
+                    array,
+                    [start] + [0] * (rank - 1),
+                    [chunk] + [-1] * (rank - 1),
+                )
 
             h, c, r = cut(padded_hidden), cut(c_all), cut(r_all)
             pieces = [cut(p) for p in pieces_all]
@@ -302,7 +317,7 @@ def _tensorflow(
                     )
                     scaled = piece * scale
                 grads = tape.gradient(scaled, watched)
-                d_hidden = d_hidden.write(i, tf.cast(grads[0], hidden.dtype))
+                d_hidden = update(d_hidden, start + tf.range(chunk), grads[0])
                 if train_head:
                     d_kernel = d_kernel + tf.cast(grads[1], "float32")
                 if train_head and has_bias:
@@ -319,11 +334,14 @@ def _tensorflow(
             )
 
         head = differentiate and train_head
-        d_hidden = tf.TensorArray(
-            hidden.dtype,
-            size=count if differentiate else 0,
-            element_shape=tf.TensorShape([chunk, hidden.shape[-1]]),
-        )
+        # The hidden states' gradient is written in place into a fresh
+        # buffer (`Empty`, which graph optimisation cannot share), as
+        # `_rows` does; XLA has no `InplaceUpdate` and plans its buffers.
+        d_hidden = tf.zeros((), hidden.dtype)
+        if differentiate:
+            d_hidden = tf.raw_ops.Empty(
+                shape=tf.shape(padded_hidden), dtype=hidden.dtype, init=True
+            )
         start = (
             0,
             tf.zeros((), "float32"),
@@ -337,7 +355,7 @@ def _tensorflow(
         )
         grads = None
         if differentiate:
-            grads = [d_hidden.concat()[:total], None]
+            grads = [d_hidden[:total], None]
             if train_head:
                 grads[1] = tf.cast(d_kernel, kernel.dtype)
             if has_bias:

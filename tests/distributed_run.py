@@ -24,6 +24,7 @@ KINDS = (
     "families",
     "sequence",
     "sequence_kd",
+    "sequence_fused",
     "diffusion",
 )
 BATCH = 8
@@ -200,6 +201,20 @@ def distiller(keras, ksd, kind, jit_compile=False):
                 seed=5,
             )
         ]
+    elif kind == "sequence_fused":
+        # The loss fused with the head: KL and the label cross-entropy
+        # with ξ, three positions projected at a time, the mean over real
+        # tokens of the global batch.
+        terms = [
+            ksd.terms.FusedDistillation(
+                _language_model(keras, 1),
+                temperature=2.0,
+                xi=0.5,
+                label_loss=True,
+                chunk_size=3,
+                reduction="mean_with_sample_weight",
+            )
+        ]
     elif kind == "sequence_kd":
         terms = [
             ksd.terms.SequenceKD(_language_model(keras, 1), prompt_length=3)
@@ -234,7 +249,7 @@ def distiller(keras, ksd, kind, jit_compile=False):
         # GKD (the sequence configuration) minimises the divergence alone;
         # a diffusion model regresses on its term's targets.
         loss=None
-        if kind in ("sequence", "diffusion")
+        if kind in ("sequence", "diffusion", "sequence_fused")
         else keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         jit_compile=jit_compile,
     )

@@ -11,7 +11,6 @@ from keras_selfdistill import _heads
 from keras_selfdistill import ops as ksd_ops
 from keras_selfdistill import targets as ksd_targets
 from keras_selfdistill._forward import DEEPEST_FEATURES
-from keras_selfdistill._forward import tap_shapes
 from keras_selfdistill.terms.distillation import Distillation
 from keras_selfdistill.terms.distillation import position_weights
 from keras_selfdistill.terms.term import Term
@@ -186,14 +185,6 @@ class FusedDistillation(Distillation):
     def attach(self, student):
         super().attach(student)
         head = _heads.output_head(student, "student")
-        width = tap_shapes(student, [DEEPEST_FEATURES])[DEEPEST_FEATURES][-1]
-        if width is not None and width != head.width:
-            raise ValueError(
-                f"Term '{self.name}': the student's hidden states (width "
-                f"{width}) do not match its head {head.describe()}, whose "
-                f"input width is {head.width}. Received: hidden width "
-                f"{width}, head kernel shape {tuple(head.kernel.shape)}"
-            )
         models = self.teacher.feature_models()
         teacher_head = None
         if len(models) == 1:

@@ -430,3 +430,94 @@ class FusedCachedTest(parameterized.TestCase):
         np.testing.assert_allclose(fused["loss"], plain["loss"], rtol=1e-5)
         for got, want in zip(fused_weights, plain_weights):
             np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+class FusedBadInputTest(parameterized.TestCase):
+    def _functional(self, head, width=12):
+        ids = keras.Input((None,), dtype="int32")
+        hidden = keras.layers.Embedding(VOCABULARY, width)(ids)
+        return keras.Model(ids, head(hidden))
+
+    def test_a_head_that_is_not_a_matrix(self):
+        student = self._functional(
+            keras.layers.EinsumDense("btd,dv->btv", (None, VOCABULARY))
+        )
+        with self.assertRaisesRegex(ValueError, "is not a matrix.*EinsumDense"):
+            ksd.Distiller(student, [ksd.terms.FusedDistillation(_dense_lm(1))])
+
+    def test_a_head_with_an_activation(self):
+        student = self._functional(
+            keras.layers.Dense(VOCABULARY, activation="tanh")
+        )
+        with self.assertRaisesRegex(ValueError, "activation 'tanh'"):
+            ksd.Distiller(student, [ksd.terms.FusedDistillation(_dense_lm(1))])
+
+    def test_a_soft_capped_head(self):
+        embedding = keras.layers.ReversibleEmbedding(
+            VOCABULARY, 12, logit_soft_cap=30.0
+        )
+        ids = keras.Input((None,), dtype="int32")
+        student = keras.Model(ids, embedding(embedding(ids), reverse=True))
+        with self.assertRaisesRegex(ValueError, "logit_soft_cap=30.0"):
+            ksd.Distiller(student, [ksd.terms.FusedDistillation(_dense_lm(1))])
+
+    def test_vocabularies_that_differ(self):
+        teacher = _dense_lm(1, vocabulary=VOCABULARY + 2)
+        with self.assertRaisesRegex(
+            ValueError, r"50 classes.*48.*\(None, None, 50\).*\(None, None, 48\)"
+        ):
+            ksd.Distiller(_dense_lm(2), [ksd.terms.FusedDistillation(teacher)])
+
+    def test_subclassed_student(self):
+        class Student(keras.Model):
+            def __init__(self):
+                super().__init__()
+                self.head = keras.layers.Dense(VOCABULARY)
+
+            def call(self, x):
+                return self.head(x)
+
+        student = Student()
+        student.build((None, 4))
+        with self.assertRaisesRegex(ValueError, "subclassed"):
+            ksd.Distiller(student, [ksd.terms.FusedDistillation(_dense_lm(1))])
+
+    def test_xi_without_the_label_loss(self):
+        with self.assertRaisesRegex(ValueError, "label_loss=True"):
+            ksd.terms.FusedDistillation(_dense_lm(1), xi=0.5)
+
+    def test_two_fused_terms(self):
+        teacher = _dense_lm(1)
+        with self.assertRaisesRegex(ValueError, "At most one term may compute"):
+            ksd.Distiller(
+                _dense_lm(2),
+                [
+                    ksd.terms.FusedDistillation(teacher),
+                    ksd.terms.FusedDistillation(teacher, name="second"),
+                ],
+            )
+
+    def test_compiled_loss_or_metrics(self):
+        x, y, _ = _batch(padding=False)
+        for compiled in (
+            dict(loss="sparse_categorical_crossentropy"),
+            dict(metrics=["accuracy"]),
+        ):
+            distiller = ksd.Distiller(
+                _dense_lm(2), [ksd.terms.FusedDistillation(_dense_lm(1))]
+            )
+            distiller.compile(optimizer="sgd", **compiled)
+            with self.assertRaisesRegex(
+                ValueError, "without `loss` and `metrics`"
+            ):
+                distiller.fit(x, y, verbose=0)
+
+    def test_float_labels(self):
+        x, y, _ = _batch(padding=False)
+        distiller = ksd.Distiller(
+            _dense_lm(2),
+            [ksd.terms.FusedDistillation(_dense_lm(1), label_loss=True)],
+        )
+        distiller.compile(optimizer="sgd")
+        with self.assertRaisesRegex(ValueError, "integer labels"):
+            distiller.fit(x, y.astype("float32"), verbose=0)
