@@ -114,10 +114,11 @@ class _Chunk:
     def __call__(
         self, hidden, kernel, bias, rows, coefficients, reports, constants
     ):
-        values = ops.cast(
-            self.function(self.logits(hidden, kernel, bias), *rows, *constants),
-            "float32",
-        )
+        logits = self.logits(hidden, kernel, bias)
+        return self.of_logits(logits, rows, coefficients, reports, constants)
+
+    def of_logits(self, logits, rows, coefficients, reports, constants):
+        values = ops.cast(self.function(logits, *rows, *constants), "float32")
         objective = ops.sum(coefficients * values)
         totals = ops.sum(reports * values, axis=0)
         return objective, totals
@@ -307,21 +308,35 @@ def _tensorflow(
             h, c, r = cut(padded_hidden), cut(c_all), cut(r_all)
             pieces = [cut(p) for p in pieces_all]
             if differentiate:
-                watched = [h]
-                if train_head:
-                    watched += [kernel] + ([bias] if has_bias else [])
+                # The tape differentiates the loss with respect to the
+                # chunk's logits; the products with the head are written
+                # out, so that no kernel-sized transpose is made per chunk.
+                logits = chunk_fn.logits(h, kernel, bias)
                 with tf.GradientTape() as tape:
-                    tape.watch(watched)
-                    piece, sums = chunk_fn(
-                        h, kernel, bias, pieces, c, r, constants
+                    tape.watch(logits)
+                    piece, sums = chunk_fn.of_logits(
+                        logits, pieces, c, r, constants
                     )
                     scaled = piece * scale
-                grads = tape.gradient(scaled, watched)
-                d_hidden = update(d_hidden, start + tf.range(chunk), grads[0])
+                g = tape.gradient(scaled, logits)
+                if chunk_fn.transposed:
+                    g_hidden = tf.matmul(g, tf.cast(kernel, "float32"))
+                else:
+                    g_hidden = tf.matmul(
+                        g, tf.cast(kernel, "float32"), transpose_b=True
+                    )
+                d_hidden = update(d_hidden, start + tf.range(chunk), g_hidden)
                 if train_head:
-                    d_kernel = d_kernel + tf.cast(grads[1], "float32")
+                    h32 = tf.cast(h, "float32")
+                    if chunk_fn.transposed:
+                        g_kernel = tf.matmul(g, h32, transpose_a=True)
+                    else:
+                        g_kernel = tf.matmul(h32, g, transpose_a=True)
+                    # A new sum, not `InplaceAdd`, which runs on one core:
+                    # 2.5× slower here for one more kernel-sized buffer.
+                    d_kernel = d_kernel + g_kernel
                 if train_head and has_bias:
-                    d_bias = d_bias + tf.cast(grads[2], "float32")
+                    d_bias = d_bias + tf.reduce_sum(g, axis=0)
             else:
                 piece, sums = chunk_fn(h, kernel, bias, pieces, c, r, constants)
             return (

@@ -52,8 +52,12 @@ def project(hidden, kernel, bias=None, transposed=False):
     hidden = ops.cast(hidden, "float32")
     kernel = ops.cast(kernel, "float32")
     if transposed:
-        kernel = ops.transpose(kernel)
-    logits = ops.matmul(hidden, kernel)
+        # An einsum, not a transpose: the gradient with respect to a
+        # `(vocabulary, width)` kernel is then one product, not a product
+        # and a kernel-sized transpose.
+        logits = ops.einsum("nw,vw->nv", hidden, kernel)
+    else:
+        logits = ops.matmul(hidden, kernel)
     if bias is not None:
         logits = logits + ops.cast(bias, "float32")
     return logits
