@@ -39,6 +39,16 @@ class Head:
     def trainable(self):
         return self.layer.trainable and self.kernel.trainable
 
+    @property
+    def vocabulary_axis(self):
+        """The axis of `kernel` that holds the vocabulary."""
+        return 0 if self.transposed else 1
+
+    def vocabulary_split(self):
+        """The mesh axes the vocabulary is split over, or `None`."""
+        spec = _internals.partition_spec(self.kernel)
+        return None if spec is None else spec[self.vocabulary_axis]
+
     def describe(self):
         kind = "tied embedding" if self.transposed else "matrix"
         return (

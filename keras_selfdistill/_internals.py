@@ -117,6 +117,17 @@ def producing_call(tensor):
     return history.operation, tuple(arguments.args), dict(arguments.kwargs)
 
 
+def partition_spec(variable):
+    """The mesh axes each axis of `variable` is split over (JAX, under a
+    `keras.distribution`), or `None` when it is not split or unknown."""
+    sharding = getattr(getattr(variable, "value", None), "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if spec is None:
+        return None
+    axes = tuple(spec) + (None,) * (len(variable.shape) - len(spec))
+    return None if all(a is None for a in axes) else axes
+
+
 def built_input_shape(model):
     """The input shape a subclassed model was built with, or `None`."""
     shapes = getattr(model, "_build_shapes_dict", None) or {}

@@ -213,8 +213,25 @@ class FusedDistillation(Distillation):
             teacher_shape = self._teacher_output_shape(student)
             teacher_width = teacher_shape[-1]
         self._check_vocabularies(head, teacher_width, teacher_shape)
+        if teacher_head is not None:
+            self._check_splits(head, teacher_head)
         self._student_head = head
         self._teacher_head = teacher_head
+
+    def _check_splits(self, student, teacher):
+        """Both heads' vocabularies split over the same mesh axes, or
+        neither: a chunk's two logits are then laid out alike."""
+        splits = student.vocabulary_split(), teacher.vocabulary_split()
+        if splits[0] != splits[1] and None in splits:
+            which = "student" if splits[1] is None else "teacher"
+            raise ValueError(
+                f"Term '{self.name}': the layout map splits the vocabulary "
+                f"of the {which}'s head only, so every chunk's logits would "
+                "be gathered across devices for the other. Split both heads' "
+                "vocabulary over the same mesh axis, or neither. Received: "
+                f"student head {student.describe()} split {splits[0]}, "
+                f"teacher head {teacher.describe()} split {splits[1]}"
+            )
 
     def _teacher_output_shape(self, student):
         for teacher in self.teacher.walk():

@@ -464,7 +464,8 @@ class FusedBadInputTest(parameterized.TestCase):
     def test_vocabularies_that_differ(self):
         teacher = _dense_lm(1, vocabulary=VOCABULARY + 2)
         with self.assertRaisesRegex(
-            ValueError, r"50 classes.*48.*\(None, None, 50\).*\(None, None, 48\)"
+            ValueError,
+            r"50 classes.*48.*\(None, None, 50\).*\(None, None, 48\)",
         ):
             ksd.Distiller(_dense_lm(2), [ksd.terms.FusedDistillation(teacher)])
 
@@ -521,3 +522,55 @@ class FusedBadInputTest(parameterized.TestCase):
         distiller.compile(optimizer="sgd")
         with self.assertRaisesRegex(ValueError, "integer labels"):
             distiller.fit(x, y.astype("float32"), verbose=0)
+
+
+class FusedBatchTermsTest(parameterized.TestCase):
+    """Beside the terms that rewrite the batch: on-policy and sequence KD."""
+
+    @parameterized.named_parameters(("on_policy", False), ("sequence_kd", True))
+    def test_trains_as_distillation(self, sequence_kd):
+        teacher = _dense_lm(seed=1)
+        x, y, weights = _batch(n=8, padding=False)
+        results = []
+        for fused in (True, False):
+            if sequence_kd:
+                rewrite = ksd.terms.SequenceKD(
+                    _dense_lm(seed=3), prompt_length=4
+                )
+            else:
+                rewrite = ksd.terms.OnPolicy(4, temperature=0)
+            if fused:
+                term = ksd.terms.FusedDistillation(
+                    teacher,
+                    temperature=2.0,
+                    label_loss=sequence_kd,
+                    chunk_size=6,
+                )
+            else:
+                term = ksd.terms.Distillation(teacher, temperature=2.0)
+            distiller = ksd.Distiller(_dense_lm(seed=2), [term, rewrite])
+            loss = None
+            if sequence_kd and not fused:
+                loss = keras.losses.SparseCategoricalCrossentropy(
+                    from_logits=True
+                )
+            distiller.compile(optimizer=keras.optimizers.Adam(1e-2), loss=loss)
+            history = distiller.fit(
+                x,
+                y,
+                sample_weight=weights,
+                batch_size=4,
+                epochs=2,
+                shuffle=False,
+                verbose=0,
+            ).history
+            weights_after = [
+                keras.ops.convert_to_numpy(v) for v in distiller.student.weights
+            ]
+            results.append((history, weights_after))
+        (fused, fused_weights), (plain, plain_weights) = results
+        np.testing.assert_allclose(
+            fused["loss"], plain["loss"], rtol=1e-4, atol=1e-7
+        )
+        for got, want in zip(fused_weights, plain_weights):
+            np.testing.assert_allclose(got, want, atol=1e-5)
