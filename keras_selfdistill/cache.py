@@ -122,10 +122,11 @@ def teacher_fingerprint(teacher):
     return digest.hexdigest()[:16]
 
 
-def _count_written(directory, manifest):
+def _count_written(directory, manifest, shards=None):
+    if shards is None:
+        shards = range(manifest["num_shards"])
     return sum(
-        written_rows(shard_directory(directory, shard))
-        for shard in range(manifest["num_shards"])
+        written_rows(shard_directory(directory, shard)) for shard in shards
     )
 
 
@@ -145,6 +146,8 @@ def write_teacher_outputs(
     augment=None,
     views=None,
     sampling=None,
+    process_index=None,
+    process_count=None,
 ):
     """Runs a teacher once over a dataset and writes its outputs to disk.
 
@@ -189,6 +192,15 @@ def write_teacher_outputs(
     and takes the target of that view. `views` equal to the number of
     epochs gives every epoch its own augmentation of every sample.
 
+    Several processes. Run by `process_count` processes on the same data
+    and directory (a multi-host JAX job: by default JAX's
+    `process_index()` and `process_count()`), each process runs the
+    teacher on the samples of its own shards (shard `s` belongs to
+    process `s % process_count`) and writes them; the cache is the one a
+    single process writes. Whichever process finishes last finds every
+    row written and marks the manifest complete; a process that finishes
+    earlier returns with it still incomplete.
+
     Reference:
 
     - [Anshumann et al., 2025](https://arxiv.org/abs/2503.16870) (RS-KD,
@@ -232,6 +244,12 @@ def write_teacher_outputs(
             draws from one random offset per position). Defaults to `None`,
             which is `"multinomial"` for `"sampled"` and refused with other
             kinds.
+        process_index: This process's index among `process_count` writers.
+            Defaults to `None`: JAX's `process_index()` on the JAX backend,
+            else 0.
+        process_count: Number of processes writing the cache together.
+            Defaults to `None`: JAX's `process_count()` on the JAX backend,
+            else 1.
 
     Returns:
         The manifest, a dict.
@@ -290,14 +308,28 @@ def write_teacher_outputs(
         verbose=1 if verbose == "auto" else verbose,
         unit_name="sample",
     )
+    index, count = _processes(process_index, process_count)
+    num_shards = -(-int(num_samples) // int(shard_size))
+    own = [s for s in range(num_shards) if s % count == index]
+    expected = sum(
+        min(shard_size, int(num_samples) - s * shard_size) for s in own
+    )
     shards = {}
     # The most rows of a batch so far: shorter batches are padded to it.
     width = 0
-    written = 0 if manifest is None else _count_written(directory, manifest)
+    written = 0
+    if manifest is not None:
+        written = _count_written(directory, manifest, own)
     progress.update(written)
     for x, prints, viewed in _batches(data, batch_size, augment, seed, views):
         ids = np.asarray(x[SAMPLE_ID]).astype("int64").reshape(-1)
         check_ids(ids, num_samples, unique=False)
+        if count > 1:
+            mine = (ids // shard_size) % count == index
+            if not mine.any():
+                continue
+            x, prints, viewed = _rows_of_batch((x, prints, viewed), mine)
+            ids = ids[mine]
         if manifest is not None:
             done = np.array(
                 [
@@ -325,17 +357,54 @@ def write_teacher_outputs(
             _write_manifest(directory, manifest)
         written += _write_rows(shards, directory, manifest, ids, prints, fresh)
         progress.update(written)
-    if manifest is None:
+    if manifest is None and expected:
         raise ValueError("`data` holds no samples: nothing was written.")
-    if written < num_samples:
+    if written < expected:
+        what = "" if count == 1 else f" of this process's shards {own}"
         raise ValueError(
-            f"The data held {written} of num_samples={num_samples} sample "
-            "ids: a cache must hold every sample the training data can "
-            "name. Pass the whole split, or the right `num_samples`."
+            f"The data held {written} of the {expected} sample ids{what} "
+            f"(num_samples={num_samples}): a cache must hold every sample "
+            "the training data can name. Pass the whole split, or the "
+            "right `num_samples`."
         )
-    manifest["complete"] = True
-    _write_manifest(directory, manifest)
+    if manifest is None:
+        # A process without shards: the others write the cache.
+        return _stored_manifest(directory, settings)
+    # The last process to finish sees every row (each flushes its rows
+    # before counting) and marks the cache complete.
+    if count == 1 or _count_written(directory, manifest) == num_samples:
+        manifest["complete"] = True
+        _write_manifest(directory, manifest)
     return manifest
+
+
+def _processes(index, count):
+    """`(process index, process count)` of the writers."""
+    if index is None and count is None:
+        if keras.backend.backend() == "jax":
+            import jax
+
+            return jax.process_index(), jax.process_count()
+        return 0, 1
+    if (
+        not _arguments.is_integer(count)
+        or not _arguments.is_integer(index)
+        or count < 1
+        or not 0 <= index < count
+    ):
+        raise ValueError(
+            "`process_index` and `process_count` name this writer among "
+            "several: integers with 0 <= process_index < process_count. "
+            f"Received: process_index={index!r}, process_count={count!r}"
+        )
+    return int(index), int(count)
+
+
+def _rows_of_batch(structure, keep):
+    """The rows `keep` of every array in `structure` (`None` kept)."""
+    return keras.tree.map_structure(
+        lambda a: None if a is None else np.asarray(a)[keep], structure
+    )
 
 
 def _settings(
@@ -540,7 +609,9 @@ def _write_manifest(directory, manifest):
     # Written whole to a temporary file and renamed: a killed writer never
     # leaves a half-written manifest.
     path = manifest_path(directory)
-    temporary = path + ".tmp"
+    # A temporary of this process's own: several writers may write the
+    # same manifest at once.
+    temporary = f"{path}.{os.getpid()}.tmp"
     with open(temporary, "w") as file:
         json.dump(manifest, file, indent=1, sort_keys=True)
     os.replace(temporary, path)

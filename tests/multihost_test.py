@@ -1,3 +1,4 @@
+import json
 import os
 import socket
 import subprocess
@@ -7,6 +8,7 @@ import keras
 import numpy as np
 import pytest
 from absl.testing import absltest
+from absl.testing import parameterized
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,3 +59,60 @@ class MultiHostTest(absltest.TestCase):
             np.testing.assert_allclose(
                 first[key], alone[key], rtol=0, atol=1e-5, err_msg=key
             )
+
+
+@pytest.mark.slow
+class MultiHostCacheTest(parameterized.TestCase):
+    """The cache writer in two JAX processes writes one process's cache."""
+
+    @parameterized.named_parameters(("dense", "dense"), ("top_k", "top_k"))
+    def test_two_writers_write_the_one_process_cache(self, kind):
+        if keras.backend.backend() != "jax":
+            self.skipTest("runs in the jax suite")
+        root = self.create_tempdir().full_path
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+        env.pop("XLA_FLAGS", None)
+        port = _free_port()
+
+        def start(process_id, num_processes, directory):
+            command = [sys.executable, "-m", "tests.multihost_cache_run"]
+            args = [process_id, num_processes, port, directory, kind]
+            return subprocess.Popen(
+                command + [str(a) for a in args], env=env, cwd=_ROOT
+            )
+
+        shared, alone = os.path.join(root, "two"), os.path.join(root, "one")
+        writers = [start(0, 2, shared), start(1, 2, shared)]
+        self.assertEqual([w.wait(timeout=300) for w in writers], [0, 0])
+        self.assertEqual(start(0, 1, alone).wait(timeout=300), 0)
+        # Each process wrote its own shards (0, 2, 4 and 1, 3 of 40 rows
+        # by 8); the files and the complete manifest equal one writer's.
+        files = sorted(
+            os.path.relpath(os.path.join(folder, name), alone)
+            for folder, _, names in os.walk(alone)
+            for name in names
+        )
+        self.assertEqual(
+            files,
+            sorted(
+                os.path.relpath(os.path.join(folder, name), shared)
+                for folder, _, names in os.walk(shared)
+                for name in names
+            ),
+        )
+        self.assertLen([f for f in files if f.endswith("fingerprints.npy")], 5)
+        for name in files:
+            if name.endswith(".json"):
+                with (
+                    open(os.path.join(alone, name)) as a,
+                    open(os.path.join(shared, name)) as b,
+                ):
+                    self.assertEqual(json.load(a), json.load(b))
+                    continue
+            np.testing.assert_array_equal(
+                np.load(os.path.join(shared, name)),
+                np.load(os.path.join(alone, name)),
+                name,
+            )
+        with open(os.path.join(shared, "manifest.json")) as file:
+            self.assertTrue(json.load(file)["complete"])
