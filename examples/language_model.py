@@ -16,7 +16,15 @@ number of optimizer steps, a smaller student is trained three ways:
 - `taid` (with `--methods`): TAID, the cross-entropy to an interpolation
   of the student's and the teacher's logits whose coefficient moves from
   0.4 to 1 over the steps, adaptively (`keras_selfdistill.terms.TAID`,
-  the official defaults).
+  the official defaults);
+- `kd_kl_fused` (with `--methods`): `kd_kl` computed by
+  `keras_selfdistill.terms.FusedDistillation`, fused with the heads, which
+  never builds the `[tokens, vocabulary]` logits.
+
+With `--vocabulary N` (N > 256) the tokens are not bytes but the pieces
+of a SentencePiece model of N pieces trained on the training text with
+KerasHub's `compute_sentence_piece_proto` (locally, no download), and the
+bits are per piece.
 
 Each reports the held-out perplexity (bits per byte too), the teacher's
 perplexity of the student's own continuations of held-out prompts (what
@@ -24,12 +32,15 @@ GKD trains for), and training throughput in tokens per second:
 
     python examples/language_model.py                   # 3 seeds, ~35 min
     python examples/language_model.py --steps 50 --seeds 0 --limit 200000
+    python examples/language_model.py --vocabulary 32000 \
+        --methods kd_kl,kd_kl_fused --seeds 0 --steps 200 --teacher-steps 300
 """
 
 import argparse
 import json
 import math
 import os
+import resource
 import sysconfig
 import time
 
@@ -42,8 +53,9 @@ from keras_selfdistill.terms.on_policy import continue_sequences
 VOCABULARY = 256
 
 
-def corpus(limit=None):
-    """`(train, held_out)` byte arrays of the standard library's sources."""
+def corpus(limit=None, vocabulary=VOCABULARY):
+    """`(train, held_out)` token arrays of the standard library's sources:
+    bytes, or with `vocabulary` above 256 SentencePiece pieces."""
     root = sysconfig.get_paths()["stdlib"]
     paths = []
     for folder, dirs, files in os.walk(root):
@@ -56,10 +68,34 @@ def corpus(limit=None):
     train, held_out = b"".join(train), b"".join(held_out)
     if limit:
         train, held_out = train[:limit], held_out[: max(limit // 10, 4096)]
+    if vocabulary != VOCABULARY:
+        encode = sentence_pieces(train, vocabulary)
+        return encode(train), encode(held_out)
     return (
         np.frombuffer(train, np.uint8).astype("int32"),
         np.frombuffer(held_out, np.uint8).astype("int32"),
     )
+
+
+def sentence_pieces(text, vocabulary):
+    """An encoder into the pieces of a SentencePiece model of `vocabulary`
+    pieces, trained on `text`'s lines with KerasHub (no download)."""
+    import keras_hub
+    import sentencepiece
+    import tensorflow as tf
+
+    lines = [line for line in text.decode("utf-8", "replace").splitlines()]
+    lines = [line for line in lines if line.strip()]
+    proto = keras_hub.tokenizers.compute_sentence_piece_proto(
+        tf.data.Dataset.from_tensor_slices(lines), vocabulary
+    )
+    processor = sentencepiece.SentencePieceProcessor(model_proto=proto)
+
+    def encode(data):
+        pieces = processor.encode(data.decode("utf-8", "replace").splitlines())
+        return np.concatenate([np.asarray(p, "int32") for p in pieces if p])
+
+    return encode
 
 
 def windows(tokens, length):
@@ -83,11 +119,11 @@ class PositionEmbedding(keras.layers.Layer):
         return inputs + self.table[None]
 
 
-def transformer(length, width, depth, heads, name, seed):
+def transformer(length, width, depth, heads, name, seed, vocabulary=VOCABULARY):
     """A pre-norm causal transformer from token ids to next-token logits."""
     keras.utils.set_random_seed(seed)
     tokens = keras.Input((length,), dtype="int32")
-    h = PositionEmbedding()(keras.layers.Embedding(VOCABULARY, width)(tokens))
+    h = PositionEmbedding()(keras.layers.Embedding(vocabulary, width)(tokens))
     for _ in range(depth):
         a = keras.layers.LayerNormalization()(h)
         a = keras.layers.MultiHeadAttention(heads, width // heads)(
@@ -98,7 +134,7 @@ def transformer(length, width, depth, heads, name, seed):
         f = keras.layers.Dense(4 * width, activation="gelu")(f)
         h = h + keras.layers.Dense(width)(f)
     h = keras.layers.LayerNormalization()(h)
-    return keras.Model(tokens, keras.layers.Dense(VOCABULARY)(h), name=name)
+    return keras.Model(tokens, keras.layers.Dense(vocabulary)(h), name=name)
 
 
 def _ce():
@@ -147,7 +183,9 @@ def _batches(x, y, batch_size, steps, seed):
 
 def train_teacher(args, x, y):
     print(f"training the teacher ({args.teacher_steps} steps)", flush=True)
-    teacher = transformer(args.length, 128, 2, 4, "teacher", seed=100)
+    teacher = transformer(
+        args.length, 128, 2, 4, "teacher", seed=100, vocabulary=args.vocabulary
+    )
     teacher.compile(optimizer=keras.optimizers.Adam(1e-3), loss=_ce())
     bx, by = _batches(x, y, args.batch_size, args.teacher_steps, seed=100)
     teacher.fit(bx, by, batch_size=args.batch_size, epochs=1, verbose=0)
@@ -155,7 +193,9 @@ def train_teacher(args, x, y):
 
 
 def train_student(args, method, teacher, x, y, seed):
-    student = transformer(args.length, 64, 1, 2, "student", seed=seed)
+    student = transformer(
+        args.length, 64, 1, 2, "student", seed=seed, vocabulary=args.vocabulary
+    )
     divergence = ksd.terms.Distillation(
         teacher,
         loss="jsd",
@@ -168,6 +208,10 @@ def train_student(args, method, teacher, x, y, seed):
         divergence = ksd.terms.Distillation(
             teacher, loss="kl", reduction="mean_with_sample_weight"
         )
+    if method == "kd_kl_fused":
+        divergence = ksd.terms.FusedDistillation(
+            teacher, loss="kl", reduction="mean_with_sample_weight"
+        )
     if method == "taid":
         divergence = ksd.terms.TAID(
             teacher,
@@ -175,7 +219,7 @@ def train_student(args, method, teacher, x, y, seed):
             reduction="mean_with_sample_weight",
         )
     terms, loss = [], _ce()
-    if method in ("kd", "gkd", "kd_kl", "taid"):
+    if method in ("kd", "gkd", "kd_kl", "taid", "kd_kl_fused"):
         terms, loss = [divergence], None
     if method == "gkd":
         terms.append(
@@ -192,7 +236,7 @@ def train_student(args, method, teacher, x, y, seed):
     return distiller.student, bx.size / seconds
 
 
-METHODS = ("ce", "kd", "gkd", "kd_kl", "taid")
+METHODS = ("ce", "kd", "gkd", "kd_kl", "taid", "kd_kl_fused")
 
 
 class _Help(
@@ -231,7 +275,13 @@ def build_parser():
         type=_methods,
         help=f"comma-separated, from {', '.join(METHODS)}: cross-entropy "
         "alone, token-level KD (JSD), on-policy GKD, KD with the forward "
-        "KL, TAID",
+        "KL, TAID, KD with the forward KL fused with the heads",
+    )
+    parser.add_argument(
+        "--vocabulary",
+        type=int,
+        default=VOCABULARY,
+        help="256: bytes; more: a SentencePiece model of this many pieces",
     )
     parser.add_argument("--length", type=int, default=64, help="window size")
     parser.add_argument("--batch-size", type=int, default=32, help="batch")
@@ -244,7 +294,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    train, held_out = corpus(args.limit)
+    train, held_out = corpus(args.limit, args.vocabulary)
     x, y = windows(train, args.length)
     # 2,000 held-out windows (128,000 bytes at the default length).
     test_x, test_y = [a[:2000] for a in windows(held_out, args.length)]
@@ -255,11 +305,13 @@ def main(argv=None):
         if args.teacher_file:
             teacher.save(args.teacher_file)
     results = {
-        "train_bytes": int(train.size),
-        "held_out_bytes": int(held_out.size),
+        # Bytes, or SentencePiece pieces with `--vocabulary`.
+        "train_tokens": int(train.size),
+        "held_out_tokens": int(held_out.size),
         "teacher": perplexity(teacher, test_x, test_y)[0],
     }
     print(f"teacher held-out perplexity {results['teacher']:.3f}")
+    unit = "byte" if args.vocabulary == VOCABULARY else "piece"
     for method in args.methods:
         runs = []
         for seed in [int(s) for s in args.seeds.split(",")]:
@@ -275,11 +327,17 @@ def main(argv=None):
                     "bits": bits,
                     "teacher_perplexity_of_samples": judged,
                     "tokens_per_second": speed,
+                    # This process's peak so far: run one method per
+                    # process to compare the methods' memory.
+                    "peak_rss_mb": resource.getrusage(
+                        resource.RUSAGE_SELF
+                    ).ru_maxrss
+                    / 1024,
                 }
             )
             print(
                 f"{method} seed {seed}: perplexity {ppl:.3f} "
-                f"({bits:.3f} bits/byte), teacher's perplexity of its "
+                f"({bits:.3f} bits/{unit}), teacher's perplexity of its "
                 f"samples {judged:.3f}, {speed:.0f} tokens/s",
                 flush=True,
             )

@@ -104,17 +104,21 @@ def head_of(layer, call_kwargs, role):
             "float matrix. Distil into the float model and quantize after. "
             f"Received: quantization_mode={layer.quantization_mode!r}"
         )
-    if isinstance(layer, keras.layers.ReversibleEmbedding) and call_kwargs.get(
-        "reverse"
-    ):
-        if layer.logit_soft_cap is not None:
+    # `keras.layers.ReversibleEmbedding` (Keras 3.11 and later) or
+    # KerasHub's own before it: an embedding with `tie_weights`.
+    reversible = isinstance(layer, keras.layers.Embedding) and hasattr(
+        layer, "tie_weights"
+    )
+    if reversible and call_kwargs.get("reverse"):
+        cap = getattr(layer, "logit_soft_cap", None)
+        if cap is not None:
             raise ValueError(
                 f"The {role}'s output layer '{name}' caps its logits "
-                f"(logit_soft_cap={layer.logit_soft_cap}), which a linear "
+                f"(logit_soft_cap={cap}), which a linear "
                 "head does not: the fused loss would differ from the "
                 "model's. Use `FusedDistillation` with models without a "
                 "soft cap, or `Distillation`. Received: "
-                f"logit_soft_cap={layer.logit_soft_cap}"
+                f"logit_soft_cap={cap}"
             )
         if layer.tie_weights:
             return Head(layer, layer.embeddings, None, transposed=True)

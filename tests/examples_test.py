@@ -197,12 +197,28 @@ class LanguageModelScriptTest(parameterized.TestCase):
             + ["--length", "16", "--limit", "40000"]
             + ["--methods", ",".join(script.METHODS)]
         )
-        self.assertGreater(result["train_bytes"], 30000)
+        self.assertGreater(result["train_tokens"], 30000)
         for method in script.METHODS:
             (run,) = result[method]
             # Byte-level perplexity: below uniform (256) after a few steps.
             self.assertBetween(run["perplexity"], 1.0, 256.0)
             self.assertGreater(run["tokens_per_second"], 0)
+
+    def test_sentence_pieces_and_the_fused_loss(self):
+        # A SentencePiece vocabulary trained on the text; the fused loss
+        # trains the student the unfused one does, to the same perplexity.
+        script = _load("language_model")
+        result = script.main(
+            ["--steps", "4", "--teacher-steps", "4", "--seeds", "0"]
+            + ["--length", "16", "--limit", "40000", "--vocabulary", "400"]
+            + ["--methods", "kd_kl,kd_kl_fused"]
+        )
+        self.assertLess(result["train_tokens"], 30000)
+        (unfused,), (fused,) = result["kd_kl"], result["kd_kl_fused"]
+        self.assertBetween(unfused["perplexity"], 1.0, 400.0)
+        self.assertAlmostEqual(
+            fused["perplexity"] / unfused["perplexity"], 1.0, places=4
+        )
 
 
 @tiny.ONCE
