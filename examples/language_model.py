@@ -22,9 +22,9 @@ number of optimizer steps, a smaller student is trained three ways:
   never builds the `[tokens, vocabulary]` logits.
 
 With `--vocabulary N` (N > 256) the tokens are not bytes but the pieces
-of a SentencePiece model of N pieces trained on the training text with
-KerasHub's `compute_sentence_piece_proto` (locally, no download), and the
-bits are per piece.
+of a SentencePiece model of N pieces trained on the training text as
+KerasHub's `compute_sentence_piece_proto` trains one (locally, no
+download), and the bits are per piece.
 
 Each reports the held-out perplexity (bits per byte too), the teacher's
 perplexity of the student's own continuations of held-out prompts (what
@@ -79,17 +79,35 @@ def corpus(limit=None, vocabulary=VOCABULARY):
 
 def sentence_pieces(text, vocabulary):
     """An encoder into the pieces of a SentencePiece model of `vocabulary`
-    pieces, trained on `text`'s lines with KerasHub (no download)."""
-    import keras_hub
+    pieces, trained on `text`'s lines (locally, no download).
+
+    Trained as KerasHub's `compute_sentence_piece_proto` trains it (unigram,
+    NFKC, ids 0–3 for padding, unknown, start and end), by the
+    `sentencepiece` trainer directly: KerasHub's wrapper and its tokenizer
+    layer require `tensorflow-text`, which this project does not install.
+    """
+    import io
+
     import sentencepiece
-    import tensorflow as tf
 
     lines = [line for line in text.decode("utf-8", "replace").splitlines()]
     lines = [line for line in lines if line.strip()]
-    proto = keras_hub.tokenizers.compute_sentence_piece_proto(
-        tf.data.Dataset.from_tensor_slices(lines), vocabulary
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        vocab_size=vocabulary,
+        model_type="unigram",
+        normalization_rule_name="nmt_nfkc",
+        pad_id=0,
+        unk_id=1,
+        bos_id=2,
+        eos_id=3,
+        minloglevel=2,
     )
-    processor = sentencepiece.SentencePieceProcessor(model_proto=proto)
+    processor = sentencepiece.SentencePieceProcessor(
+        model_proto=model.getvalue()
+    )
 
     def encode(data):
         pieces = processor.encode(data.decode("utf-8", "replace").splitlines())

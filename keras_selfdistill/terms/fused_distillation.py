@@ -291,7 +291,7 @@ class FusedDistillation(Distillation):
         rows_mask = ops.ones(leading, "float32")
         if mask is not None:
             rows_mask = position_weights(rows_mask, mask)
-        labels, labelled = self._labels(y, leading)
+        labels, labelled = self._labels(y, ops.shape(flat)[0])
         coefficient = self._reduction(ops.reshape(weights, (-1,)))
         rows_mask = ops.reshape(rows_mask, (-1,))
         weight = ops.cast(self.hyperparameter("weight", step, epoch), "float32")
@@ -368,12 +368,11 @@ class FusedDistillation(Distillation):
             )
         return kind, [ops.stop_gradient(r) for r in rows], mask, []
 
-    def _labels(self, y, leading):
+    def _labels(self, y, rows):
         """The flat int32 labels (0 where none) and which rows have one."""
         needed = self.label_loss or self.loss == "dkd"
         if not needed:
-            size = ops.prod(ops.convert_to_tensor(leading))
-            return -ops.ones((size,), "int32"), ops.zeros((size,), "float32")
+            return -ops.ones((rows,), "int32"), ops.zeros((rows,), "float32")
         if y is None or not hasattr(y, "shape"):
             raise ValueError(
                 f"Term '{self.name}' computes "
