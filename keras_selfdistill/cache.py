@@ -360,12 +360,12 @@ def write_teacher_outputs(
     if manifest is None and expected:
         raise ValueError("`data` holds no samples: nothing was written.")
     if written < expected:
-        what = "" if count == 1 else f" of this process's shards {own}"
+        what = "" if count == 1 else f" (this process's shards {own})"
         raise ValueError(
-            f"The data held {written} of the {expected} sample ids{what} "
-            f"(num_samples={num_samples}): a cache must hold every sample "
-            "the training data can name. Pass the whole split, or the "
-            "right `num_samples`."
+            f"The data held {written} of num_samples={num_samples} sample "
+            f"ids{what}, of which {expected} are to be written here: a "
+            "cache must hold every sample the training data can name. Pass "
+            "the whole split, or the right `num_samples`."
         )
     if manifest is None:
         # A process without shards: the others write the cache.
