@@ -159,14 +159,25 @@ def _ce():
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
+def _nll(model, x, y, batch_size=64):
+    """The negative log-likelihood of each next token, a batch at a time
+    (a 32k vocabulary's logits of every window would not fit)."""
+    values = []
+    for start in range(0, len(x), batch_size):
+        logits = model.predict_on_batch(x[start : start + batch_size])
+        logits = np.asarray(logits, "float64")
+        top = logits.max(-1, keepdims=True)
+        log_sum = top[..., 0] + np.log(np.exp(logits - top).sum(-1))
+        picked = np.take_along_axis(
+            logits, y[start : start + batch_size, ..., None], -1
+        )[..., 0]
+        values.append(log_sum - picked)
+    return np.concatenate(values)
+
+
 def perplexity(model, x, y):
-    """Held-out perplexity and bits per byte of next-token predictions."""
-    logits = model.predict(x, batch_size=64, verbose=0).astype("float64")
-    top = logits.max(-1, keepdims=True)
-    log_sum = top[..., 0] + np.log(np.exp(logits - top).sum(-1))
-    nll = np.mean(
-        log_sum - np.take_along_axis(logits, y[..., None], -1)[..., 0]
-    )
+    """Held-out perplexity and bits per token of next-token predictions."""
+    nll = np.mean(_nll(model, x, y))
     return math.exp(nll), nll / math.log(2)
 
 
@@ -184,13 +195,11 @@ def teacher_perplexity_of_samples(student, teacher, x, seed):
             lambda t: student(t, training=False), x, half, 1.0, noise
         )
     )
-    logits = teacher.predict(written, batch_size=64, verbose=0)
-    logits = logits[:, half - 1 : -1].astype("float64")
-    targets = written[:, half:]
-    top = logits.max(-1, keepdims=True)
-    log_sum = top[..., 0] + np.log(np.exp(logits - top).sum(-1))
-    picked = np.take_along_axis(logits, targets[..., None], -1)[..., 0]
-    return math.exp(np.mean(log_sum - picked))
+    # Position p predicts token p + 1: the generated tokens are predicted
+    # at positions half − 1 … length − 2 (the last target is a filler).
+    following = np.pad(written[:, 1:], ((0, 0), (0, 1)))
+    nll = _nll(teacher, written, following)[:, half - 1 : -1]
+    return math.exp(np.mean(nll))
 
 
 def _batches(x, y, batch_size, steps, seed):

@@ -328,11 +328,10 @@ def _tensorflow(
                 d_hidden = update(d_hidden, start + tf.range(chunk), g_hidden)
                 if train_head:
                     h32 = tf.cast(h, "float32")
-                    # `hᵀ·g`, `(width, vocabulary)`, for either layout: a
-                    # tied kernel's gradient is transposed once, after the
-                    # loop (`gᵀ·h` ran 2.5× slower than the other products
-                    # on CPU).
-                    g_kernel = tf.matmul(h32, g, transpose_a=True)
+                    if chunk_fn.transposed:
+                        g_kernel = tf.matmul(g, h32, transpose_a=True)
+                    else:
+                        g_kernel = tf.matmul(h32, g, transpose_a=True)
                     # A new sum, not `InplaceAdd`, which runs on one core:
                     # 2.5× slower here for one more kernel-sized buffer.
                     d_kernel = d_kernel + g_kernel
@@ -350,10 +349,6 @@ def _tensorflow(
             )
 
         head = differentiate and train_head
-        # The kernel's gradient is accumulated as `(width, vocabulary)`.
-        kernel_shape = tf.shape(kernel)
-        if chunk_fn.transposed:
-            kernel_shape = tf.reverse(kernel_shape, [0])
         # The hidden states' gradient is written in place into a fresh
         # buffer (`Empty`, which graph optimisation cannot share), as
         # `_rows` does; XLA has no `InplaceUpdate` and plans its buffers.
@@ -367,7 +362,7 @@ def _tensorflow(
             tf.zeros((), "float32"),
             tf.zeros((k,), "float32"),
             d_hidden,
-            tf.zeros(kernel_shape if head else (), "float32"),
+            tf.zeros(tf.shape(kernel) if head else (), "float32"),
             tf.zeros(tf.shape(bias) if head and has_bias else (), "float32"),
         )
         _, objective, totals, d_hidden, d_kernel, d_bias = tf.while_loop(
@@ -377,8 +372,6 @@ def _tensorflow(
         if differentiate:
             grads = [d_hidden[:total], None]
             if train_head:
-                if chunk_fn.transposed:
-                    d_kernel = tf.transpose(d_kernel)
                 grads[1] = tf.cast(d_kernel, kernel.dtype)
             if has_bias:
                 grads.append(
