@@ -262,10 +262,7 @@ def train_student(args, method, teacher, x, y, seed):
     start = time.perf_counter()
     distiller.fit(bx, by, batch_size=args.batch_size, epochs=1, verbose=0)
     seconds = time.perf_counter() - start
-    # The process's peak resident memory so far, before any evaluation:
-    # run one method per process, with a saved teacher, to compare them.
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return distiller.student, bx.size / seconds, peak
+    return distiller.student, bx.size / seconds
 
 
 METHODS = ("ce", "kd", "gkd", "kd_kl", "taid", "kd_kl_fused")
@@ -347,9 +344,11 @@ def main(argv=None):
     for method in args.methods:
         runs = []
         for seed in [int(s) for s in args.seeds.split(",")]:
-            student, speed, peak = train_student(
-                args, method, teacher, x, y, seed
-            )
+            student, speed = train_student(args, method, teacher, x, y, seed)
+            # The process's peak resident memory so far, before any
+            # evaluation: run one method per process, with a saved
+            # teacher, to compare the methods.
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             ppl, bits = perplexity(student, test_x, test_y)
             judged = teacher_perplexity_of_samples(
                 student, teacher, test_x[:500], seed
