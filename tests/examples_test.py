@@ -204,6 +204,7 @@ class LanguageModelScriptTest(parameterized.TestCase):
             self.assertBetween(run["perplexity"], 1.0, 256.0)
             self.assertGreater(run["tokens_per_second"], 0)
 
+    @pytest.mark.slow
     def test_sentence_pieces_and_the_fused_loss(self):
         # A SentencePiece vocabulary trained on the text; the fused loss
         # trains the student the unfused one does, to the same perplexity.

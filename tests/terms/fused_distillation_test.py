@@ -233,6 +233,8 @@ class FusedParityTest(parameterized.TestCase):
         _compare(self, fused, plain, x, y, weights)
 
 
+# Whole fits on both ways: the slow tier.
+@pytest.mark.slow
 class FusedInFitTest(parameterized.TestCase):
     def test_fit_matches_the_unfused_trajectory(self):
         teacher = _gemma(2, seed=1)
@@ -366,6 +368,8 @@ def _gradients(function, *arrays):
     return float(value), [g.numpy() for g in tape.gradient(value, variables)]
 
 
+# Whole fits on both ways: the slow tier.
+@pytest.mark.slow
 class FusedCachedTest(parameterized.TestCase):
     """Cached targets (dense, top-k, sampled) are read a chunk at a time."""
 
@@ -524,6 +528,8 @@ class FusedBadInputTest(parameterized.TestCase):
             distiller.fit(x, y.astype("float32"), verbose=0)
 
 
+# Whole fits on both ways: the slow tier.
+@pytest.mark.slow
 class FusedBatchTermsTest(parameterized.TestCase):
     """Beside the terms that rewrite the batch: on-policy and sequence KD."""
 
