@@ -41,28 +41,25 @@ def set_direction(metric, direction):
     metric._direction = direction
 
 
-def compiled_loss(model):
-    """The loss `compile` built (Keras's `CompileLoss`), or `None`."""
+def _compiled(model, name):
+    """`model.<name>`, a private attribute `compile` sets, or a clear error
+    when this Keras release has none."""
     try:
-        return model._compile_loss
+        return getattr(model, name)
     except AttributeError as error:
         raise RuntimeError(
-            _UNSUPPORTED.format(
-                name="Model._compile_loss", version=keras.__version__
-            )
+            _UNSUPPORTED.format(name=f"Model.{name}", version=keras.__version__)
         ) from error
+
+
+def compiled_loss(model):
+    """The loss `compile` built (Keras's `CompileLoss`), or `None`."""
+    return _compiled(model, "_compile_loss")
 
 
 def compiled_metrics(model):
     """The metrics `compile` built (Keras's `CompileMetrics`), or `None`."""
-    try:
-        return model._compile_metrics
-    except AttributeError as error:
-        raise RuntimeError(
-            _UNSUPPORTED.format(
-                name="Model._compile_metrics", version=keras.__version__
-            )
-        ) from error
+    return _compiled(model, "_compile_metrics")
 
 
 # Keras saves a layer's own variables but not its seed generators' state:

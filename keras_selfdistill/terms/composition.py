@@ -51,6 +51,19 @@ def compose(student, terms):
             "be ambiguous. Use `weight` on the others. Received: "
             f"terms {mixing}"
         )
+    unserved = [
+        t.name
+        for t in terms
+        if t.computes_output
+        and type(t).compute_objective is Term.compute_objective
+    ]
+    if unserved:
+        raise ValueError(
+            f"Terms {unserved} set `computes_output = True` but do not "
+            "implement `compute_objective`, which the `Distiller` calls "
+            "for them instead of `compute_loss`. Implement it. Received: "
+            "computes_output=True"
+        )
     fused = [t.name for t in terms if t.computes_output]
     if len(fused) > 1:
         raise ValueError(

@@ -442,7 +442,9 @@ class Term(keras.layers.Layer, metaclass=abc.ABCMeta):
         `computes_output`: `objective` is what the step minimises, the
         term's weight and any label loss included; `loss` the term's own
         unweighted loss, for its `<name>_loss` metric; `supervised` the
-        label loss that `objective` holds, or `None`.
+        label loss that `objective` holds, or `None`. A term that sets
+        `computes_output` without it is refused when the `Distiller` is
+        built; the base is never called for one that does not.
         """
         raise NotImplementedError(
             f"Term '{self.name}' sets `computes_output = True` and must "

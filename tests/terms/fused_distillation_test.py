@@ -9,6 +9,7 @@ objective and its gradient with respect to every trainable weight.
 import keras
 import numpy as np
 import pytest
+from absl.testing import absltest
 from absl.testing import parameterized
 
 import keras_selfdistill as ksd
@@ -580,3 +581,17 @@ class FusedBatchTermsTest(parameterized.TestCase):
         )
         for got, want in zip(fused_weights, plain_weights):
             np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+class ProtocolTest(absltest.TestCase):
+    def test_computes_output_without_compute_objective_is_refused(self):
+        class Headless(ksd.terms.Term):
+            computes_output = True
+
+            def compute_loss(self, x, y, y_pred, sample_weight, step, epoch):
+                return keras.ops.zeros(())
+
+        with self.assertRaisesRegex(
+            ValueError, "implement `compute_objective`"
+        ):
+            ksd.Distiller(_dense_lm(2), [Headless()])
