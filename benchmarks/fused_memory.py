@@ -179,7 +179,13 @@ def main():
     if args.backend and args.vocabulary and args.mode:
         print(
             json.dumps(
-                _measure(args.backend, args.mode, args.vocabulary, **preset)
+                _measure(
+                    args.backend,
+                    args.mode,
+                    args.vocabulary,
+                    chunk=args.chunk,
+                    **preset,
+                )
             )
         )
         return
@@ -209,7 +215,8 @@ def main():
                             f"--backend={backend}",
                             f"--vocabulary={vocabulary}",
                             f"--mode={mode}",
-                        ],
+                        ]
+                        + ([f"--chunk={args.chunk}"] if args.chunk else []),
                         capture_output=True,
                         text=True,
                         timeout=args.timeout,

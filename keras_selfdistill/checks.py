@@ -258,23 +258,32 @@ def _checked_batches(generator, num_classes, num_samples, loss, unique_ids):
 def _probability_rows(outputs):
     if not hasattr(outputs, "shape"):
         return False
-    outputs = np.asarray(_internals.to_numpy(outputs), "float64")
-    return (
-        outputs.ndim >= 2
-        and outputs.shape[-1] > 1
-        and outputs.size > 0
-        and bool((outputs >= 0).all())
-        and bool(np.allclose(outputs.sum(axis=-1), 1.0, atol=1e-3))
+    outputs = np.asarray(_internals.to_numpy(outputs))
+    if outputs.ndim < 2 or outputs.shape[-1] <= 1 or outputs.size == 0:
+        return False
+    # A softmax makes every row a distribution: the first rows tell (a
+    # sequence model's whole output in float64 would be twice its logits).
+    rows = outputs.reshape(-1, outputs.shape[-1])[:64].astype("float64")
+    return bool((rows >= 0).all()) and bool(
+        np.allclose(rows.sum(axis=-1), 1.0, atol=1e-3)
     )
 
 
 def check_logits(distiller, x):
     """Fails when the student or a frozen teacher returns probabilities.
 
-    Runs them once, in inference mode, on the first batch `x`: rows that
-    are all non-negative and sum to 1 are probabilities, whatever layer
-    made them (a final activation is caught earlier, at construction).
+    Runs them once, in inference mode, on the first sample of the first
+    batch `x`: rows that are all non-negative and sum to 1 are
+    probabilities, whatever layer made them (a final activation is caught
+    earlier, at construction). One sample, not the batch: a language
+    model's `[length, vocabulary]` logits of one sequence are what the
+    check needs, and a batch of them can be more than the training step
+    holds (a fused loss never builds them).
     """
+    x = keras.tree.map_structure(
+        lambda value: value[:1] if len(getattr(value, "shape", ())) else value,
+        x,
+    )
     student_x = select_input(x, distiller.input_key, "The student")
     if _probability_rows(distiller.student(student_x, training=False)):
         teacher.refuse_probabilities(
@@ -322,7 +331,14 @@ def check_fit_data(x, y, distiller, num_samples, unique_ids=True):
     if first is not None:
         for term in distiller.terms:
             term.check_batch(first)
-        if distiller.terms and all(t.reads_logits for t in distiller.terms):
+        # A term that computes the output layer itself found the student's
+        # head (and a teacher model's) linear when it was built; running
+        # the models whole would build the logits the term avoids.
+        if (
+            distiller.terms
+            and all(t.reads_logits for t in distiller.terms)
+            and not any(t.computes_output for t in distiller.terms)
+        ):
             check_logits(distiller, first)
     if isinstance(x, types.GeneratorType):
         if not distiller.check_data:

@@ -14,6 +14,7 @@ from absl.testing import parameterized
 
 import keras_selfdistill as ksd
 from tests import tiny
+from tests import watchdog
 
 
 def _log_softmax(logits):
@@ -522,15 +523,15 @@ print(len(calls))
 @tiny.IN_JAX_PASS
 class KilledWriterTest(parameterized.TestCase):
     def test_a_killed_writer_restarted_equals_an_uninterrupted_one(self):
-        import subprocess
         import sys
 
         def run(directory, mode):
-            return subprocess.run(
+            return watchdog.run(
                 [sys.executable, "-c", _KILLED_WRITER, directory, mode],
                 capture_output=True,
                 text=True,
                 cwd=os.path.dirname(os.path.dirname(__file__)),
+                timeout=300,
             )
 
         # The uninterrupted cache, written here as the script writes it.

@@ -1,7 +1,6 @@
 import contextlib
 import io
 import os
-import subprocess
 import sys
 
 import keras
@@ -10,6 +9,7 @@ from absl.testing import parameterized
 from keras_selfdistill import __main__
 from keras_selfdistill import demo
 from tests import tiny
+from tests import watchdog
 
 
 @tiny.ONCE
@@ -46,11 +46,12 @@ class DemoTest(parameterized.TestCase):
         path = os.path.join(self.create_tempdir().full_path, "s.keras")
         with open(path, "w") as file:
             file.write("not ours")
-        result = subprocess.run(
+        result = watchdog.run(
             [sys.executable, "-m", "keras_selfdistill", "demo"]
             + ["--output", path, "--limit", "10"],
             capture_output=True,
             text=True,
+            timeout=300,
         )
         self.assertEqual(result.returncode, 1)
         self.assertIn("--overwrite", result.stderr)
@@ -69,10 +70,11 @@ class DemoTest(parameterized.TestCase):
         self.assertIn("--plot DIR", output.getvalue())
 
     def test_command_line_usage(self):
-        result = subprocess.run(
+        result = watchdog.run(
             [sys.executable, "-m", "keras_selfdistill"],
             capture_output=True,
             text=True,
+            timeout=300,
         )
         self.assertEqual(result.returncode, 2)
         self.assertIn("demo", result.stderr)

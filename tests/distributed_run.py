@@ -351,4 +351,7 @@ def main(engine, out, *kinds):
 
 
 if __name__ == "__main__":
+    from tests import watchdog
+
+    watchdog.arm()
     main(*sys.argv[1:])

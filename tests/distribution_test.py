@@ -1,5 +1,4 @@
 import os
-import subprocess
 import sys
 
 import keras
@@ -11,6 +10,7 @@ from absl.testing import parameterized
 import keras_selfdistill as ksd
 from tests import distributed_run
 from tests import tiny
+from tests import watchdog
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,11 +46,12 @@ class DataParallelTest(parameterized.TestCase):
             " --xla_cpu_collective_call_terminate_timeout_seconds=600"
             " --xla_cpu_collective_timeout_seconds=600",
         )
-        subprocess.run(
+        watchdog.run(
             [sys.executable, "-m", "tests.distributed_run", engine, out],
             check=True,
             env=env,
             cwd=_ROOT,
+            timeout=900,
         )
         with np.load(out, allow_pickle=False) as file:
             results = dict(file)

@@ -17,7 +17,6 @@ import inspect
 import os
 import pkgutil
 import re
-import subprocess
 import sys
 
 import pytest
@@ -25,6 +24,7 @@ from absl.testing import absltest
 
 import keras_selfdistill
 from tests import tiny
+from tests import watchdog
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -181,7 +181,7 @@ class DocsTest(absltest.TestCase):
             TF_CPP_MIN_LOG_LEVEL="3",
             TFDS_DATA_DIR=os.path.join(folder, "tfds"),
         )
-        result = subprocess.run(
+        result = watchdog.run(
             [sys.executable, "-c", "\n".join(script)],
             cwd=folder,
             env=environment,

@@ -203,6 +203,11 @@ class LanguageModelScriptTest(parameterized.TestCase):
             # Byte-level perplexity: below uniform (256) after a few steps.
             self.assertBetween(run["perplexity"], 1.0, 256.0)
             self.assertGreater(run["tokens_per_second"], 0)
+            # The training's own peak (Linux): at least what was resident
+            # when it started, the student built during it.
+            self.assertGreater(
+                run["peak_rss_mb"], run["rss_before_training_mb"]
+            )
 
     @pytest.mark.slow
     def test_sentence_pieces_and_the_fused_loss(self):

@@ -2,12 +2,12 @@
 
 import pathlib
 import re
-import subprocess
 import sys
 
 from absl.testing import parameterized
 
 from tests import tiny
+from tests import watchdog
 
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "keras_selfdistill"
 ALLOWED = ROOT / "_internals.py"
@@ -57,7 +57,7 @@ class InternalsTest(parameterized.TestCase):
             "sys.modules['keras.src.trainers.compile_utils'] = None; "
             "import keras_selfdistill as k; print(k.Distiller)"
         )
-        result = subprocess.run(
+        result = watchdog.run(
             [sys.executable, "-c", code],
             capture_output=True,
             text=True,

@@ -43,4 +43,7 @@ def main(process_id, num_processes, port, directory, kind):
 
 
 if __name__ == "__main__":
+    from tests import watchdog
+
+    watchdog.arm()
     main(*sys.argv[1:])

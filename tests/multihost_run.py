@@ -74,4 +74,7 @@ def main(process_id, num_processes, port, out):
 
 
 if __name__ == "__main__":
+    from tests import watchdog
+
+    watchdog.arm()
     main(*sys.argv[1:])

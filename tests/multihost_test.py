@@ -1,7 +1,6 @@
 import json
 import os
 import socket
-import subprocess
 import sys
 
 import keras
@@ -9,6 +8,8 @@ import numpy as np
 import pytest
 from absl.testing import absltest
 from absl.testing import parameterized
+
+from tests import watchdog
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,14 +36,16 @@ class MultiHostTest(absltest.TestCase):
             out = os.path.join(directory, f"{num_processes}_{process_id}.npz")
             command = [sys.executable, "-m", "tests.multihost_run"]
             args = [str(process_id), str(num_processes), str(port), out]
-            process = subprocess.Popen(command + args, env=env, cwd=_ROOT)
+            process = watchdog.popen(
+                command + args, env=env, cwd=_ROOT, timeout=300
+            )
             return process, out
 
         workers = [start(0, 2), start(1, 2)]
         for process, _ in workers:
-            self.assertEqual(process.wait(timeout=300), 0)
+            self.assertEqual(watchdog.wait(process, 300), 0)
         reference, out = start(0, 1)
-        self.assertEqual(reference.wait(timeout=300), 0)
+        self.assertEqual(watchdog.wait(reference, 300), 0)
         first, second, alone = (
             dict(np.load(path, allow_pickle=False))
             for path in (workers[0][1], workers[1][1], out)
@@ -77,14 +80,17 @@ class MultiHostCacheTest(parameterized.TestCase):
         def start(process_id, num_processes, directory):
             command = [sys.executable, "-m", "tests.multihost_cache_run"]
             args = [process_id, num_processes, port, directory, kind]
-            return subprocess.Popen(
-                command + [str(a) for a in args], env=env, cwd=_ROOT
+            return watchdog.popen(
+                command + [str(a) for a in args],
+                env=env,
+                cwd=_ROOT,
+                timeout=300,
             )
 
         shared, alone = os.path.join(root, "two"), os.path.join(root, "one")
         writers = [start(0, 2, shared), start(1, 2, shared)]
-        self.assertEqual([w.wait(timeout=300) for w in writers], [0, 0])
-        self.assertEqual(start(0, 1, alone).wait(timeout=300), 0)
+        self.assertEqual([watchdog.wait(w, 300) for w in writers], [0, 0])
+        self.assertEqual(watchdog.wait(start(0, 1, alone), 300), 0)
         # Each process wrote its own shards (0, 2, 4 and 1, 3 of 40 rows
         # by 8); the files and the complete manifest equal one writer's.
         files = sorted(

@@ -1,21 +1,25 @@
 import json
 import os
 import shutil
-import subprocess
 import sys
 import zipfile
 
 from absl.testing import parameterized
 
 from tests import tiny
+from tests import watchdog
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCES = ("setup.cfg", "pyproject.toml", "README.md", "keras_selfdistill")
 
 
 def _run(*args, cwd=None):
-    result = subprocess.run(
-        [sys.executable, "-m", *args], capture_output=True, text=True, cwd=cwd
+    result = watchdog.run(
+        [sys.executable, "-m", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=600,
     )
     if result.returncode != 0:
         raise AssertionError(f"{args} failed:\n{result.stdout}{result.stderr}")

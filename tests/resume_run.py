@@ -54,4 +54,7 @@ def _train(mode, kind, folder):
 
 
 if __name__ == "__main__":
+    from tests import watchdog
+
+    watchdog.arm()
     main(*sys.argv[1:])

@@ -1,6 +1,5 @@
 import os
 import signal
-import subprocess
 import sys
 
 import keras
@@ -9,6 +8,7 @@ import pytest
 from absl.testing import absltest
 
 from tests import distributed_run
+from tests import watchdog
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,11 +22,12 @@ class ResumeTest(absltest.TestCase):
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 
         def start(mode, *kinds):
-            return subprocess.Popen(
+            return watchdog.popen(
                 [sys.executable, "-m", "tests.resume_run", mode, folder]
                 + list(kinds),
                 env=env,
                 cwd=_ROOT,
+                timeout=600,
             )
 
         kinds = distributed_run.KINDS
@@ -37,10 +38,10 @@ class ResumeTest(absltest.TestCase):
             kinds = ("ema", "snapshot", "past_predictions")
         # A kill ends its process: one process per configuration.
         killed = [start("kill", kind) for kind in kinds]
-        codes = [process.wait(timeout=600) for process in killed]
+        codes = [watchdog.wait(process, 600) for process in killed]
         self.assertEqual(codes, [-signal.SIGKILL] * len(kinds))
         for mode in ("full", "resume"):
-            self.assertEqual(start(mode, *kinds).wait(timeout=600), 0, mode)
+            self.assertEqual(watchdog.wait(start(mode, *kinds), 600), 0, mode)
         for kind in kinds:
             path = os.path.join(folder, f"full_{kind}.npz")
             with np.load(path, allow_pickle=False) as full:

@@ -145,4 +145,7 @@ def main(out, *layouts):
 
 
 if __name__ == "__main__":
+    from tests import watchdog
+
+    watchdog.arm()
     main(*sys.argv[1:])

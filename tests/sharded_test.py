@@ -1,13 +1,14 @@
 """Sharded teacher and student (`ModelParallel`, 8 devices) equal 1 device."""
 
 import os
-import subprocess
 import sys
 
 import keras
 import numpy as np
 import pytest
 from absl.testing import absltest
+
+from tests import watchdog
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,7 +26,7 @@ class ShardedTest(absltest.TestCase):
             TF_CPP_MIN_LOG_LEVEL="3",
             XLA_FLAGS="--xla_force_host_platform_device_count=8",
         )
-        subprocess.run(
+        watchdog.run(
             [sys.executable, "-m", "tests.sharded_run", out],
             check=True,
             env=env,

@@ -82,8 +82,9 @@ def predict_without_library(path, x, folder):
     """Loads a `.keras` file with `safe_mode=True` where the library cannot
     be imported, and returns its predictions on `x`."""
     import os
-    import subprocess
     import sys
+
+    from tests import watchdog
 
     np.save(os.path.join(folder, "x.npy"), x)
     script = (
@@ -95,8 +96,12 @@ def predict_without_library(path, x, folder):
     )
     out = os.path.join(folder, "out.npy")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    subprocess.run(
-        [sys.executable, "-c", script, out], check=True, env=env, cwd=folder
+    watchdog.run(
+        [sys.executable, "-c", script, out],
+        check=True,
+        env=env,
+        cwd=folder,
+        timeout=300,
     )
     return np.load(out)
 

@@ -1,5 +1,4 @@
 import os
-import subprocess
 import sys
 import tempfile
 
@@ -9,6 +8,7 @@ from absl.testing import parameterized
 
 import keras_selfdistill as ksd
 from tests import tiny
+from tests import watchdog
 
 
 class UNetTest(parameterized.TestCase):
@@ -51,8 +51,12 @@ class UNetTest(parameterized.TestCase):
             "np.save('out.npy', m.predict(x, verbose=0))\n"
         )
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-        subprocess.run(
-            [sys.executable, "-c", script], check=True, env=env, cwd=folder
+        watchdog.run(
+            [sys.executable, "-c", script],
+            check=True,
+            env=env,
+            cwd=folder,
+            timeout=300,
         )
         np.testing.assert_allclose(
             np.load(os.path.join(folder, "out.npy")),

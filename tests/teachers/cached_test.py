@@ -215,6 +215,31 @@ class CachedTest(parameterized.TestCase):
     def _weights(self, distiller):
         return [np.asarray(w) for w in distiller.student.get_weights()]
 
+    def test_users_steps_per_epoch_and_initial_epoch(self):
+        # A repeated dataset read for the user's own steps an epoch, from
+        # a later epoch (once seen to hang): 3 epochs of 2 steps, as the
+        # live teacher trains on the same batches.
+        directory = _cache(self, self.teacher, self.x)
+        runs = []
+        for teacher in (self.teacher, ksd.teachers.Cached(directory)):
+            # Unshuffled: the rows each step reads are then the same.
+            data = tf.data.Dataset.from_tensor_slices(
+                (ksd.data.with_sample_ids(self.x), self.y)
+            )
+            data = data.batch(8).repeat()
+            distiller = ksd.Distiller(
+                tiny.mlp(seed=1),
+                [ksd.terms.Distillation(teacher, temperature=2.0, xi=0.5)],
+            )
+            distiller.compile(optimizer="sgd", loss=tiny.sparse_ce())
+            history = distiller.fit(
+                data, epochs=4, initial_epoch=1, steps_per_epoch=2, verbose=0
+            ).history
+            self.assertLen(history["loss"], 3)
+            self.assertEqual(int(distiller.optimizer.iterations), 6)
+            runs.append(history["loss"])
+        np.testing.assert_allclose(runs[1], runs[0], rtol=1e-5)
+
     @parameterized.named_parameters(
         ("kl", "kl"),
         ("reverse_kl", "reverse_kl"),

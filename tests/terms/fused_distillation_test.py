@@ -595,3 +595,24 @@ class ProtocolTest(absltest.TestCase):
             ValueError, "implement `compute_objective`"
         ):
             ksd.Distiller(_dense_lm(2), [Headless()])
+
+    def test_fit_never_projects_through_a_head_whole(self):
+        # Not in the step, nor in `fit`'s first-batch checks: the heads'
+        # `[batch, length, vocabulary]` logits are never built.
+        student, teacher = _dense_lm(0), _dense_lm(1)
+        heads = [student.get_layer("head"), teacher.get_layer("head")]
+        calls = []
+        for head in heads:
+
+            def counted(*args, _call=head.call, _name=head.name, **kwargs):
+                calls.append(_name)
+                return _call(*args, **kwargs)
+
+            head.call = counted
+        distiller = ksd.Distiller(
+            student, [ksd.terms.FusedDistillation(teacher, label_loss=True)]
+        )
+        distiller.compile(optimizer="sgd")
+        x, y, weights = _batch(padding=False)
+        distiller.fit(x, y, sample_weight=weights, epochs=1, verbose=0)
+        self.assertEqual(calls, [])
