@@ -23,8 +23,17 @@ def default_chunk(head):
     """Positions projected at once: a sixteenth of the hidden width, and
     at least the rows of 4M logits (16 MB in float32, as `Distillation`'s
     chunks), below which a CPU's matrix products and the loop's overhead
-    cost more than the memory saved."""
-    return max(16, head.width // 16, _rows.CHUNK_ELEMENTS // head.vocabulary)
+    cost more than the memory saved.
+
+    At least 16 rows, and 64 on TensorFlow: the head's weight gradient is
+    a product over the chunk's rows, which TensorFlow's CPU kernel runs
+    2.7× slower per operation with 16 rows than with 1,024 and 1.4× with
+    64, and each chunk's gradient is a new kernel-sized sum (TensorFlow
+    adds in place on one core only); XLA's loop (JAX) accumulates in place
+    and was fastest at 16 (`benchmarks/RESULTS.md`).
+    """
+    floor = 64 if keras.backend.backend() == "tensorflow" else 16
+    return max(floor, head.width // 16, _rows.CHUNK_ELEMENTS // head.vocabulary)
 
 
 @keras.saving.register_keras_serializable(package="keras_selfdistill")
@@ -86,8 +95,8 @@ class FusedDistillation(Distillation):
             Defaults to `False`.
         chunk_size: Positions projected at once. Defaults to `None`:
             the hidden width over 16 (one chunk's temporaries then stay
-            near half the head's size), and at least the rows of 4M logits
-            (`default_chunk`).
+            near half the head's size), at least the rows of 4M logits,
+            and at least 16 rows (64 on TensorFlow) (`default_chunk`).
         recompute: Whether the backward pass projects each chunk again
             instead of keeping the gradients the forward loop computed:
             one more projection per chunk, nothing held between the
