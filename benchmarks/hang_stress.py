@@ -37,18 +37,34 @@ CASES = ("two_devices", "cached_steps")
 # batches of 16 a pass, 3 steps an epoch, epochs 2 to 4 of 4.
 CACHED_STEPS = """
 import sys
+import time
+import keras
 import numpy as np
 import tensorflow as tf
 import keras_selfdistill as ksd
 from tests import tiny, watchdog
 
 watchdog.arm()
+start = time.perf_counter()
+
+
+def phase(name):
+    # Where the time went, for a run much slower than the others.
+    print(f"{name} {time.perf_counter() - start:.1f}", flush=True)
+
+
+class Epochs(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        phase(f"epoch{epoch}")
+
+
 directory = sys.argv[1]
 x, y = tiny.data(n=64)
 ids = ksd.data.with_sample_ids(tf.data.Dataset.from_tensor_slices(x))
 ksd.cache.write_teacher_outputs(
     tiny.mlp(seed=5, name="teacher"), ids.batch(16), directory, 64, verbose=0
 )
+phase("written")
 data = ksd.data.with_sample_ids(tf.data.Dataset.from_tensor_slices((x, y)))
 data = data.shuffle(64, seed=0).batch(16).repeat()
 distiller = ksd.Distiller(
@@ -56,8 +72,14 @@ distiller = ksd.Distiller(
     [ksd.terms.Distillation(ksd.teachers.Cached(directory), xi=0.5)],
 )
 distiller.compile(optimizer="adam", loss=tiny.sparse_ce())
+phase("built")
 history = distiller.fit(
-    data, epochs=4, initial_epoch=1, steps_per_epoch=3, verbose=0
+    data,
+    epochs=4,
+    initial_epoch=1,
+    steps_per_epoch=3,
+    verbose=0,
+    callbacks=[Epochs()],
 )
 assert len(history.history["loss"]) == 3, history.history
 assert int(distiller.optimizer.iterations) == 9
@@ -122,7 +144,14 @@ def main(argv=None):
             took = time.perf_counter() - start
             if error is None:
                 seconds.append(took)
-                print(f"{case} run {run + 1}: {took:.1f} s", flush=True)
+                # The child's own phases, seconds from its start (the
+                # cached case; Python and TensorFlow start before them).
+                phases = " ".join(result.stdout.split())
+                print(
+                    f"{case} run {run + 1}: {took:.1f} s"
+                    + (f" ({phases})" if phases else ""),
+                    flush=True,
+                )
             else:
                 failures.append(error)
                 print(f"{case} run {run + 1}: FAILED after {took:.0f} s")
