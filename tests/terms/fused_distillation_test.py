@@ -204,6 +204,7 @@ class FusedParityTest(parameterized.TestCase):
         x, y, weights = _batch()
         _compare(self, fused, plain, x, None, weights)
 
+    @pytest.mark.slow  # the fast tier's CPU budget
     def test_untied_keras_hub_head(self):
         teacher = _gemma(1, seed=1)
         fused, plain = _pair(
@@ -212,6 +213,7 @@ class FusedParityTest(parameterized.TestCase):
         x, y, weights = _batch()
         _compare(self, fused, plain, x, y, weights)
 
+    @pytest.mark.slow  # the fast tier's CPU budget
     def test_dense_heads_with_padded_vocabulary(self):
         # The teacher's head has 8 padding rows; both compare the first 40.
         teacher = _dense_lm(seed=1, vocabulary=VOCABULARY + 8)
