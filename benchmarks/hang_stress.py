@@ -29,6 +29,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from tests import distributed_run  # noqa: E402
 from tests import watchdog  # noqa: E402
 
 CASES = ("two_devices", "cached_steps")
@@ -88,20 +89,18 @@ assert np.isfinite(history.history["loss"]).all()
 
 
 def _command(case, folder, kinds):
+    """The case's command and the environment it adds."""
     if case == "two_devices":
         out = os.path.join(folder, "out.npz")
-        return [sys.executable, "-m", "tests.distributed_run"] + [
-            "data_parallel",
-            out,
-            *kinds,
-        ], {
+        command = ["-m", "tests.distributed_run", "data_parallel", out]
+        # As `tests/distribution_test.py` runs it.
+        env = {
             "KERAS_BACKEND": "jax",
-            # As `tests/distribution_test.py` sets them.
-            "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+            "XLA_FLAGS": distributed_run.JAX_XLA_FLAGS,
         }
-    return [sys.executable, "-c", CACHED_STEPS, folder], {
-        "KERAS_BACKEND": "tensorflow"
-    }
+        return [sys.executable, *command, *kinds], env
+    command = [sys.executable, "-c", CACHED_STEPS, folder]
+    return command, {"KERAS_BACKEND": "tensorflow"}
 
 
 def main(argv=None):

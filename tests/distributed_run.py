@@ -27,6 +27,14 @@ KINDS = (
     "sequence_fused",
     "diffusion",
 )
+# The JAX engine's 2 host devices. XLA aborts a CPU all-reduce when one
+# device's thread is 40 s late, which happens on a loaded 2-core CI
+# machine (the TensorFlow pass runs beside it); wait up to 10 minutes.
+JAX_XLA_FLAGS = (
+    "--xla_force_host_platform_device_count=2"
+    " --xla_cpu_collective_call_terminate_timeout_seconds=600"
+    " --xla_cpu_collective_timeout_seconds=600"
+)
 BATCH = 8
 VOCABULARY = 8
 SEQUENCE = 5

@@ -39,12 +39,7 @@ class DataParallelTest(parameterized.TestCase):
             os.environ,
             KERAS_BACKEND=backend,
             TF_CPP_MIN_LOG_LEVEL="3",
-            # XLA aborts a CPU all-reduce when one device's thread is 40 s
-            # late, which happens on a loaded 2-core CI machine (the
-            # TensorFlow pass runs beside this one); wait up to 10 minutes.
-            XLA_FLAGS="--xla_force_host_platform_device_count=2"
-            " --xla_cpu_collective_call_terminate_timeout_seconds=600"
-            " --xla_cpu_collective_timeout_seconds=600",
+            XLA_FLAGS=distributed_run.JAX_XLA_FLAGS,
         )
         watchdog.run(
             [sys.executable, "-m", "tests.distributed_run", engine, out],

@@ -43,9 +43,9 @@ class MultiHostTest(absltest.TestCase):
 
         workers = [start(0, 2), start(1, 2)]
         for process, _ in workers:
-            self.assertEqual(watchdog.wait(process, 300), 0)
+            self.assertEqual(watchdog.wait(process), 0)
         reference, out = start(0, 1)
-        self.assertEqual(watchdog.wait(reference, 300), 0)
+        self.assertEqual(watchdog.wait(reference), 0)
         first, second, alone = (
             dict(np.load(path, allow_pickle=False))
             for path in (workers[0][1], workers[1][1], out)
@@ -89,8 +89,8 @@ class MultiHostCacheTest(parameterized.TestCase):
 
         shared, alone = os.path.join(root, "two"), os.path.join(root, "one")
         writers = [start(0, 2, shared), start(1, 2, shared)]
-        self.assertEqual([watchdog.wait(w, 300) for w in writers], [0, 0])
-        self.assertEqual(watchdog.wait(start(0, 1, alone), 300), 0)
+        self.assertEqual([watchdog.wait(w) for w in writers], [0, 0])
+        self.assertEqual(watchdog.wait(start(0, 1, alone)), 0)
         # Each process wrote its own shards (0, 2, 4 and 1, 3 of 40 rows
         # by 8); the files and the complete manifest equal one writer's.
         files = sorted(

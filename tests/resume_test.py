@@ -38,10 +38,10 @@ class ResumeTest(absltest.TestCase):
             kinds = ("ema", "snapshot", "past_predictions")
         # A kill ends its process: one process per configuration.
         killed = [start("kill", kind) for kind in kinds]
-        codes = [watchdog.wait(process, 600) for process in killed]
+        codes = [watchdog.wait(process) for process in killed]
         self.assertEqual(codes, [-signal.SIGKILL] * len(kinds))
         for mode in ("full", "resume"):
-            self.assertEqual(watchdog.wait(start(mode, *kinds), 600), 0, mode)
+            self.assertEqual(watchdog.wait(start(mode, *kinds)), 0, mode)
         for kind in kinds:
             path = os.path.join(folder, f"full_{kind}.npz")
             with np.load(path, allow_pickle=False) as full:

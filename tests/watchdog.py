@@ -31,17 +31,21 @@ def arm():
 
 def popen(command, *, timeout, env=None, **kwargs):
     """`subprocess.Popen` with the watchdog armed for `timeout` seconds;
-    wait with `wait(process, timeout)`."""
+    wait with `wait(process)`."""
     env = dict(os.environ if env is None else env)
     env["PYTHONFAULTHANDLER"] = "1"
     # The child's own dump first, a little before the test gives up.
     env[WATCHDOG] = str(max(timeout - min(30.0, timeout / 10), 1.0))
-    return subprocess.Popen(command, env=env, **kwargs)
+    process = subprocess.Popen(command, env=env, **kwargs)
+    process.watchdog_timeout = timeout
+    return process
 
 
-def wait(process, timeout):
-    """The exit code; at the timeout the child is made to dump its
-    threads' stacks (`SIGABRT`), then killed, and the test fails."""
+def wait(process):
+    """The exit code of a `popen` child; at its timeout the child is made
+    to dump its threads' stacks (`SIGABRT`), then killed, and the test
+    fails."""
+    timeout = process.watchdog_timeout
     try:
         return process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -56,7 +56,7 @@ class WatchdogTest(absltest.TestCase):
             [sys.executable, "-c", _HANG.format(arm="")], cwd=_ROOT, timeout=5
         )
         with self.assertRaisesRegex(AssertionError, "did not end in 5 s"):
-            watchdog.wait(process, 5)
+            watchdog.wait(process)
         # Aborted, which makes `PYTHONFAULTHANDLER` dump the stacks.
         self.assertEqual(process.returncode, -signal.SIGABRT)
 
