@@ -419,3 +419,101 @@ def check_monitors(distiller, callbacks):
                 "held-out data instead, e.g. `monitor='val_loss'` or "
                 f"'val_accuracy'. Received: monitor={monitor!r}"
             )
+
+
+def check_process_steps(arguments):
+    """Refuses a multi-process JAX `fit` whose processes would run
+    different numbers of steps.
+
+    Under a Keras distribution over several processes each process reads
+    its own shard of the global `tf.data` dataset (`distribute_dataset`:
+    every batch split into per-process batches, then every n-th of
+    them). A last, partial global batch gives the first processes one
+    batch more than the others; a process with a step more than the
+    others would wait forever in that step's all-reduce, and the others
+    in the next collective. Every process works the shards' sizes out
+    from the global dataset (the same on each, as Keras requires), with
+    no collective and without reading it, and raises, naming them, where
+    the steps the processes would run differ. A dataset whose last
+    batch's size cannot be known without reading it (a `filter`, a
+    generator, a `repeat` after the batch) is not checked.
+    """
+    if keras.backend.backend() != "jax":
+        return
+    distribution = keras.distribution.distribution()
+    if distribution is None:
+        return
+    import jax
+
+    processes = jax.process_count()
+    if processes < 2:
+        return
+    import tensorflow as tf
+
+    epochs = arguments.get("epochs", 1) - arguments.get("initial_epoch", 0)
+    validation = arguments.get("validation_data")
+    plans = [("training", arguments.get("x"), "steps_per_epoch")]
+    if isinstance(validation, tf.data.Dataset):
+        plans.append(("validation", validation, "validation_steps"))
+    for what, data, given in plans:
+        sizes = shard_sizes(data, processes)
+        if sizes is None:
+            continue
+        steps = arguments.get(given)
+        if steps is not None and what == "training":
+            # Keras reads one iterator across epochs when the steps are
+            # given: a shard runs out once, over the whole fit.
+            steps = int(steps) * max(epochs, 1)
+        ran = {size if steps is None else min(size, steps) for size in sizes}
+        if len(ran) > 1:
+            counts = ", ".join(f"process {i}: {n}" for i, n in enumerate(sizes))
+            raise ValueError(
+                f"The {processes} processes would run different numbers "
+                f"of {what} steps: a process with more would wait forever "
+                "for the others in its step's all-reduce. Their shards of "
+                "the dataset hold different numbers of batches because "
+                "the last global batch is partial. Batch with "
+                "`drop_remainder=True`, or give every process the same "
+                f"steps (`{given}` no larger than the smallest shard). "
+                f"Received: batches per shard ({counts})"
+            )
+
+
+# The batching datasets whose last batch `shard_sizes` can size.
+_BATCHING = ("_BatchDataset", "_ParallelBatchDataset", "_PaddedBatchDataset")
+
+
+def shard_sizes(dataset, processes):
+    """Each process's batches of a batched `tf.data` dataset, or None.
+
+    As `keras.distribution.DataParallel.distribute_dataset` shards it:
+    every global batch of `b` rows split into batches of `b / processes`,
+    process `i` reading batches `i, i + processes, ...`. Worked out from
+    the sizes tf.data knows without reading the data: the number of
+    batches, and the rows fed to the last `batch` when every stage after
+    it keeps one element per element. None where those are not known.
+    """
+    import tensorflow as tf
+
+    if not isinstance(dataset, tf.data.Dataset):
+        return None
+    batches = int(dataset.cardinality())
+    node = dataset
+    while node is not None and type(node).__name__ not in _BATCHING:
+        node = getattr(node, "_input_dataset", None)
+    if batches <= 0 or node is None or int(node.cardinality()) != batches:
+        return None
+    rows = int(node._batch_size)
+    if rows % processes:
+        # Keras refuses a global batch that processes do not divide.
+        return None
+    if bool(node._drop_remainder):
+        last = rows
+    else:
+        fed = int(node._input_dataset.cardinality())
+        if fed < 0:
+            return None
+        last = fed - (batches - 1) * rows
+    per_process = rows // processes
+    split = (batches - 1) * processes + -(-last // per_process)
+    return [len(range(i, split, processes)) for i in range(processes)]

@@ -24,6 +24,8 @@ def fit_arguments(distiller, arguments):
     one epoch is checked over its first pass only (`later_passes`); the
     distiller's training events first among the callbacks, which are
     checked against its moving targets, and the callbacks as a list.
+    Under a multi-process JAX distribution, processes whose shards would
+    run different numbers of steps are refused before any step.
     """
     arguments = dict(arguments)
     teachers = distiller.teachers
@@ -55,6 +57,9 @@ def fit_arguments(distiller, arguments):
     if not isinstance(callbacks, (list, tuple)):
         callbacks = [callbacks]
     checks.check_monitors(distiller, callbacks)
+    # The dataset as given: the checks' stages re-batch it, which tf.data
+    # cannot size unread; they keep its batches.
+    checks.check_process_steps(dict(arguments, x=given))
     return arguments, list(callbacks)
 
 

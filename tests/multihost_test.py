@@ -9,6 +9,8 @@ import pytest
 from absl.testing import absltest
 from absl.testing import parameterized
 
+import keras_selfdistill as ksd
+from tests import tiny
 from tests import watchdog
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,3 +124,89 @@ class MultiHostCacheTest(parameterized.TestCase):
             )
         with open(os.path.join(shared, "manifest.json")) as file:
             self.assertTrue(json.load(file)["complete"])
+
+
+@pytest.mark.slow
+class MultiHostStepsTest(parameterized.TestCase):
+    """Two processes whose shards differ by a batch never hang (issue 32)."""
+
+    @parameterized.named_parameters(
+        ("uneven", "uneven", "training"),
+        ("validation", "validation", "validation"),
+        ("steps_per_epoch_given", "steps", None),
+    )
+    def test_uneven_shards_fail_naming_the_steps(self, case, refused):
+        if keras.backend.backend() != "jax":
+            self.skipTest("runs in the jax suite")
+        directory = self.create_tempdir().full_path
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+        env.pop("XLA_FLAGS", None)
+        port = _free_port()
+        outs = [os.path.join(directory, f"{i}.json") for i in range(2)]
+        workers = [
+            watchdog.popen(
+                [sys.executable, "-m", "tests.multihost_steps_run"]
+                + [str(i), str(port), outs[i], case],
+                env=env,
+                cwd=_ROOT,
+                timeout=300,
+            )
+            for i in range(2)
+        ]
+        self.assertEqual([watchdog.wait(w) for w in workers], [0, 0])
+        results = []
+        for out in outs:
+            with open(out) as file:
+                results.append(json.load(file))
+        if refused is None:
+            # 2 steps an epoch, 4 in all, fit both shards (5 and 4 batches).
+            self.assertLen(results[0]["loss"], 2)
+            self.assertEqual(results[0], results[1])
+            return
+        for result in results:
+            self.assertIn(
+                f"different numbers of {refused} steps", result["error"]
+            )
+            self.assertIn("process 0: 5, process 1: 4", result["error"])
+
+
+@tiny.ONCE
+class ShardSizesTest(parameterized.TestCase):
+    """The shards' sizes, worked out unread, are those Keras's shards hold."""
+
+    @parameterized.product(rows=[8, 12], samples=[24, 36, 41], processes=[2, 4])
+    def test_sizes_match_the_shards_read(self, rows, samples, processes):
+        import tensorflow as tf
+
+        source = tf.data.Dataset.from_tensor_slices(np.zeros((samples, 2)))
+        pipelines = [
+            source.batch(rows),
+            ksd.data.with_sample_ids(source.shuffle(samples))
+            .batch(rows)
+            .map(lambda x: x)
+            .prefetch(2),
+            source.batch(rows, drop_remainder=True),
+        ]
+        for dataset in pipelines:
+            # As keras.distribution.DataParallel.distribute_dataset shards.
+            read = [
+                sum(
+                    1
+                    for _ in dataset.rebatch(rows // processes).shard(
+                        processes, i
+                    )
+                )
+                for i in range(processes)
+            ]
+            self.assertEqual(ksd.checks.shard_sizes(dataset, processes), read)
+
+    def test_sizes_unknown_without_reading_are_none(self):
+        import tensorflow as tf
+
+        source = tf.data.Dataset.from_tensor_slices(np.zeros((36, 2)))
+        for dataset in (
+            source.filter(lambda x: True).batch(8),
+            source.batch(8).repeat(2),
+            source,
+        ):
+            self.assertIsNone(ksd.checks.shard_sizes(dataset, 2))
