@@ -47,7 +47,7 @@ test-deps: $(BIN)/python
 test: test-deps
 	$(BIN)/ruff check keras_selfdistill tests examples benchmarks tools
 	$(BIN)/ruff format --check keras_selfdistill tests examples benchmarks tools
-	$(call BOTH_BACKENDS,not slow and not manual)
+	$(call BOTH_BACKENDS,not slow)
 
 # The slow tier (docs/development.md); CI runs it after `make test`.
 test-slow: test-deps
@@ -91,7 +91,7 @@ test-min:
 		numpy matplotlib pytest absl-py tensorboard
 	$(MIN_PIP) --no-deps -e .
 	KERAS_BACKEND=tensorflow $(MIN_VENV)/bin/python -m pytest -q \
-		-p no:cacheprovider -m "not slow and not manual" \
+		-p no:cacheprovider -m "not slow" \
 		$(addprefix --ignore=,$(MIN_SKIPPED))
 
 # The documentation site (mkdocs.yml) into site/, warnings as errors.

@@ -94,10 +94,7 @@ def _command(case, folder, kinds):
         out = os.path.join(folder, "out.npz")
         command = ["-m", "tests.distributed_run", "data_parallel", out]
         # As `tests/distribution_test.py` runs it.
-        env = {
-            "KERAS_BACKEND": "jax",
-            "XLA_FLAGS": distributed_run.JAX_XLA_FLAGS,
-        }
+        env = {"KERAS_BACKEND": "jax", **distributed_run.JAX_ENV}
         return [sys.executable, *command, *kinds], env
     command = [sys.executable, "-c", CACHED_STEPS, folder]
     return command, {"KERAS_BACKEND": "tensorflow"}

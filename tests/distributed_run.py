@@ -4,7 +4,8 @@
 (TensorFlow `MirroredStrategy` over 2 logical CPUs) or `data_parallel`
 (JAX `keras.distribution.DataParallel` over 2 host devices). The devices
 are split before the backend starts, so the caller sets `KERAS_BACKEND`
-and, for JAX, `XLA_FLAGS=--xla_force_host_platform_device_count=2`.
+and, for JAX, `JAX_ENV` (`XLA_FLAGS=--xla_force_host_platform_device_count=2`
+and the thread pool's size).
 Writes, per configuration and device count, the History and every
 variable, plus every replica's copy of each prediction bank.
 """
@@ -27,14 +28,23 @@ KINDS = (
     "sequence_fused",
     "diffusion",
 )
-# The JAX engine's 2 host devices. XLA aborts a CPU all-reduce when one
-# device's thread is 40 s late, which happens on a loaded 2-core CI
-# machine (the TensorFlow pass runs beside it); wait up to 10 minutes.
+# The JAX engine's 2 host devices, as the tests and the stress script start
+# them. XLA's CPU client runs every device's part of a program, and every
+# launch, on one pool of max(cores, devices) threads: 2 on a 2-core
+# machine. There a device's part of an all-reduce waits in one thread for
+# the other's, while the other thread, launching the other device's part,
+# waits for that device's queue of computations to drain (at most 32 in
+# flight), which needs a free thread: the run hangs (issue 32; the stacks
+# are in benchmarks/RESULTS.md). PJRT_NPROC sizes the pool: with 4
+# threads, the at most 3 that can wait (1 in the all-reduce, 2 launching)
+# leave one to drain the queues. The collective timeouts stay long: a
+# device thread can be minutes late on a loaded 2-core CI machine.
 JAX_XLA_FLAGS = (
     "--xla_force_host_platform_device_count=2"
     " --xla_cpu_collective_call_terminate_timeout_seconds=600"
     " --xla_cpu_collective_timeout_seconds=600"
 )
+JAX_ENV = {"XLA_FLAGS": JAX_XLA_FLAGS, "PJRT_NPROC": "4"}
 BATCH = 8
 VOCABULARY = 8
 SEQUENCE = 5
