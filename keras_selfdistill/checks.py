@@ -236,6 +236,17 @@ def check_dataset(
         batch_size = _internals.dataset_batch_size(dataset)
         if batch_size > 0:
             checked = checked.unbatch().batch(batch_size)
+            node = _last_batching(dataset)
+            if node is not None and int(node._batch_size) == batch_size:
+                # Every batch full but the last: as many batches as
+                # given. Said, so that Keras knows the epoch's steps (it
+                # would warn at the first epoch's end that the input "ran
+                # out of data").
+                checked = checked.apply(
+                    tf.data.experimental.assert_cardinality(
+                        dataset.cardinality()
+                    )
+                )
     return checked
 
 
@@ -483,16 +494,9 @@ def check_process_steps(arguments):
 _BATCHING = ("_BatchDataset", "_ParallelBatchDataset", "_PaddedBatchDataset")
 
 
-def shard_sizes(dataset, processes):
-    """Each process's batches of a batched `tf.data` dataset, or None.
-
-    As `keras.distribution.DataParallel.distribute_dataset` shards it:
-    every global batch of `b` rows split into batches of `b / processes`,
-    process `i` reading batches `i, i + processes, ...`. Worked out from
-    the sizes tf.data knows without reading the data: the number of
-    batches, and the rows fed to the last `batch` when every stage after
-    it keeps one element per element. None where those are not known.
-    """
+def _last_batching(dataset):
+    """The last `batch` of a `tf.data` pipeline, where every stage after
+    it keeps one element per element and the size is known; else None."""
     import tensorflow as tf
 
     if not isinstance(dataset, tf.data.Dataset):
@@ -503,6 +507,23 @@ def shard_sizes(dataset, processes):
         node = getattr(node, "_input_dataset", None)
     if batches <= 0 or node is None or int(node.cardinality()) != batches:
         return None
+    return node
+
+
+def shard_sizes(dataset, processes):
+    """Each process's batches of a batched `tf.data` dataset, or None.
+
+    As `keras.distribution.DataParallel.distribute_dataset` shards it:
+    every global batch of `b` rows split into batches of `b / processes`,
+    process `i` reading batches `i, i + processes, ...`. Worked out from
+    the sizes tf.data knows without reading the data: the number of
+    batches, and the rows fed to the last `batch` when every stage after
+    it keeps one element per element. None where those are not known.
+    """
+    node = _last_batching(dataset)
+    if node is None:
+        return None
+    batches = int(dataset.cardinality())
     rows = int(node._batch_size)
     if rows % processes:
         # Keras refuses a global batch that processes do not divide.

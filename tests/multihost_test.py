@@ -210,3 +210,41 @@ class ShardSizesTest(parameterized.TestCase):
             source,
         ):
             self.assertIsNone(ksd.checks.shard_sizes(dataset, 2))
+
+
+class DistributedEpochsTest(absltest.TestCase):
+    """Under a Keras distribution the checked dataset keeps its size."""
+
+    def test_no_ran_out_of_data_warning(self):
+        if keras.backend.backend() != "jax":
+            self.skipTest("keras.distribution runs on JAX")
+        import warnings
+
+        import jax
+        import tensorflow as tf
+
+        keras.distribution.set_distribution(
+            keras.distribution.DataParallel(devices=jax.devices()[:1])
+        )
+        self.addCleanup(keras.distribution.set_distribution, None)
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(36, 4)).astype("float32")
+        y = rng.integers(0, 3, size=36)
+        student = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+        distiller = ksd.Distiller(
+            student, [ksd.terms.Distillation(ksd.teachers.EMA())]
+        )
+        distiller.compile(
+            optimizer="sgd",
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        data = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            history = distiller.fit(data, epochs=2, verbose=0).history
+        # The checks' stage re-batches the dataset; without its size
+        # restated, Keras warned at the first epoch's end that the input
+        # "ran out of data; interrupting training".
+        messages = [str(w.message) for w in caught]
+        self.assertEmpty([m for m in messages if "ran out of data" in m])
+        self.assertLen(history["loss"], 2)
