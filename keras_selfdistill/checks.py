@@ -457,8 +457,16 @@ def check_process_steps(arguments):
     import jax
 
     processes = jax.process_count()
-    if processes < 2:
+    if processes < 2 or not getattr(distribution, "auto_shard_dataset", True):
         return
+    # As `Distribution.distribute_tf_dataset` shards: across processes,
+    # or across model replicas where a replica spans several processes
+    # (those read one shard); one replica reads the whole dataset.
+    replicas = getattr(distribution, "num_model_replicas", processes)
+    if replicas < 2:
+        return
+    shards = min(replicas, processes)
+    reader = "process" if shards == processes else "shard"
     import tensorflow as tf
 
     epochs = arguments.get("epochs", 1) - arguments.get("initial_epoch", 0)
@@ -467,7 +475,7 @@ def check_process_steps(arguments):
     if isinstance(validation, tf.data.Dataset):
         plans.append(("validation", validation, "validation_steps"))
     for what, data, given in plans:
-        sizes = shard_sizes(data, processes)
+        sizes = shard_sizes(data, shards)
         if sizes is None:
             continue
         steps = arguments.get(given)
@@ -477,7 +485,9 @@ def check_process_steps(arguments):
             steps = int(steps) * max(epochs, 1)
         ran = {size if steps is None else min(size, steps) for size in sizes}
         if len(ran) > 1:
-            counts = ", ".join(f"process {i}: {n}" for i, n in enumerate(sizes))
+            counts = ", ".join(
+                f"{reader} {i}: {n}" for i, n in enumerate(sizes)
+            )
             raise ValueError(
                 f"The {processes} processes would run different numbers "
                 f"of {what} steps: a process with more would wait forever "
@@ -511,11 +521,12 @@ def _last_batching(dataset):
 
 
 def shard_sizes(dataset, processes):
-    """Each process's batches of a batched `tf.data` dataset, or None.
+    """Each shard's batches of a batched `tf.data` dataset, or None.
 
-    As `keras.distribution.DataParallel.distribute_dataset` shards it:
-    every global batch of `b` rows split into batches of `b / processes`,
-    process `i` reading batches `i, i + processes, ...`. Worked out from
+    As `keras.distribution.DataParallel.distribute_dataset` shards it
+    `processes` ways: every global batch of `b` rows split into batches
+    of `b / processes`, shard `i` reading batches `i, i + processes,
+    ...`. Worked out from
     the sizes tf.data knows without reading the data: the number of
     batches, and the rows fed to the last `batch` when every stage after
     it keeps one element per element. None where those are not known.

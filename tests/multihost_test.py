@@ -16,6 +16,13 @@ from tests import watchdog
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _cluster_env():
+    # One CPU device a process: the test's own XLA flags are dropped.
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    env.pop("XLA_FLAGS", None)
+    return env
+
+
 def _free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -30,8 +37,7 @@ class MultiHostTest(absltest.TestCase):
         if keras.backend.backend() != "jax":
             self.skipTest("runs in the jax suite")
         directory = self.create_tempdir().full_path
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-        env.pop("XLA_FLAGS", None)
+        env = _cluster_env()
         port = _free_port()
 
         def start(process_id, num_processes):
@@ -75,8 +81,7 @@ class MultiHostCacheTest(parameterized.TestCase):
         if keras.backend.backend() != "jax":
             self.skipTest("runs in the jax suite")
         root = self.create_tempdir().full_path
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-        env.pop("XLA_FLAGS", None)
+        env = _cluster_env()
         port = _free_port()
 
         def start(process_id, num_processes, directory):
@@ -139,8 +144,7 @@ class MultiHostStepsTest(parameterized.TestCase):
         if keras.backend.backend() != "jax":
             self.skipTest("runs in the jax suite")
         directory = self.create_tempdir().full_path
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-        env.pop("XLA_FLAGS", None)
+        env = _cluster_env()
         port = _free_port()
         outs = [os.path.join(directory, f"{i}.json") for i in range(2)]
         workers = [
@@ -248,3 +252,30 @@ class DistributedEpochsTest(absltest.TestCase):
         messages = [str(w.message) for w in caught]
         self.assertEmpty([m for m in messages if "ran out of data" in m])
         self.assertLen(history["loss"], 2)
+
+    def test_one_model_replica_over_processes_is_not_refused(self):
+        # A replica spanning both processes reads the whole dataset on
+        # each (Keras shards by replica), so uneven shards cannot arise.
+        if keras.backend.backend() != "jax":
+            self.skipTest("keras.distribution runs on JAX")
+        import types
+        from unittest import mock
+
+        import tensorflow as tf
+
+        data = tf.data.Dataset.range(36).batch(8)
+        for replicas, refused in ((1, False), (2, True)):
+            distribution = types.SimpleNamespace(
+                auto_shard_dataset=True, num_model_replicas=replicas
+            )
+            with (
+                mock.patch("jax.process_count", return_value=2),
+                mock.patch.object(
+                    keras.distribution, "distribution", lambda: distribution
+                ),
+            ):
+                if refused:
+                    with self.assertRaisesRegex(ValueError, "process 0: 5"):
+                        ksd.checks.check_process_steps({"x": data})
+                else:
+                    ksd.checks.check_process_steps({"x": data})
