@@ -27,7 +27,11 @@ KINDS = (
     "sequence_kd",
     "sequence_fused",
     "diffusion",
+    "consistency",
+    "reflow",
 )
+# The configurations that train a diffusion model.
+DIFFUSION = ("diffusion", "consistency", "reflow")
 # The JAX engine's 2 host devices, as the tests and the stress script start
 # them. XLA's CPU client runs every device's part of a program, and every
 # launch, on one pool of max(cores, devices) threads: 2 on a 2-core
@@ -69,14 +73,13 @@ def _model(keras, seed):
 
 
 def _diffusion_model(keras, ksd, seed):
+    from tests.diffusion import reference
+
     keras.utils.set_random_seed(seed)
     model = ksd.diffusion.unet((4, 4, 1), widths=(3, 4), embedding_dim=4)
-    # The velocity layer starts at zero, which would make both models'
-    # first outputs equal.
-    layer = model.get_layer("velocity")
-    layer.kernel.assign(
-        keras.random.normal(layer.kernel.shape, stddev=0.1, seed=seed)
-    )
+    # The zero-initialised convolutions would make both models' first
+    # outputs equal.
+    reference.randomise_zero_layers(keras, model, seed, stddev=0.1)
     return model
 
 
@@ -138,7 +141,7 @@ def distiller(keras, ksd, kind, jit_compile=False):
     prepare(keras, ksd, [kind])
     language = kind.startswith("sequence")
     student = (_language_model if language else _model)(keras, 2)
-    if kind == "diffusion":
+    if kind in DIFFUSION:
         student = _diffusion_model(keras, ksd, 2)
     teachers = {
         "frozen": lambda: _model(keras, 1),
@@ -219,6 +222,21 @@ def distiller(keras, ksd, kind, jit_compile=False):
                 seed=5,
             )
         ]
+    elif kind == "consistency":
+        # Consistency distillation: Heun steps of a frozen teacher, an
+        # EMA target network, noise and steps drawn for the global batch.
+        terms = [
+            ksd.terms.ConsistencyDistillation(
+                _diffusion_model(keras, ksd, 1),
+                num_scales=6,
+                target=ksd.teachers.EMA(0.8),
+                distance="pseudo_huber",
+                seed=5,
+            )
+        ]
+    elif kind == "reflow":
+        # A one-step student regressed on noise-image pairs.
+        terms = [ksd.terms.Reflow()]
     elif kind == "sequence_fused":
         # The loss fused with the head: KL and the label cross-entropy
         # with ξ, three positions projected at a time, the mean over real
@@ -267,7 +285,7 @@ def distiller(keras, ksd, kind, jit_compile=False):
         # GKD (the sequence configuration) minimises the divergence alone;
         # a diffusion model regresses on its term's targets.
         loss=None
-        if kind in ("sequence", "diffusion", "sequence_fused")
+        if kind in ("sequence", "sequence_fused", *DIFFUSION)
         else keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         jit_compile=jit_compile,
     )
@@ -299,8 +317,12 @@ def data(ksd, kind):
         y = rng.integers(0, VOCABULARY, size=(32, SEQUENCE))
         lengths = rng.integers(1, SEQUENCE + 1, size=(32, 1))
         w = (np.arange(SEQUENCE) < lengths).astype("float32")
-    if kind == "diffusion":
+    if kind in DIFFUSION:
         images = rng.uniform(-1, 1, size=(32, 4, 4, 1)).astype("float32")
+        if kind == "reflow":
+            noise = rng.normal(size=images.shape).astype("float32")
+            pairs = tf.data.Dataset.from_tensor_slices((noise, images))
+            return pairs.batch(BATCH)
         return tf.data.Dataset.from_tensor_slices(images).batch(BATCH)
     data = tf.data.Dataset.from_tensor_slices((x, y, w))
     if kind in _WITH_IDS:

@@ -45,7 +45,10 @@ def _float32(kind):
 class JitCompileTest(parameterized.TestCase):
     @parameterized.named_parameters(*KINDS)
     def test_same_results_compiled_or_not(self, kind):
-        if kind == "diffusion" and keras.backend.backend() == "tensorflow":
+        if (
+            kind in distributed_run.DIFFUSION
+            and keras.backend.backend() == "tensorflow"
+        ):
             # TensorFlow's stateless random ops draw other numbers under
             # XLA (`tf.random.stateless_normal`, Philox included, differs
             # by up to 2.6 for one seed), and diffusion draws its noise.

@@ -33,9 +33,10 @@ class ResumeTest(absltest.TestCase):
         kinds = distributed_run.KINDS
         if keras.backend.backend() == "jax":
             # Within the suite's time budget: under JAX the teachers that
-            # keep state of their own besides trained weights; all seven
-            # kinds run under TensorFlow.
-            kinds = ("ema", "snapshot", "past_predictions")
+            # keep state of their own besides trained weights, and the
+            # consistency term's EMA target network; every kind runs under
+            # TensorFlow.
+            kinds = ("ema", "snapshot", "past_predictions", "consistency")
         # A kill ends its process: one process per configuration.
         killed = [start("kill", kind) for kind in kinds]
         codes = [watchdog.wait(process) for process in killed]

@@ -5,10 +5,11 @@ A v-prediction diffusion model is trained and distilled with the same
 with a `keras_selfdistill.teachers.DDIM` teacher trains a student to take
 one step where the teacher takes two. This package holds what surrounds
 them: the schedule, the sampler, a small UNet, the rounds of progressive
-distillation and sample-quality measures.
+distillation, the consistency sampler and sample-quality measures.
 """
 
 from keras_selfdistill._ddim import CosineSchedule
+from keras_selfdistill.diffusion.consistency import consistency_sample
 from keras_selfdistill.diffusion.progressive import progressive_distillation
 from keras_selfdistill.diffusion.quality import class_entropy
 from keras_selfdistill.diffusion.quality import frechet_distance
@@ -19,6 +20,7 @@ from keras_selfdistill.diffusion.unet import unet
 __all__ = [
     "CosineSchedule",
     "class_entropy",
+    "consistency_sample",
     "frechet_distance",
     "kernel_distance",
     "progressive_distillation",

@@ -15,6 +15,65 @@ WEIGHTINGS = ("truncated_snr", "snr_plus_one", "snr", "constant")
 _SCALE_SLACK = 1e-3
 
 
+def check_image_range(name, x):
+    """Refuses a first batch of float images outside `[−1, 1]`."""
+    if isinstance(x, (dict, list, tuple)) or not hasattr(x, "dtype"):
+        return
+    values = np.asarray(x)
+    if values.dtype.kind != "f" or not values.size:
+        return
+    low, high = float(values.min()), float(values.max())
+    if low < -1.0 - _SCALE_SLACK or high > 1.0 + _SCALE_SLACK:
+        hint = (
+            "`image / 127.5 - 1` for pixels in [0, 255]"
+            if low >= 0.0 and high > 2.0
+            else "map the data's own range linearly onto [-1, 1]"
+        )
+        raise ValueError(
+            f"Term '{name}' reads images scaled to [-1, 1], the "
+            "range its sampler clips samples to, but the first batch "
+            f"spans [{low:.4g}, {high:.4g}]: the model would learn that "
+            f"scale. Rescale the images first, e.g. {hint}. Received: "
+            f"inputs in [{low:.4g}, {high:.4g}]"
+        )
+
+
+def unconditional_images(name, x, y):
+    """The batch's images as float32, refusing labels and integer pixels."""
+    if y is not None:
+        raise ValueError(
+            f"Term '{name}' trains an unconditional diffusion model "
+            "on images alone: map the dataset to its images (e.g. "
+            "`dataset.map(lambda image, label: image)`). Received: "
+            "batches with labels"
+        )
+    if isinstance(x, (dict, list, tuple)) or len(x.shape) < 2:
+        raise ValueError(
+            f"Term '{name}' reads batches of images `(batch, ...)`. "
+            f"Received: inputs {x!r}"
+        )
+    if "int" in str(x.dtype):
+        raise ValueError(
+            f"Term '{name}' reads images scaled to [-1, 1]; integer "
+            "pixels (a tfds image's uint8) would be noised as if they "
+            "were that scale. Map them first, e.g. `image / 127.5 - 1`. "
+            f"Received: inputs of dtype {x.dtype}"
+        )
+    return ops.cast(x, "float32")
+
+
+def check_two_inputs(name, student):
+    """Refuses a student that is not called as `student([z, logsnr])`."""
+    inputs = getattr(student, "inputs", None)
+    if inputs is not None and len(inputs) != 2:
+        raise ValueError(
+            f"The {name} term calls the student as `student([z, "
+            f"logsnr])`: '{student.name}' must take two inputs, the "
+            "noisy images and their (batch,) log-SNR. Received: "
+            f"{len(inputs)} inputs"
+        )
+
+
 @keras.saving.register_keras_serializable(package="keras_selfdistill")
 class Denoising(Term):
     """Trains a v-prediction diffusion model, alone or from a DDIM teacher.
@@ -157,57 +216,13 @@ class Denoising(Term):
         return False
 
     def attach(self, student):
-        inputs = getattr(student, "inputs", None)
-        if inputs is not None and len(inputs) != 2:
-            raise ValueError(
-                f"The Denoising term calls the student as `student([z, "
-                f"logsnr])`: '{student.name}' must take two inputs, the "
-                "noisy images and their (batch,) log-SNR. Received: "
-                f"{len(inputs)} inputs"
-            )
+        check_two_inputs("Denoising", student)
 
     def check_batch(self, x):
-        if isinstance(x, (dict, list, tuple)) or not hasattr(x, "dtype"):
-            return
-        values = np.asarray(x)
-        if values.dtype.kind != "f" or not values.size:
-            return
-        low, high = float(values.min()), float(values.max())
-        if low < -1.0 - _SCALE_SLACK or high > 1.0 + _SCALE_SLACK:
-            hint = (
-                "`image / 127.5 - 1` for pixels in [0, 255]"
-                if low >= 0.0 and high > 2.0
-                else "map the data's own range linearly onto [-1, 1]"
-            )
-            raise ValueError(
-                f"Term '{self.name}' reads images scaled to [-1, 1], the "
-                "range its sampler clips samples to, but the first batch "
-                f"spans [{low:.4g}, {high:.4g}]: the model would learn that "
-                f"scale. Rescale the images first, e.g. {hint}. Received: "
-                f"inputs in [{low:.4g}, {high:.4g}]"
-            )
+        check_image_range(self.name, x)
 
     def rewrite_batch(self, x, y, sample_weight):
-        if y is not None:
-            raise ValueError(
-                f"Term '{self.name}' trains an unconditional diffusion model "
-                "on images alone: map the dataset to its images (e.g. "
-                "`dataset.map(lambda image, label: image)`). Received: "
-                "batches with labels"
-            )
-        if isinstance(x, (dict, list, tuple)) or len(x.shape) < 2:
-            raise ValueError(
-                f"Term '{self.name}' reads batches of images `(batch, ...)`. "
-                f"Received: inputs {x!r}"
-            )
-        if "int" in str(x.dtype):
-            raise ValueError(
-                f"Term '{self.name}' reads images scaled to [-1, 1]; integer "
-                "pixels (a tfds image's uint8) would be noised as if they "
-                "were that scale. Map them first, e.g. `image / 127.5 - 1`. "
-                f"Received: inputs of dtype {x.dtype}"
-            )
-        images = ops.cast(x, "float32")
+        images = unconditional_images(self.name, x, y)
         shape = ops.shape(images)
         eps = draw_for_global_batch(
             lambda s: keras.random.normal(s, seed=self.seed_generator), shape

@@ -77,11 +77,22 @@ def ddim_sample(model, noise, num_steps, clip=True):
 
 
 def unet(keras, ksd, seed, shape=(8, 8, 1)):
-    """A tiny UNet whose output layer is not zero (it starts at zero)."""
+    """A tiny UNet whose zero-initialised convolutions are not zero.
+
+    The output layer and each block's second convolution start at zero,
+    which would make the model's output 0 and blind to its time input.
+    """
     keras.utils.set_random_seed(seed)
     model = ksd.diffusion.unet(shape, widths=(4, 8), embedding_dim=8)
-    layer = model.get_layer("velocity")
-    layer.kernel.assign(
-        keras.random.normal(layer.kernel.shape, stddev=0.3, seed=seed)
-    )
+    randomise_zero_layers(keras, model, seed, stddev=0.3)
     return model
+
+
+def randomise_zero_layers(keras, model, seed, stddev):
+    for layer in model.layers:
+        if layer.name == "velocity" or layer.name.endswith("_conv2"):
+            layer.kernel.assign(
+                keras.random.normal(
+                    layer.kernel.shape, stddev=stddev, seed=seed
+                )
+            )

@@ -23,7 +23,10 @@ class SampleTest(parameterized.TestCase):
         noise = np.random.default_rng(0).normal(size=(7, 8, 8, 1))
         whole = ksd.diffusion.sample(model, noise, 3, batch_size=7)
         pieces = ksd.diffusion.sample(model, noise, 3, batch_size=3)
-        np.testing.assert_allclose(whole, pieces, atol=1e-6)
+        # Float32 rounding only: XLA's CPU convolutions sum in an order
+        # that depends on the batch size (up to 6.5e-5 apart on JAX after
+        # 3 steps); a sample paired with another's noise would be O(1).
+        np.testing.assert_allclose(whole, pieces, atol=2e-4)
 
     def test_bad_arguments(self):
         model = reference.unet(keras, ksd, seed=1)

@@ -9,6 +9,7 @@ from absl.testing import parameterized
 import keras_selfdistill as ksd
 from tests import tiny
 from tests import watchdog
+from tests.diffusion import reference
 
 
 class UNetTest(parameterized.TestCase):
@@ -16,16 +17,20 @@ class UNetTest(parameterized.TestCase):
     @tiny.ONCE
     def test_shapes_and_parameters(self):
         model = ksd.diffusion.unet()
-        self.assertEqual(model.count_params(), 386337)
+        self.assertEqual(model.count_params(), 394113)
         self.assertEqual(model.output_shape, (None, 28, 28, 1))
         small = ksd.diffusion.unet((8, 12, 3), widths=(4, 8, 8))
         out = small([np.zeros((1, 8, 12, 3)), np.zeros((1,))])
         self.assertEqual(tuple(out.shape), (1, 8, 12, 3))
 
-    def test_the_time_input_changes_the_output(self):
-        model = ksd.diffusion.unet((8, 8, 1), widths=(4, 8))
-        layer = model.get_layer("velocity")
-        layer.kernel.assign(np.ones(layer.kernel.shape) * 0.1)
+    @parameterized.named_parameters(
+        ("sinusoidal", "sinusoidal"), ("linear", "linear")
+    )
+    def test_the_time_input_changes_the_output(self, time_embedding):
+        model = ksd.diffusion.unet(
+            (8, 8, 1), widths=(4, 8), time_embedding=time_embedding
+        )
+        reference.randomise_zero_layers(keras, model, seed=0, stddev=0.1)
         z = np.random.default_rng(0).normal(size=(1, 8, 8, 1))
         a = keras.ops.convert_to_numpy(model([z, np.array([-5.0])]))
         b = keras.ops.convert_to_numpy(model([z, np.array([5.0])]))
@@ -63,6 +68,49 @@ class UNetTest(parameterized.TestCase):
             keras.ops.convert_to_numpy(model([z, logsnr])),
             atol=1e-6,
         )
+
+    def test_time_features_are_the_official_sinusoids(self):
+        # get_timestep_embedding(t, 8, max_time=1) of the official UNet at
+        # logsnr_input_type="inv_cos": t = arctan(exp(-λ/2)) / (π/2),
+        # 4 frequencies exp(-k·ln(10000)/3), angles 1000·t·frequency.
+        model = ksd.diffusion.unet((8, 8, 1), widths=(4, 8), embedding_dim=8)
+        features = keras.Model(
+            model.inputs, model.get_layer("time_sinusoids").output
+        )
+        logsnr = np.array([-25.0, -20.0, -3.0, 0.0, 7.5, 20.0], "float32")
+        t = np.arctan(np.exp(-0.5 * np.clip(np.float64(logsnr), -20, 20)))
+        t /= 0.5 * np.pi
+        frequencies = np.exp(-np.arange(4) * np.log(10000.0) / 3)
+        angles = 1000.0 * t[:, None] * frequencies[None, :]
+        expected = np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+        got = features([np.zeros((6, 8, 8, 1), "float32"), logsnr])
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(got), expected, atol=2e-4
+        )
+
+    @tiny.ONCE
+    def test_options(self):
+        grouped = ksd.diffusion.unet(
+            (8, 8, 1), widths=(8, 16), blocks=2, normalization=True
+        )
+        self.assertLen(
+            [
+                layer
+                for layer in grouped.layers
+                if isinstance(layer, keras.layers.GroupNormalization)
+            ],
+            # Two per block: 2 blocks down and 3 up per level, the middle
+            # block; and one before the output.
+            2 * (2 * 2 + 2 * 3 + 1) + 1,
+        )
+        out = grouped([np.zeros((2, 8, 8, 1)), np.zeros((2,))])
+        self.assertEqual(tuple(out.shape), (2, 8, 8, 1))
+        with self.assertRaisesRegex(ValueError, "time_embedding"):
+            ksd.diffusion.unet(time_embedding="fourier")
+        with self.assertRaisesRegex(ValueError, "divisible by the 8 groups"):
+            ksd.diffusion.unet(widths=(4, 8), normalization=True)
+        with self.assertRaisesRegex(ValueError, "blocks"):
+            ksd.diffusion.unet(blocks=0)
 
     def test_bad_shapes(self):
         with self.assertRaisesRegex(ValueError, "divisible by 4"):
