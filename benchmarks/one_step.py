@@ -1,0 +1,250 @@
+"""One- and few-step samplers distilled from one teacher, at equal wall time.
+
+Trains (or loads, `--teacher`) the progressive-distillation example's base
+model on the 60,000 Fashion-MNIST training images, then, from that same
+teacher, per seed:
+
+- **PD**: progressive distillation 16 → 8 → 4 → 2 → 1 steps,
+  `--round-steps` steps a round; its wall time is every other method's
+  budget;
+- **CD**: `ConsistencyDistillation` (18 noise levels, Heun teacher steps,
+  EMA target at 0.95, L2), the student initialised from the teacher, Adam
+  at `--cd-learning-rate`, for PD's wall time;
+- **reflow**: the teacher's 16-step DDIM sampler maps `--pairs` noises to
+  images (inside the budget), then `Reflow` trains a one-step student,
+  initialised from the teacher, for the rest of PD's wall time;
+- **control**: the base model trained on for PD's wall time.
+
+Each sampler draws `--samples` images from the same noise per seed at 1,
+2 and 4 steps where it has them: FID and KID on the 128 penultimate
+features of a CNN classifier trained on the same data, against the 10,000
+test images, and the entropy of the samples' predicted classes.
+
+    python benchmarks/one_step.py [--seeds 2] [--base-steps 3000]
+        [--round-steps 650] [--teacher base.keras]
+"""
+
+import argparse
+import importlib.util
+import os
+import pathlib
+import platform
+import statistics
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import keras_selfdistill as ksd  # noqa: E402
+
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+_STEPS = (1, 2, 4)
+# The consistency sampler's noise levels for 1, 2 and 4 steps: σ_max, then
+# levels of the 18-level training grid (the paper's 2-step CIFAR-10 CD
+# evaluates at 80 and 0.821, between grid levels 11 and 12 of 18).
+_CD_LEVELS = {1: (80.0,), 2: (80.0, 0.821), 4: (80.0, 10.0, 2.0, 0.5)}
+
+
+def _load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _StopAfter(keras.callbacks.Callback):
+    def __init__(self, seconds):
+        super().__init__()
+        self.seconds = seconds
+        self.steps = 0
+
+    def on_train_begin(self, logs=None):
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.steps += 1
+        if time.perf_counter() - self.start >= self.seconds:
+            self.model.stop_training = True
+
+
+def _copy(model):
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    # A teacher's model is frozen in place (`FrozenModel`); its copies train.
+    clone.trainable = True
+    return clone
+
+
+def _fit_for(distiller, data, seconds):
+    stop = _StopAfter(seconds)
+    distiller.fit(
+        data,
+        epochs=10**6,
+        steps_per_epoch=100,
+        verbose=0,
+        callbacks=[stop],
+    )
+    return stop.steps
+
+
+def _mean_se(values, digits=2):
+    mean = statistics.mean(values)
+    if len(values) < 2:
+        return f"{mean:.{digits}f}"
+    se = statistics.stdev(values) / len(values) ** 0.5
+    return f"{mean:.{digits}f} ± {se:.{digits}f}"
+
+
+def main(argv=None):
+    import tensorflow as tf
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--base-steps", type=int, default=3000)
+    parser.add_argument("--round-steps", type=int, default=650)
+    parser.add_argument("--cd-learning-rate", type=float, default=1e-4)
+    parser.add_argument("--pairs", type=int, default=10000)
+    parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument("--teacher", default=None)
+    args = parser.parse_args(argv)
+    example = _load(
+        "example", _ROOT / "examples" / "progressive_distillation.py"
+    )
+    started = time.perf_counter()
+    train, test, test_labels, train_labels = example.load_images(
+        "fashion_mnist"
+    )
+    classifier, embed = example.train_classifier(train, train_labels)
+    accuracy = classifier.evaluate(test, test_labels, verbose=0)[1]
+    reference, _ = embed.predict(test, batch_size=500, verbose=0)
+    if args.teacher and os.path.exists(args.teacher):
+        teacher = keras.saving.load_model(args.teacher)
+        base_seconds = float("nan")
+    else:
+        base, base_seconds = example.train_base(train, args.base_steps, 0)
+        teacher = base.student
+        if args.teacher:
+            teacher.save(args.teacher)
+    scores, budgets = {}, []
+    for seed in range(args.seeds):
+        noise = np.random.default_rng(1000 + seed).normal(
+            size=(args.samples,) + train.shape[1:]
+        )
+
+        def measure(name, steps, samples):
+            result = example.quality(samples, embed, reference)
+            scores.setdefault((steps, name), []).append(result)
+            print(seed, steps, name, result, flush=True)
+
+        for steps in _STEPS:
+            measure(
+                "teacher", steps, ksd.diffusion.sample(teacher, noise, steps)
+            )
+        rounds, seconds = example.distil(
+            teacher, train, 16, 1, args.round_steps, seed
+        )
+        for result in rounds:
+            if result["num_steps"] in _STEPS:
+                measure(
+                    "PD",
+                    result["num_steps"],
+                    ksd.diffusion.sample(
+                        result["student"], noise, result["num_steps"]
+                    ),
+                )
+        data = example._dataset(train, 128, seed + 100)
+        keras.utils.set_random_seed(seed)
+        student = _copy(teacher)
+        cd = ksd.Distiller(
+            student, [ksd.terms.ConsistencyDistillation(teacher, seed=seed)]
+        )
+        cd.compile(
+            optimizer=keras.optimizers.Adam(
+                args.cd_learning_rate, global_clipnorm=1.0
+            )
+        )
+        cd_steps = _fit_for(cd, data, seconds)
+        for steps in _STEPS:
+            measure(
+                "CD",
+                steps,
+                ksd.diffusion.consistency_sample(
+                    student, noise, _CD_LEVELS[steps], seed=seed
+                ),
+            )
+        start = time.perf_counter()
+        pair_noise = (
+            np.random.default_rng(seed)
+            .normal(size=(args.pairs,) + train.shape[1:])
+            .astype("float32")
+        )
+        pair_images = ksd.diffusion.sample(teacher, pair_noise, 16)
+        pair_seconds = time.perf_counter() - start
+        pairs = (
+            tf.data.Dataset.from_tensor_slices((pair_noise, pair_images))
+            .shuffle(args.pairs, seed=seed)
+            .batch(min(128, args.pairs), drop_remainder=True)
+            .repeat()
+        )
+        student = _copy(teacher)
+        reflow = ksd.Distiller(student, [ksd.terms.Reflow()])
+        reflow.compile(
+            optimizer=keras.optimizers.Adam(2e-4, global_clipnorm=1.0)
+        )
+        reflow_steps = _fit_for(reflow, pairs, max(seconds - pair_seconds, 0))
+        measure("reflow", 1, ksd.diffusion.sample(student, noise, 1))
+        control = ksd.Distiller(
+            _copy(teacher), [ksd.terms.Denoising(seed=seed)]
+        )
+        control.compile(
+            optimizer=keras.optimizers.Adam(1e-4, global_clipnorm=1.0)
+        )
+        control_steps = _fit_for(control, data, seconds)
+        for steps in _STEPS:
+            measure(
+                "control",
+                steps,
+                ksd.diffusion.sample(control.student, noise, steps),
+            )
+        budgets.append(
+            (seconds, cd_steps, pair_seconds, reflow_steps, control_steps)
+        )
+    print(
+        f"\n{platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores, Keras {keras.__version__} "
+        f"({keras.backend.backend()}); {time.perf_counter() - started:.0f} "
+        f"s wall; classifier test accuracy {accuracy:.4f}; teacher: "
+        f"{args.base_steps} steps in {base_seconds:.0f} s"
+    )
+    for seed, (
+        budget,
+        cd_steps,
+        pair_s,
+        reflow_steps,
+        control_steps,
+    ) in enumerate(budgets):
+        print(
+            f"seed {seed}: PD 16→1 ({args.round_steps} steps a round) in "
+            f"{budget:.0f} s; CD {cd_steps} steps; reflow {pair_s:.0f} s "
+            f"for {args.pairs} pairs, then {reflow_steps} steps; control "
+            f"{control_steps} steps"
+        )
+    print("\n| steps | sampler | FID | KID | class entropy |")
+    print("|---|---|---|---|---|")
+    for steps in _STEPS:
+        for name in ("teacher", "control", "PD", "CD", "reflow"):
+            runs = scores.get((steps, name))
+            if not runs:
+                continue
+            print(
+                f"| {steps} | {name} | "
+                f"{_mean_se([r['fid'] for r in runs])} | "
+                f"{_mean_se([r['kid'] for r in runs], 4)} | "
+                f"{_mean_se([r['class_entropy'] for r in runs])} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
