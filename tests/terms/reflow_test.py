@@ -45,9 +45,7 @@ class ReflowTest(parameterized.TestCase):
         self.assertAlmostEqual(
             history.history["reflow_loss"][0], expected, delta=1e-5
         )
-        one_step = ksd.diffusion.sample(
-            distiller.student, noise, 1, clip=False
-        )
+        one_step = ksd.diffusion.sample(distiller.student, noise, 1, clip=False)
         np.testing.assert_allclose(one_step, x, atol=1e-5)
 
     def test_training_moves_the_sample_towards_its_image(self):
