@@ -1,5 +1,6 @@
 import keras
 import numpy as np
+import pytest
 from absl.testing import parameterized
 
 import keras_selfdistill as ksd
@@ -24,6 +25,41 @@ def _distiller(distance="l2", lr=0.0, num_scales=6, momentum=0.95):
     distiller = ksd.Distiller(ddim_reference.unet(keras, ksd, seed=2), [term])
     distiller.compile(optimizer=keras.optimizers.SGD(lr))
     return distiller
+
+
+def _check_fit_loss(test, distance):
+    # A zero learning rate: the History's loss is the first step's, on
+    # the noise and steps the term draws; the same seed drawn eagerly
+    # gives them, and numpy recomputes the loss, its Heun step and its
+    # target network (the student's initial weights) from them.
+    distiller = _distiller(distance)
+    images = _images()
+    probe = _distiller(distance).terms[0]
+    probe._bind(distiller)
+    _, labels, _ = probe.rewrite_batch(images, None, None)
+    noisy, sigma = (
+        np.float64(keras.ops.convert_to_numpy(labels[k]))
+        for k in ("x", "sigma")
+    )
+    grid = reference.sigmas(6)
+    n = np.argmin(np.abs(np.log(sigma[:, None] / grid[None, :])), axis=1)
+    np.testing.assert_allclose(sigma, grid[n], rtol=1e-5)
+    test.assertTrue(np.all(n <= 4))
+    eps = (noisy - images) / sigma[:, None, None, None]
+    initial = keras.models.clone_model(distiller.student)
+    initial.set_weights(distiller.student.get_weights())
+    teacher = distiller.terms[0].teacher.model
+    expected = reference.loss(
+        initial, initial, teacher, images, eps, n, grid, distance
+    ).mean()
+    history = distiller.fit(
+        images, batch_size=8, epochs=1, shuffle=False, verbose=0
+    )
+    test.assertAlmostEqual(
+        history.history["consistency_distillation_loss"][0],
+        expected,
+        delta=1e-4 * max(1.0, expected),
+    )
 
 
 class ConsistencyDistillationTest(parameterized.TestCase):
@@ -56,56 +92,8 @@ class ConsistencyDistillationTest(parameterized.TestCase):
         self.assertAlmostEqual(term.sigmas[0], 80.0)
         self.assertAlmostEqual(term.sigmas[-1], 0.002)
 
-    @parameterized.named_parameters(("l2", "l2"), ("huber", "pseudo_huber"))
-    def test_fit_loss_matches_numpy(self, distance):
-        # A zero learning rate: the History's loss is the first step's, on
-        # the noise and steps the term draws; the same seed drawn eagerly
-        # gives them, and numpy recomputes the loss, its Heun step and its
-        # target network (the student's initial weights) from them.
-        distiller = _distiller(distance)
-        images = _images()
-        probe = _distiller(distance).terms[0]
-        probe._bind(distiller)
-        _, labels, _ = probe.rewrite_batch(images, None, None)
-        noisy, sigma = (
-            np.float64(keras.ops.convert_to_numpy(labels[k]))
-            for k in ("x", "sigma")
-        )
-        grid = reference.sigmas(6)
-        n = np.argmin(np.abs(np.log(sigma[:, None] / grid[None, :])), axis=1)
-        np.testing.assert_allclose(sigma, grid[n], rtol=1e-5)
-        self.assertTrue(np.all(n <= 4))
-        eps = (noisy - images) / sigma[:, None, None, None]
-        initial = keras.models.clone_model(distiller.student)
-        initial.set_weights(distiller.student.get_weights())
-        teacher = distiller.terms[0].teacher.model
-        expected = reference.loss(
-            initial, initial, teacher, images, eps, n, grid, distance
-        ).mean()
-        history = distiller.fit(
-            images, batch_size=8, epochs=1, shuffle=False, verbose=0
-        )
-        self.assertAlmostEqual(
-            history.history["consistency_distillation_loss"][0],
-            expected,
-            delta=1e-4 * max(1.0, expected),
-        )
-
-    def test_the_target_network_follows_the_student(self):
-        distiller = _distiller(lr=0.05, momentum=0.5)
-        start = [np.copy(w) for w in distiller.student.get_weights()]
-        teacher = distiller.terms[0].teacher.model
-        frozen = [np.copy(w) for w in teacher.get_weights()]
-        distiller.fit(_images(), batch_size=8, epochs=1, verbose=0)
-        target = distiller.terms[0].target.model.get_weights()
-        after = distiller.student.get_weights()
-        for a, b, c in zip(start, after, target):
-            np.testing.assert_allclose(c, 0.5 * a + 0.5 * b, atol=1e-6)
-        self.assertGreater(
-            max(np.abs(a - b).max() for a, b in zip(start, after)), 0
-        )
-        for a, b in zip(frozen, teacher.get_weights()):
-            np.testing.assert_array_equal(a, b)
+    def test_fit_loss_matches_numpy(self):
+        _check_fit_loss(self, "l2")
 
     def test_boundary_condition(self):
         # f(x, σ_min) = x whatever the network says: c_skip = 1, c_out = 0.
@@ -153,6 +141,30 @@ class ConsistencyDistillationTest(parameterized.TestCase):
             _distiller().fit(_images(), np.zeros(8), epochs=1, verbose=0)
         with self.assertRaisesRegex(ValueError, "image / 127.5 - 1"):
             _distiller().fit((_images() + 1) * 127.5, epochs=1, verbose=0)
+
+
+# Within make test's budget: the pseudo-Huber loss in fit and the target
+# network's update run in the slow tier, which CI also runs.
+@pytest.mark.slow
+class ConsistencyDistillationSlowTest(parameterized.TestCase):
+    def test_pseudo_huber_fit_loss_matches_numpy(self):
+        _check_fit_loss(self, "pseudo_huber")
+
+    def test_the_target_network_follows_the_student(self):
+        distiller = _distiller(lr=0.05, momentum=0.5)
+        start = [np.copy(w) for w in distiller.student.get_weights()]
+        teacher = distiller.terms[0].teacher.model
+        frozen = [np.copy(w) for w in teacher.get_weights()]
+        distiller.fit(_images(), batch_size=8, epochs=1, verbose=0)
+        target = distiller.terms[0].target.model.get_weights()
+        after = distiller.student.get_weights()
+        for a, b, c in zip(start, after, target):
+            np.testing.assert_allclose(c, 0.5 * a + 0.5 * b, atol=1e-6)
+        self.assertGreater(
+            max(np.abs(a - b).max() for a, b in zip(start, after)), 0
+        )
+        for a, b in zip(frozen, teacher.get_weights()):
+            np.testing.assert_array_equal(a, b)
 
 
 class ConsistencySampleTest(parameterized.TestCase):

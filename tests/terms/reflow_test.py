@@ -1,5 +1,6 @@
 import keras
 import numpy as np
+import pytest
 from absl.testing import parameterized
 
 import keras_selfdistill as ksd
@@ -48,15 +49,6 @@ class ReflowTest(parameterized.TestCase):
         one_step = ksd.diffusion.sample(distiller.student, noise, 1, clip=False)
         np.testing.assert_allclose(one_step, x, atol=1e-5)
 
-    def test_training_moves_the_sample_towards_its_image(self):
-        distiller = _distiller(lr=0.05)
-        noise, images = _pairs()
-        history = distiller.fit(
-            noise, images, batch_size=8, epochs=20, verbose=0
-        )
-        losses = history.history["reflow_loss"]
-        self.assertLess(losses[-1], 0.5 * losses[0])
-
     def test_refusals(self):
         noise, images = _pairs()
         with self.assertRaisesRegex(ValueError, "without targets"):
@@ -78,3 +70,16 @@ class ReflowTest(parameterized.TestCase):
                 ),
                 [ksd.terms.Reflow()],
             )
+
+
+# Twenty epochs: in the slow tier, which CI also runs.
+@pytest.mark.slow
+class ReflowTrainingTest(parameterized.TestCase):
+    def test_training_moves_the_sample_towards_its_image(self):
+        distiller = _distiller(lr=0.05)
+        noise, images = _pairs()
+        history = distiller.fit(
+            noise, images, batch_size=8, epochs=20, verbose=0
+        )
+        losses = history.history["reflow_loss"]
+        self.assertLess(losses[-1], 0.5 * losses[0])
