@@ -26,6 +26,9 @@ from keras import ops
 from keras_selfdistill._ddim import denoise
 from keras_selfdistill._ddim import per_sample
 
+#: v-prediction is EDM's parameterisation at this σ_data (module docstring).
+SIGMA_DATA = 1.0
+
 
 def karras_sigmas(num_scales, sigma_min, sigma_max, rho):
     """The `num_scales` noise levels of EDM, from `σ_max` down to `σ_min`:

@@ -5,10 +5,8 @@ import numpy as np
 from keras import ops
 
 from keras_selfdistill import _arguments
+from keras_selfdistill._consistency import SIGMA_DATA
 from keras_selfdistill._consistency import consistency_function
-
-# v-prediction is EDM's parameterisation at σ_data = 1.
-_SIGMA_DATA = 1.0
 
 
 def consistency_sample(
@@ -91,7 +89,7 @@ def consistency_sample(
                 scale = float(np.sqrt(sigma**2 - sigma_min**2))
                 x = image + scale * ops.convert_to_tensor(extra[k - 1][rows])
             image = consistency_function(
-                model, x, sigma, sigma_min, _SIGMA_DATA, training=False
+                model, x, sigma, sigma_min, SIGMA_DATA, training=False
             )
             if clip:
                 image = ops.clip(image, -1.0, 1.0)

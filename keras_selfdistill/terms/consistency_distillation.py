@@ -4,28 +4,25 @@ import keras
 from keras import ops
 
 from keras_selfdistill import _arguments
+from keras_selfdistill._consistency import SIGMA_DATA
 from keras_selfdistill._consistency import consistency_function
 from keras_selfdistill._consistency import consistency_output
 from keras_selfdistill._consistency import heun_step
 from keras_selfdistill._consistency import karras_sigmas
 from keras_selfdistill._consistency import pseudo_huber_constant
 from keras_selfdistill._consistency import velocity_inputs
+from keras_selfdistill._ddim import CosineSchedule
 from keras_selfdistill._ddim import per_sample
 from keras_selfdistill.teachers.ema import EMA
 from keras_selfdistill.teachers.frozen_model import FrozenModel
 from keras_selfdistill.terms.denoising import check_image_range
 from keras_selfdistill.terms.denoising import check_two_inputs
+from keras_selfdistill.terms.denoising import noise_and_uniform
 from keras_selfdistill.terms.denoising import unconditional_images
 from keras_selfdistill.terms.term import Term
-from keras_selfdistill.terms.term import draw_for_global_batch
 
 DISTANCES = ("l2", "pseudo_huber")
 _RHO = 7.0
-# v-prediction is EDM's parameterisation at σ_data = 1 (module docstring of
-# `keras_selfdistill._consistency`).
-_SIGMA_DATA = 1.0
-# The log-SNR bounds of `CosineSchedule()`: σ = exp(−λ / 2) within e^±10.
-_SIGMA_BOUNDS = (math.exp(-10.0), math.exp(10.0))
 
 
 @keras.saving.register_keras_serializable(package="keras_selfdistill")
@@ -156,7 +153,10 @@ class ConsistencyDistillation(Term):
                 "0 < sigma_min < sigma_max. Received: "
                 f"sigma_range={sigma_range!r}"
             )
-        low, high = _SIGMA_BOUNDS
+        # The noise levels σ = exp(−λ / 2) of `CosineSchedule()`'s log-SNRs.
+        schedule = CosineSchedule()
+        low = math.exp(-0.5 * schedule.logsnr_max)
+        high = math.exp(-0.5 * schedule.logsnr_min)
         if sigma_range[0] < low or sigma_range[1] > high:
             raise ValueError(
                 "`sigma_range` reaches noise levels outside those of the "
@@ -218,14 +218,7 @@ class ConsistencyDistillation(Term):
 
     def rewrite_batch(self, x, y, sample_weight):
         images = unconditional_images(self.name, x, y)
-        shape = ops.shape(images)
-        eps = draw_for_global_batch(
-            lambda s: keras.random.normal(s, seed=self.seed_generator), shape
-        )
-        uniform = draw_for_global_batch(
-            lambda s: keras.random.uniform(s, seed=self.seed_generator),
-            shape[:1],
-        )
+        eps, uniform = noise_and_uniform(images, self.seed_generator)
         intervals = self.num_scales - 1
         n = ops.minimum(
             ops.cast(ops.floor(uniform * intervals), "int32"), intervals - 1
@@ -240,7 +233,7 @@ class ConsistencyDistillation(Term):
             solved,
             next_sigma,
             self.sigma_range[0],
-            _SIGMA_DATA,
+            SIGMA_DATA,
             training=False,
         )
         labels = {
@@ -256,7 +249,7 @@ class ConsistencyDistillation(Term):
     def per_sample_loss(self, y, velocity):
         """The distance of each sample from its target, from the labels."""
         estimate = consistency_output(
-            velocity, y["x"], y["sigma"], self.sigma_range[0], _SIGMA_DATA
+            velocity, y["x"], y["sigma"], self.sigma_range[0], SIGMA_DATA
         )
         square = ops.square(estimate - ops.cast(y["target"], "float32"))
         axes = tuple(range(1, len(square.shape)))

@@ -62,6 +62,19 @@ def unconditional_images(name, x, y):
     return ops.cast(x, "float32")
 
 
+def noise_and_uniform(images, seed_generator):
+    """`(ε, u)`: standard normal noise like `images` and a `(batch,)`
+    uniform in `[0, 1)`, drawn in that order for the global batch."""
+    shape = ops.shape(images)
+    eps = draw_for_global_batch(
+        lambda s: keras.random.normal(s, seed=seed_generator), shape
+    )
+    uniform = draw_for_global_batch(
+        lambda s: keras.random.uniform(s, seed=seed_generator), shape[:1]
+    )
+    return eps, uniform
+
+
 def check_two_inputs(name, student):
     """Refuses a student that is not called as `student([z, logsnr])`."""
     inputs = getattr(student, "inputs", None)
@@ -223,14 +236,7 @@ class Denoising(Term):
 
     def rewrite_batch(self, x, y, sample_weight):
         images = unconditional_images(self.name, x, y)
-        shape = ops.shape(images)
-        eps = draw_for_global_batch(
-            lambda s: keras.random.normal(s, seed=self.seed_generator), shape
-        )
-        uniform = draw_for_global_batch(
-            lambda s: keras.random.uniform(s, seed=self.seed_generator),
-            shape[:1],
-        )
+        eps, uniform = noise_and_uniform(images, self.seed_generator)
         if self.teacher is None:
             i, t = None, uniform
         else:
