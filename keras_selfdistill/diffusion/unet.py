@@ -20,7 +20,12 @@ def _time_features(logsnr, kind, dim):
     operations: the model still loads with `safe_mode=True` without this
     library.
     """
-    column = keras.layers.Reshape((1,), name="logsnr_column")(logsnr)
+    # In float32 whatever the dtype policy: a half-precision log-SNR puts
+    # the angles (up to 1000 radians) radians off, and the model cannot
+    # tell the noise levels apart (the official embedding is float32).
+    column = keras.layers.Reshape((1,), dtype="float32", name="logsnr_column")(
+        logsnr
+    )
     if kind == "linear":
         return keras.layers.Rescaling(1 / 20, name="logsnr_scale")(column)
     half = dim // 2

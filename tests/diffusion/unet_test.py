@@ -69,10 +69,17 @@ class UNetTest(parameterized.TestCase):
             atol=1e-6,
         )
 
-    def test_time_features_are_the_official_sinusoids(self):
+    @parameterized.named_parameters(
+        ("float32", "float32", 2e-4),
+        # The angles are float32 under a half-precision policy (in bfloat16
+        # they were radians off); only the features are rounded.
+        ("mixed_bfloat16", "mixed_bfloat16", 4e-3),
+    )
+    def test_time_features_are_the_official_sinusoids(self, policy, atol):
         # get_timestep_embedding(t, 8, max_time=1) of the official UNet at
         # logsnr_input_type="inv_cos": t = arctan(exp(-λ/2)) / (π/2),
         # 4 frequencies exp(-k·ln(10000)/3), angles 1000·t·frequency.
+        keras.config.set_dtype_policy(policy)
         model = ksd.diffusion.unet((8, 8, 1), widths=(4, 8), embedding_dim=8)
         features = keras.Model(
             model.inputs, model.get_layer("time_sinusoids").output
@@ -84,9 +91,8 @@ class UNetTest(parameterized.TestCase):
         angles = 1000.0 * t[:, None] * frequencies[None, :]
         expected = np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
         got = features([np.zeros((6, 8, 8, 1), "float32"), logsnr])
-        np.testing.assert_allclose(
-            keras.ops.convert_to_numpy(got), expected, atol=2e-4
-        )
+        got = keras.ops.convert_to_numpy(keras.ops.cast(got, "float32"))
+        np.testing.assert_allclose(got, expected, atol=atol)
 
     @tiny.ONCE
     def test_options(self):
