@@ -23,11 +23,42 @@ import math
 import numpy as np
 from keras import ops
 
+from keras_selfdistill import _arguments
+from keras_selfdistill._ddim import CosineSchedule
 from keras_selfdistill._ddim import denoise
 from keras_selfdistill._ddim import per_sample
 
 #: v-prediction is EDM's parameterisation at this σ_data (module docstring).
 SIGMA_DATA = 1.0
+
+
+def checked_sigma_range(sigma_range):
+    """`(σ_min, σ_max)` as floats, or a `ValueError`: positive, increasing,
+    and within the noise levels `σ = exp(−λ/2)` of `CosineSchedule()`'s
+    log-SNRs, where the library's diffusion models are trained."""
+    sigma_range = tuple(sigma_range)
+    if (
+        len(sigma_range) != 2
+        or not all(_arguments.is_number(s) for s in sigma_range)
+        or not 0.0 < sigma_range[0] < sigma_range[1]
+    ):
+        raise ValueError(
+            "`sigma_range` must be `(sigma_min, sigma_max)` with "
+            "0 < sigma_min < sigma_max. Received: "
+            f"sigma_range={sigma_range!r}"
+        )
+    schedule = CosineSchedule()
+    low = math.exp(-0.5 * schedule.logsnr_max)
+    high = math.exp(-0.5 * schedule.logsnr_min)
+    if sigma_range[0] < low or sigma_range[1] > high:
+        raise ValueError(
+            "`sigma_range` reaches noise levels outside those of the "
+            "teacher's schedule (`CosineSchedule()`: log-SNR within "
+            f"±20, σ in [{low:.3g}, {high:.3g}]), where the teacher "
+            "was never trained. Received: "
+            f"sigma_range={sigma_range!r}"
+        )
+    return tuple(float(s) for s in sigma_range)
 
 
 def karras_sigmas(num_scales, sigma_min, sigma_max, rho):

@@ -253,6 +253,68 @@ def run_stateless(model, state, function):
     return result, updated
 
 
+def _inner_scope(overrides):
+    """A `StatelessScope` that maps `overrides` and, for every other
+    variable, what the enclosing scope maps (a nested scope of Keras's own
+    would read those variables' stored values instead of the state's)."""
+    from keras.src.backend.common.stateless_scope import get_stateless_scope
+
+    outer = get_stateless_scope()
+    scope = keras.StatelessScope(state_mapping=overrides)
+    if outer is not None:
+        inherited = dict(outer.state_mapping)
+        inherited.update(scope.state_mapping)
+        scope.state_mapping = inherited
+    return scope
+
+
+def minimize(optimizer, variables, loss_fn):
+    """One step of `optimizer` on `variables` against `loss_fn()`.
+
+    For models a term trains inside the training step (`Term.train_own`):
+    the gradients of `loss_fn()` (scaled and unscaled by a
+    `LossScaleOptimizer`) with respect to `variables`, applied by
+    `optimizer`, on either backend. Under a `tf.distribute` strategy the
+    optimizer sums the replicas' gradients, so `loss_fn` reduces as a term
+    does. On JAX the step runs on the values of the enclosing
+    `run_stateless`, and the new values are assigned there: `loss_fn` may
+    read any variable but must not assign one (draw its random numbers
+    before). Returns the loss.
+    """
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        values = [v.value for v in variables]
+        with tf.GradientTape() as tape:
+            tape.watch(values)
+            loss = loss_fn()
+            scaled = optimizer.scale_loss(loss)
+        optimizer.apply(tape.gradient(scaled, values), variables)
+        return loss
+    if keras.backend.backend() != "jax":
+        raise NotImplementedError(
+            "A term that trains a model of its own runs on the TensorFlow "
+            f"and JAX backends. Received: backend={keras.backend.backend()!r}"
+        )
+    import jax
+
+    def scaled_loss(values):
+        with _inner_scope(list(zip(variables, values))):
+            loss = loss_fn()
+            return optimizer.scale_loss(loss), loss
+
+    values = [v.value for v in variables]
+    gradients, loss = jax.grad(scaled_loss, has_aux=True)(values)
+    new_values, new_slots = optimizer.stateless_apply(
+        [v.value for v in optimizer.variables], gradients, values
+    )
+    for variable, value in zip(variables, new_values):
+        variable.assign(value)
+    for variable, value in zip(optimizer.variables, new_slots):
+        variable.assign(value)
+    return loss
+
+
 def optimizer_step(model, optimizer_values):
     """The optimizer's step counter among a JAX state's optimizer values.
 

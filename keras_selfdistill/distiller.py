@@ -150,6 +150,18 @@ class Distiller(keras.Model):
             [LossMean(n, direction=None) for _, _, n in self._schedules],
             name="schedule_metrics",
         )
+        self._own_metric_names = [
+            (term, name, f"{term.name}_{name}")
+            for term in terms
+            if term.trains_own
+            for name in term.own_metrics
+        ]
+        self.own_metrics = TermMetrics(
+            [LossMean(logged) for _, _, logged in self._own_metric_names],
+            name="own_metrics",
+        )
+        # What the terms' own updates returned, while a step is traced.
+        self._own_values = None
         self.supervised_metrics = TermMetrics(
             [LossMean(SUPERVISED_LOSS)] if terms else [],
             name="supervised_metrics",
@@ -245,6 +257,11 @@ class Distiller(keras.Model):
             if scale is not None:
                 label_scale = scale
             losses.append(weight * factor * value)
+        for value, tracker in zip(
+            self._own_values if terms and self._own_values else [],
+            self.own_metrics.metrics,
+        ):
+            tracker.add_batch(unscale_for_distribution(value), batch_size)
         for (term, name, _), tracker in zip(
             self._schedules if terms else [], self.schedule_metrics.metrics
         ):
@@ -314,6 +331,7 @@ class Distiller(keras.Model):
         return (
             set(self._term_metric_names)
             | {name for _, _, name in self._schedules}
+            | {name for _, _, name in self._own_metric_names}
             | {SUPERVISED_LOSS}
             | {
                 m.name
@@ -332,7 +350,11 @@ class Distiller(keras.Model):
             logs, state = self._stateless_train_step(*args, **kwargs)
             return self._hide_supervised(logs), state
         data = self._rewrite_batch(args[-1] if args else kwargs.get("data"))
-        logs = super().train_step(data)
+        self._train_own(data)
+        try:
+            logs = super().train_step(data)
+        finally:
+            self._own_values = None
         self._update_teachers(data)
         return self._hide_supervised(logs)
 
@@ -346,6 +368,30 @@ class Distiller(keras.Model):
             x, y, sample_weight = term.rewrite_batch(x, y, sample_weight)
         return keras.utils.pack_x_y_sample_weight(x, y, sample_weight)
 
+    def _train_own(self, data):
+        """The updates of the terms' own models, before the student's.
+
+        What they return is held for `compute_loss`, which adds it to
+        their metrics inside Keras's step (where the metrics' state is).
+        """
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        values = {}
+        for term in self.terms:
+            if term.trains_own:
+                returned = term.train_own(self.student, x, y, sample_weight)
+                returned = returned or {}
+                missing = set(term.own_metrics) - set(returned)
+                if missing:
+                    raise ValueError(
+                        f"Term '{term.name}' declares `own_metrics` "
+                        f"{sorted(term.own_metrics)} but its `train_own` "
+                        f"returned no {sorted(missing)}."
+                    )
+                values[term.name] = returned
+        self._own_values = [
+            values[term.name][name] for term, name, _ in self._own_metric_names
+        ]
+
     def _hide_supervised(self, logs):
         # Label-free distillation has no supervised part to report.
         if _internals.compiled_loss(self) is None and not any(
@@ -355,13 +401,18 @@ class Distiller(keras.Model):
         return logs
 
     def _stateless_train_step(self, state, data):
-        # JAX: Keras's step is a pure function of `state`. The rewrite runs
-        # the student (and its seeds) on the state's values; the teachers'
-        # updates run on the stepped state; what both assign goes back
-        # into the state.
+        # JAX: Keras's step is a pure function of `state`. The rewrite and
+        # the terms' own updates run the student (and their seeds) on the
+        # state's values; the teachers' updates run on the stepped state;
+        # what they assign goes back into the state.
         if any(term.rewrites_batch for term in self.terms):
             data, non_trainable = _internals.run_stateless(
                 self, state, lambda: self._rewrite_batch(data)
+            )
+            state = (state[0], non_trainable, *state[2:])
+        if any(term.trains_own for term in self.terms):
+            _, non_trainable = _internals.run_stateless(
+                self, state, lambda: self._train_own(data)
             )
             state = (state[0], non_trainable, *state[2:])
         self._traced_step = _internals.optimizer_step(self, state[2])
@@ -369,6 +420,7 @@ class Distiller(keras.Model):
             logs, state = super().train_step(state, data)
         finally:
             self._traced_step = None
+            self._own_values = None
         _, non_trainable = _internals.run_stateless(
             self, state, lambda: self._update_teachers(data)
         )

@@ -29,9 +29,10 @@ KINDS = (
     "diffusion",
     "consistency",
     "reflow",
+    "distribution_matching",
 )
 # The configurations that train a diffusion model.
-DIFFUSION = ("diffusion", "consistency", "reflow")
+DIFFUSION = ("diffusion", "consistency", "reflow", "distribution_matching")
 # The JAX engine's 2 host devices, as the tests and the stress script start
 # them. XLA's CPU client runs every device's part of a program, and every
 # launch, on one pool of max(cores, devices) threads: 2 on a 2-core
@@ -234,6 +235,19 @@ def distiller(keras, ksd, kind, jit_compile=False):
                 seed=5,
             )
         ]
+    elif kind == "distribution_matching":
+        # DMD2: a fake score trained by its own optimizer, two updates per
+        # step, on generator samples drawn for the global batch; DMD's
+        # regression loss on noise–image pairs beside it.
+        terms = [
+            ksd.terms.DistributionMatching(
+                _diffusion_model(keras, ksd, 1),
+                fake_optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
+                fake_updates=2,
+                regression_weight=0.25,
+                seed=5,
+            )
+        ]
     elif kind == "reflow":
         # A one-step student regressed on noise-image pairs.
         terms = [ksd.terms.Reflow()]
@@ -319,7 +333,7 @@ def data(ksd, kind):
         w = (np.arange(SEQUENCE) < lengths).astype("float32")
     if kind in DIFFUSION:
         images = rng.uniform(-1, 1, size=(32, 4, 4, 1)).astype("float32")
-        if kind == "reflow":
+        if kind in ("reflow", "distribution_matching"):
             noise = rng.normal(size=images.shape).astype("float32")
             pairs = tf.data.Dataset.from_tensor_slices((noise, images))
             return pairs.batch(BATCH)

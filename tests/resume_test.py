@@ -33,10 +33,17 @@ class ResumeTest(absltest.TestCase):
         kinds = distributed_run.KINDS
         if keras.backend.backend() == "jax":
             # Within the suite's time budget: under JAX the teachers that
-            # keep state of their own besides trained weights, and the
-            # consistency term's EMA target network; every kind runs under
-            # TensorFlow.
-            kinds = ("ema", "snapshot", "past_predictions", "consistency")
+            # keep state of their own besides trained weights, the
+            # consistency term's EMA target network and the distribution
+            # matching term's fake score and its optimizer; every kind runs
+            # under TensorFlow.
+            kinds = (
+                "ema",
+                "snapshot",
+                "past_predictions",
+                "consistency",
+                "distribution_matching",
+            )
         # A kill ends its process: one process per configuration.
         killed = [start("kill", kind) for kind in kinds]
         codes = [watchdog.wait(process) for process in killed]

@@ -7,6 +7,7 @@ from keras_selfdistill.terms.consistency_distillation import (
 )
 from keras_selfdistill.terms.denoising import Denoising
 from keras_selfdistill.terms.distillation import Distillation
+from keras_selfdistill.terms.distribution_matching import DistributionMatching
 from keras_selfdistill.terms.feature_distillation import FeatureDistillation
 from keras_selfdistill.terms.fused_distillation import FusedDistillation
 from keras_selfdistill.terms.on_policy import OnPolicy
@@ -21,6 +22,7 @@ __all__ = [
     "ConsistencyDistillation",
     "Denoising",
     "Distillation",
+    "DistributionMatching",
     "FeatureDistillation",
     "FusedDistillation",
     "OnPolicy",

@@ -1,17 +1,15 @@
-import math
-
 import keras
 from keras import ops
 
 from keras_selfdistill import _arguments
 from keras_selfdistill._consistency import SIGMA_DATA
+from keras_selfdistill._consistency import checked_sigma_range
 from keras_selfdistill._consistency import consistency_function
 from keras_selfdistill._consistency import consistency_output
 from keras_selfdistill._consistency import heun_step
 from keras_selfdistill._consistency import karras_sigmas
 from keras_selfdistill._consistency import pseudo_huber_constant
 from keras_selfdistill._consistency import velocity_inputs
-from keras_selfdistill._ddim import CosineSchedule
 from keras_selfdistill._ddim import per_sample
 from keras_selfdistill.teachers.ema import EMA
 from keras_selfdistill.teachers.frozen_model import FrozenModel
@@ -142,29 +140,7 @@ class ConsistencyDistillation(Term):
                 f"`distance` must be one of {DISTANCES}. Received: "
                 f"distance={distance!r}"
             )
-        sigma_range = tuple(sigma_range)
-        if (
-            len(sigma_range) != 2
-            or not all(_arguments.is_number(s) for s in sigma_range)
-            or not 0.0 < sigma_range[0] < sigma_range[1]
-        ):
-            raise ValueError(
-                "`sigma_range` must be `(sigma_min, sigma_max)` with "
-                "0 < sigma_min < sigma_max. Received: "
-                f"sigma_range={sigma_range!r}"
-            )
-        # The noise levels σ = exp(−λ / 2) of `CosineSchedule()`'s log-SNRs.
-        schedule = CosineSchedule()
-        low = math.exp(-0.5 * schedule.logsnr_max)
-        high = math.exp(-0.5 * schedule.logsnr_min)
-        if sigma_range[0] < low or sigma_range[1] > high:
-            raise ValueError(
-                "`sigma_range` reaches noise levels outside those of the "
-                "teacher's schedule (`CosineSchedule()`: log-SNR within "
-                f"±20, σ in [{low:.3g}, {high:.3g}]), where the teacher "
-                "was never trained. Received: "
-                f"sigma_range={sigma_range!r}"
-            )
+        sigma_range = checked_sigma_range(sigma_range)
         if seed is not None and not _arguments.is_integer(seed):
             raise TypeError(
                 f"`seed` must be an integer or None. Received: seed={seed!r}"
@@ -173,7 +149,7 @@ class ConsistencyDistillation(Term):
         self.num_scales = int(num_scales)
         self.target = target
         self.distance = distance
-        self.sigma_range = tuple(float(s) for s in sigma_range)
+        self.sigma_range = sigma_range
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
         self.sigmas = karras_sigmas(

@@ -120,6 +120,28 @@ def _snake_case(name):
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()
 
 
+class _OptimizerState(keras.layers.Layer):
+    """A term's own optimizer's variables among the distiller's.
+
+    Keras lists a model's state from its layers' variables: held here,
+    the optimizer's slots and step counter are in the distiller's
+    non-trainable variables, which JAX's training state and
+    `tf.distribute` carry. Saving is the optimizer's own (an attribute of
+    the term): this layer writes nothing, so nothing is saved twice.
+    """
+
+    def __init__(self, optimizer, **kwargs):
+        super().__init__(**kwargs)
+        self.slots = list(optimizer.variables)
+        self.built = True
+
+    def save_own_variables(self, store):
+        pass
+
+    def load_own_variables(self, store):
+        pass
+
+
 @keras.saving.register_keras_serializable(package="keras_selfdistill")
 class Term(keras.layers.Layer, metaclass=abc.ABCMeta):
     """Base class for a piece of the distillation objective.
@@ -500,6 +522,71 @@ class Term(keras.layers.Layer, metaclass=abc.ABCMeta):
     #: Whether the `Distiller` runs the term's `rewrite_batch` before
     #: each training step. At most one term of a distiller sets it.
     rewrites_batch = False
+
+    # The own-models protocol. A term that trains a network of its own in
+    # the step (a fake-score model, a discriminator) declares it here; the
+    # `Distiller` runs `train_own` before the student's update, and the
+    # models and their optimizers are saved, resumed and replicated with
+    # the distiller.
+
+    #: Whether the `Distiller` calls `train_own` before each training step
+    #: (after `rewrite_batch`).
+    trains_own = False
+
+    #: Names of the scalars `train_own` returns, each logged (an epoch's
+    #: mean, weighted by batch size) as `<term name>_<name>` in the
+    #: progress bar and History.
+    own_metrics = ()
+
+    def train_own(self, student, x, y, sample_weight):
+        """Updates the term's own models, before the student's update.
+
+        Runs in the training step only, on the batch as `rewrite_batch`
+        left it, with the student's current weights (call it with
+        `training=False`: its update is the step's own). Each update is a
+        `self.minimize(optimizer, variables, loss_fn)` with an optimizer
+        from `add_optimizer`; draw random numbers from the term's seed
+        generator outside `loss_fn`. Returns a dict of the scalars named in
+        `own_metrics` (losses reduced as `reduce` does), or `None`.
+        Defaults to nothing.
+        """
+
+    def add_optimizer(self, optimizer, variables):
+        """Makes `optimizer` the term's own, for `variables`; returns it.
+
+        Call it in `attach`, under the strategy scope the distiller is
+        built in. The variables leave the student's optimizer (they are
+        marked non-trainable: `keras.Model.trainable_variables` of the
+        distiller, and of their model, no longer lists them; their layers
+        still run in training mode). The optimizer is built on them, wrapped
+        in a `keras.optimizers.LossScaleOptimizer` under `mixed_float16`
+        as `compile` wraps the student's, and its state is tracked by the
+        term, so that JAX's training state, `tf.distribute` and resumed
+        runs carry it. Hold the returned optimizer as an attribute of the
+        term: Keras saves it (and its state) with the distiller.
+        """
+        optimizer = keras.optimizers.get(optimizer)
+        if keras.config.dtype_policy().name == "mixed_float16" and not (
+            isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+        ):
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        variables = list(variables)
+        optimizer.build(variables)
+        for variable in variables:
+            variable.trainable = False
+        holder = _OptimizerState(optimizer, name=f"{optimizer.name}_state")
+        self._own_optimizer_states = [
+            *getattr(self, "_own_optimizer_states", []),
+            holder,
+        ]
+        return optimizer
+
+    def minimize(self, optimizer, variables, loss_fn):
+        """One update of `variables` by `optimizer` (from `add_optimizer`)
+        against `loss_fn()`, inside `train_own`, on either backend and
+        under `tf.distribute` (`loss_fn` reduces as `reduce` does: the
+        replicas' gradients are summed). Returns the loss."""
+        return _internals.minimize(optimizer, variables, loss_fn)
 
     @property
     def reads_logits(self):
