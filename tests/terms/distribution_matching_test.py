@@ -6,6 +6,7 @@ import numpy as np
 from absl.testing import parameterized
 
 import keras_selfdistill as ksd
+from tests import tiny
 from tests.diffusion import consistency_reference
 from tests.diffusion import dmd_reference as reference
 from tests.diffusion import reference as ddim_reference
@@ -242,6 +243,9 @@ class DistributionMatchingTest(parameterized.TestCase):
             int(keras.ops.convert_to_numpy(term.fake_optimizer.iterations)), 4
         )
 
+    # Saving is Keras's on either backend (the resume harness restores
+    # the fake score and its optimizer on both): once.
+    @tiny.ONCE
     def test_saved_distiller_carries_the_fake_score_and_its_optimizer(self):
         distiller = _distiller(
             lr=0.01, fake_optimizer=keras.optimizers.Adam(0.01), fake_updates=2
@@ -268,6 +272,7 @@ class DistributionMatchingTest(parameterized.TestCase):
             int(keras.ops.convert_to_numpy(other.fake_optimizer.iterations)), 4
         )
 
+    @tiny.ONCE
     def test_refusals(self):
         teacher = ddim_reference.unet(keras, ksd, seed=1)
         with self.assertRaisesRegex(TypeError, "frozen diffusion model"):
