@@ -3,6 +3,7 @@ import tempfile
 
 import keras
 import numpy as np
+import pytest
 from absl.testing import parameterized
 
 import keras_selfdistill as ksd
@@ -67,6 +68,86 @@ def _fake_loss(model, weights, samples, sigma, eps):
     return reference.fake_loss(model, samples, eps, sigma).mean()
 
 
+def _check_one_step(test, regression_weight):
+    # The generator does not move (learning rate 0); the fake score
+    # makes one SGD update before the generator's loss is computed.
+    distiller = _distiller(
+        fake_optimizer=keras.optimizers.SGD(0.05),
+        regression_weight=regression_weight,
+    )
+    term = distiller.terms[0]
+    # The distiller's optimizer trains the generator alone.
+    test.assertEqual(
+        {id(v) for v in distiller.trainable_variables},
+        {id(v) for v in distiller.student.trainable_variables},
+    )
+    noise = _noise()
+    targets = None
+    if regression_weight:
+        targets = np.tanh(_noise(seed=1))
+    (eps, sigma), [(start, fake_sigma, fake_eps)] = _draws(
+        distiller, noise, targets
+    )
+    generator = _copy(distiller.student)
+    teacher = term.teacher.model
+    teacher_before = [w.copy() for w in teacher.get_weights()]
+    before = [w.copy() for w in term.fake_score.get_weights()]
+    history = distiller.fit(
+        noise, targets, batch_size=8, epochs=1, shuffle=False, verbose=0
+    ).history
+    after = [w.copy() for w in term.fake_score.get_weights()]
+    test.assertEqual(
+        int(keras.ops.convert_to_numpy(term.fake_optimizer.iterations)), 1
+    )
+    for a, b in zip(teacher_before, teacher.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    fake = _copy(term.fake_score)
+
+    # The fake score's loss, on the generator's samples from the drawn
+    # noise, before its update.
+    samples = consistency_reference.denoiser(generator, start * 80, 80.0)
+    expected_fake = _fake_loss(fake, before, samples, fake_sigma, fake_eps)
+    test.assertAlmostEqual(
+        history["distribution_matching_fake_loss"][0],
+        expected_fake,
+        delta=1e-4 * max(1.0, expected_fake),
+    )
+    # Its update is a gradient step on that loss: along the update
+    # d = −0.05·g, the loss's slope is g·d/|d| = −|d|/0.05.
+    move = [a - b for a, b in zip(after, before)]
+    norm = np.sqrt(sum((m.astype("float64") ** 2).sum() for m in move))
+    test.assertGreater(norm, 1e-4)
+    h = 1e-2
+    ends = [
+        _fake_loss(
+            fake,
+            [b + sign * h * m / norm for b, m in zip(before, move)],
+            samples,
+            fake_sigma,
+            fake_eps,
+        )
+        for sign in (1.0, -1.0)
+    ]
+    slope = (ends[0] - ends[1]) / (2 * h)
+    np.testing.assert_allclose(slope, -norm / 0.05, rtol=2e-2)
+
+    # The generator's loss against the updated fake score.
+    fake.set_weights(after)
+    images = reference.generate(generator, noise)
+    expected = reference.generator_loss(teacher, fake, images, eps, sigma)
+    if regression_weight:
+        expected = expected + regression_weight * (
+            (images - targets) ** 2
+        ).mean(axis=(1, 2, 3))
+    expected = expected.mean()
+    test.assertGreater(expected, 1e-6)
+    test.assertAlmostEqual(
+        history["distribution_matching_loss"][0],
+        expected,
+        delta=1e-3 * max(1.0, expected),
+    )
+
+
 class DistributionMatchingTest(parameterized.TestCase):
     def test_config(self):
         term = _term(
@@ -102,76 +183,8 @@ class DistributionMatchingTest(parameterized.TestCase):
         # randint(min_step, min(max_step + 1, N)) of the official code.
         self.assertEqual(term._dm_steps, (20, 981))
 
-    @parameterized.named_parameters(
-        ("dmd2", 0.0), ("with_dmd_regression", 0.25)
-    )
-    def test_one_step_matches_numpy(self, regression_weight):
-        # The generator does not move (learning rate 0); the fake score
-        # makes one SGD update before the generator's loss is computed.
-        distiller = _distiller(
-            fake_optimizer=keras.optimizers.SGD(0.05),
-            regression_weight=regression_weight,
-        )
-        term = distiller.terms[0]
-        noise = _noise()
-        targets = None
-        if regression_weight:
-            targets = np.tanh(_noise(seed=1))
-        (eps, sigma), [(start, fake_sigma, fake_eps)] = _draws(
-            distiller, noise, targets
-        )
-        generator = _copy(distiller.student)
-        teacher = term.teacher.model
-        before = [w.copy() for w in term.fake_score.get_weights()]
-        history = distiller.fit(
-            noise, targets, batch_size=8, epochs=1, shuffle=False, verbose=0
-        ).history
-        after = [w.copy() for w in term.fake_score.get_weights()]
-        fake = _copy(term.fake_score)
-
-        # The fake score's loss, on the generator's samples from the drawn
-        # noise, before its update.
-        samples = consistency_reference.denoiser(generator, start * 80, 80.0)
-        expected_fake = _fake_loss(fake, before, samples, fake_sigma, fake_eps)
-        self.assertAlmostEqual(
-            history["distribution_matching_fake_loss"][0],
-            expected_fake,
-            delta=1e-4 * max(1.0, expected_fake),
-        )
-        # Its update is a gradient step on that loss: along the update
-        # d = −0.05·g, the loss's slope is g·d/|d| = −|d|/0.05.
-        move = [a - b for a, b in zip(after, before)]
-        norm = np.sqrt(sum((m.astype("float64") ** 2).sum() for m in move))
-        self.assertGreater(norm, 1e-4)
-        h = 1e-2
-        ends = [
-            _fake_loss(
-                fake,
-                [b + sign * h * m / norm for b, m in zip(before, move)],
-                samples,
-                fake_sigma,
-                fake_eps,
-            )
-            for sign in (1.0, -1.0)
-        ]
-        slope = (ends[0] - ends[1]) / (2 * h)
-        np.testing.assert_allclose(slope, -norm / 0.05, rtol=2e-2)
-
-        # The generator's loss against the updated fake score.
-        fake.set_weights(after)
-        images = reference.generate(generator, noise)
-        expected = reference.generator_loss(teacher, fake, images, eps, sigma)
-        if regression_weight:
-            expected = expected + regression_weight * (
-                (images - targets) ** 2
-            ).mean(axis=(1, 2, 3))
-        expected = expected.mean()
-        self.assertGreater(expected, 1e-6)
-        self.assertAlmostEqual(
-            history["distribution_matching_loss"][0],
-            expected,
-            delta=1e-3 * max(1.0, expected),
-        )
+    def test_one_step_matches_numpy(self):
+        _check_one_step(self, regression_weight=0.0)
 
     def test_generator_gradient_is_dmd_s(self):
         # d loss / d velocity = −c_out(σ_max)·grad / pixels per sample:
@@ -205,71 +218,6 @@ class DistributionMatchingTest(parameterized.TestCase):
         self.assertGreater(np.abs(expected).max(), 1e-4)
         np.testing.assert_allclose(
             got, expected, atol=2e-4 * np.abs(expected).max()
-        )
-
-    def test_teacher_frozen_and_own_weights_apart(self):
-        distiller = _distiller(
-            lr=0.01, fake_optimizer=keras.optimizers.SGD(0.1), fake_updates=2
-        )
-        term = distiller.terms[0]
-        student = distiller.student
-        # The distiller's optimizer trains the generator alone.
-        self.assertEqual(
-            {id(v) for v in distiller.trainable_variables},
-            {id(v) for v in student.trainable_variables},
-        )
-        teacher = [w.copy() for w in term.teacher.model.get_weights()]
-        fake = [w.copy() for w in term.fake_score.get_weights()]
-        generator = [w.copy() for w in student.get_weights()]
-        distiller.fit(_noise(16), batch_size=8, epochs=1, verbose=0)
-        for a, b in zip(teacher, term.teacher.model.get_weights()):
-            np.testing.assert_array_equal(a, b)
-        self.assertGreater(
-            max(
-                np.abs(a - b).max()
-                for a, b in zip(fake, term.fake_score.get_weights())
-            ),
-            1e-4,
-        )
-        self.assertGreater(
-            max(
-                np.abs(a - b).max()
-                for a, b in zip(generator, student.get_weights())
-            ),
-            1e-6,
-        )
-        # Two fake updates a step, two steps.
-        self.assertEqual(
-            int(keras.ops.convert_to_numpy(term.fake_optimizer.iterations)), 4
-        )
-
-    # Saving is Keras's on either backend (the resume harness restores
-    # the fake score and its optimizer on both): once.
-    @tiny.ONCE
-    def test_saved_distiller_carries_the_fake_score_and_its_optimizer(self):
-        distiller = _distiller(
-            lr=0.01, fake_optimizer=keras.optimizers.Adam(0.01), fake_updates=2
-        )
-        distiller.fit(_noise(16), batch_size=8, epochs=1, verbose=0)
-        path = os.path.join(tempfile.mkdtemp(), "dmd.keras")
-        distiller.save(path)
-        loaded = keras.saving.load_model(path)
-        term, other = distiller.terms[0], loaded.terms[0]
-        for a, b in zip(term.fake_score.weights, other.fake_score.weights):
-            np.testing.assert_array_equal(
-                keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b)
-            )
-        self.assertLen(
-            other.fake_optimizer.variables, len(term.fake_optimizer.variables)
-        )
-        for a, b in zip(
-            term.fake_optimizer.variables, other.fake_optimizer.variables
-        ):
-            np.testing.assert_array_equal(
-                keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b)
-            )
-        self.assertEqual(
-            int(keras.ops.convert_to_numpy(other.fake_optimizer.iterations)), 4
         )
 
     @tiny.ONCE
@@ -333,6 +281,42 @@ class DistributionMatchingTest(parameterized.TestCase):
             )
         with self.assertRaisesRegex(ValueError, "evaluate"):
             distiller.evaluate(_noise(8), verbose=0)
+
+
+# The regression variant and a saved distiller: the slow tier.
+@pytest.mark.slow
+class DistributionMatchingSlowTest(parameterized.TestCase):
+    def test_one_step_with_dmd_regression_matches_numpy(self):
+        _check_one_step(self, regression_weight=0.25)
+
+    # Saving is Keras's on either backend (the resume harness restores
+    # the fake score and its optimizer on both): once.
+    @tiny.ONCE
+    def test_saved_distiller_carries_the_fake_score_and_its_optimizer(self):
+        distiller = _distiller(
+            lr=0.01, fake_optimizer=keras.optimizers.Adam(0.01), fake_updates=2
+        )
+        distiller.fit(_noise(16), batch_size=8, epochs=1, verbose=0)
+        path = os.path.join(tempfile.mkdtemp(), "dmd.keras")
+        distiller.save(path)
+        loaded = keras.saving.load_model(path)
+        term, other = distiller.terms[0], loaded.terms[0]
+        for a, b in zip(term.fake_score.weights, other.fake_score.weights):
+            np.testing.assert_array_equal(
+                keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b)
+            )
+        self.assertLen(
+            other.fake_optimizer.variables, len(term.fake_optimizer.variables)
+        )
+        for a, b in zip(
+            term.fake_optimizer.variables, other.fake_optimizer.variables
+        ):
+            np.testing.assert_array_equal(
+                keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b)
+            )
+        self.assertEqual(
+            int(keras.ops.convert_to_numpy(other.fake_optimizer.iterations)), 4
+        )
 
 
 def _gradient(function, value):
