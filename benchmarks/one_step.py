@@ -10,6 +10,11 @@ teacher, per seed:
 - **CD**: `ConsistencyDistillation` (18 noise levels, Heun teacher steps,
   EMA target at 0.95, L2), the student initialised from the teacher, Adam
   at `--cd-learning-rate`, for PD's wall time;
+- **DMD2**: `DistributionMatching` (a fake score copied from the teacher,
+  `--dmd-fake-updates` updates by its own Adam per generator update,
+  Adam at `--dmd-learning-rate` for both), the generator initialised from
+  the teacher, for PD's wall time, sampled as a consistency model at
+  `σ_max = 80` (and re-noised for 2 and 4 steps);
 - **reflow**: the teacher's 16-step DDIM sampler maps `--pairs` noises to
   images (inside the budget), then `Reflow` trains a one-step student,
   initialised from the teacher, for the rest of PD's wall time;
@@ -105,6 +110,8 @@ def main(argv=None):
     parser.add_argument("--base-steps", type=int, default=3000)
     parser.add_argument("--round-steps", type=int, default=650)
     parser.add_argument("--cd-learning-rate", type=float, default=1e-4)
+    parser.add_argument("--dmd-learning-rate", type=float, default=1e-4)
+    parser.add_argument("--dmd-fake-updates", type=int, default=5)
     parser.add_argument("--pairs", type=int, default=10000)
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--teacher", default=None)
@@ -174,6 +181,46 @@ def main(argv=None):
                     student, noise, _CD_LEVELS[steps], seed=seed
                 ),
             )
+        keras.utils.set_random_seed(seed)
+        generator = _copy(teacher)
+        dmd = ksd.Distiller(
+            generator,
+            [
+                ksd.terms.DistributionMatching(
+                    teacher,
+                    fake_optimizer=keras.optimizers.Adam(
+                        args.dmd_learning_rate, global_clipnorm=1.0
+                    ),
+                    fake_updates=args.dmd_fake_updates,
+                    seed=seed,
+                )
+            ],
+        )
+        dmd.compile(
+            optimizer=keras.optimizers.Adam(
+                args.dmd_learning_rate, global_clipnorm=1.0
+            )
+        )
+        # Fresh noise every step, as DMD2 draws it.
+        latents = tf.data.Dataset.range(10**9).map(
+            lambda i: tf.random.stateless_normal(
+                (128,) + train.shape[1:],
+                tf.stack([seed + 200, tf.cast(i, "int32")]),
+            )
+        )
+        dmd_steps = _fit_for(dmd, latents, seconds)
+        for steps in _STEPS:
+            measure(
+                "DMD2",
+                steps,
+                ksd.diffusion.consistency_sample(
+                    generator,
+                    noise,
+                    _CD_LEVELS[steps],
+                    sigma_min=0.0,
+                    seed=seed,
+                ),
+            )
         start = time.perf_counter()
         pair_noise = (
             np.random.default_rng(seed)
@@ -209,7 +256,14 @@ def main(argv=None):
                 ksd.diffusion.sample(control.student, noise, steps),
             )
         budgets.append(
-            (seconds, cd_steps, pair_seconds, reflow_steps, control_steps)
+            (
+                seconds,
+                cd_steps,
+                dmd_steps,
+                pair_seconds,
+                reflow_steps,
+                control_steps,
+            )
         )
     print(
         f"\n{platform.processor() or platform.machine()}, "
@@ -221,20 +275,22 @@ def main(argv=None):
     for seed, (
         budget,
         cd_steps,
+        dmd_steps,
         pair_s,
         reflow_steps,
         control_steps,
     ) in enumerate(budgets):
         print(
             f"seed {seed}: PD 16→1 ({args.round_steps} steps a round) in "
-            f"{budget:.0f} s; CD {cd_steps} steps; reflow {pair_s:.0f} s "
+            f"{budget:.0f} s; CD {cd_steps} steps; DMD2 {dmd_steps} steps; "
+            f"reflow {pair_s:.0f} s "
             f"for {args.pairs} pairs, then {reflow_steps} steps; control "
             f"{control_steps} steps"
         )
     print("\n| steps | sampler | FID | KID | class entropy |")
     print("|---|---|---|---|---|")
     for steps in _STEPS:
-        for name in ("teacher", "control", "PD", "CD", "reflow"):
+        for name in ("teacher", "control", "PD", "CD", "DMD2", "reflow"):
             runs = scores.get((steps, name))
             if not runs:
                 continue
