@@ -75,11 +75,9 @@ class _StopAfter(keras.callbacks.Callback):
 
 
 def _copy(model):
-    clone = keras.models.clone_model(model)
-    clone.set_weights(model.get_weights())
-    # A teacher's model is frozen in place (`FrozenModel`); its copies train.
-    clone.trainable = True
-    return clone
+    # A teacher's model is frozen in place (`FrozenModel`): a plain clone
+    # of it would not train on TensorFlow.
+    return ksd.diffusion.trainable_copy(model)
 
 
 def _fit_for(distiller, data, seconds):

@@ -16,6 +16,7 @@ from keras_selfdistill.diffusion.quality import frechet_distance
 from keras_selfdistill.diffusion.quality import kernel_distance
 from keras_selfdistill.diffusion.sampler import sample
 from keras_selfdistill.diffusion.unet import unet
+from keras_selfdistill.teachers.teacher import trainable_copy
 
 __all__ = [
     "CosineSchedule",
@@ -25,5 +26,6 @@ __all__ = [
     "kernel_distance",
     "progressive_distillation",
     "sample",
+    "trainable_copy",
     "unet",
 ]

@@ -14,12 +14,14 @@ from keras_selfdistill.distiller import Distiller
 from keras_selfdistill.files import weights_fingerprint
 from keras_selfdistill.generations import fresh_compile_kwargs
 from keras_selfdistill.teachers.ddim import DDIM
+from keras_selfdistill.teachers.teacher import trainable_copy
 from keras_selfdistill.terms.denoising import Denoising
 
 
 def _copy(model, name):
-    clone = keras.models.clone_model(model)
-    clone.set_weights(model.get_weights())
+    # Trainable even when `model` is a frozen teacher's (used as a
+    # teacher before): a plain clone of one would not train on TensorFlow.
+    clone = trainable_copy(model)
     clone.name = name
     return clone
 

@@ -377,3 +377,26 @@ def clone_student(student, owner, copy_weights=True):
         copy_variables(clone.variables, student.variables)
     clone.trainable = False
     return clone
+
+
+def trainable_copy(model):
+    """A copy of `model` with its weights, every layer and weight trainable.
+
+    A `FrozenModel` teacher sets its model's `trainable` to `False` in
+    place. A `keras.models.clone_model` of it made afterwards is frozen
+    too, and on the TensorFlow backend stays frozen after `trainable =
+    True` (its weights were created non-trainable): a student or a
+    generator initialised from the teacher would silently not train. This
+    copy builds every layer from its config with `trainable=True` and
+    copies the weights.
+    """
+
+    def trainable_layer(layer):
+        config = layer.get_config()
+        if "trainable" in config:
+            config["trainable"] = True
+        return layer.__class__.from_config(config)
+
+    copy = keras.models.clone_model(model, clone_function=trainable_layer)
+    copy.set_weights(model.get_weights())
+    return copy

@@ -12,6 +12,7 @@ from keras_selfdistill._consistency import karras_sigmas
 from keras_selfdistill._consistency import velocity_inputs
 from keras_selfdistill._ddim import per_sample
 from keras_selfdistill.teachers.frozen_model import FrozenModel
+from keras_selfdistill.teachers.teacher import trainable_copy
 from keras_selfdistill.terms.denoising import check_two_inputs
 from keras_selfdistill.terms.term import Term
 from keras_selfdistill.terms.term import draw_for_global_batch
@@ -24,22 +25,6 @@ _FAKE_START_GAP = 0.5
 def _denoised(model, x, sigma, training=False):
     """EDM's denoiser `D(x_σ, σ)` of a v-prediction model (`σ_data = 1`)."""
     return consistency_function(model, x, sigma, 0.0, SIGMA_DATA, training)
-
-
-def _trainable_copy(model):
-    """A copy of `model` with its weights, every layer trainable (a
-    `FrozenModel` freezes its model in place, and a copy of frozen layers
-    makes frozen variables)."""
-
-    def trainable_layer(layer):
-        config = layer.get_config()
-        if "trainable" in config:
-            config["trainable"] = True
-        return layer.__class__.from_config(config)
-
-    copy = keras.models.clone_model(model, clone_function=trainable_layer)
-    copy.set_weights(model.get_weights())
-    return copy
 
 
 @keras.saving.register_keras_serializable(package="keras_selfdistill")
@@ -180,7 +165,7 @@ class DistributionMatching(Term):
                 f"teacher={teacher!r}"
             )
         if fake_score is None:
-            fake_score = _trainable_copy(teacher.model)
+            fake_score = trainable_copy(teacher.model)
         if not isinstance(fake_score, keras.Model):
             raise TypeError(
                 "`fake_score` must be a `keras.Model` with the teacher's "

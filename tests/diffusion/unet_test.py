@@ -125,3 +125,23 @@ class UNetTest(parameterized.TestCase):
             ksd.diffusion.unet((28, 28))
         with self.assertRaisesRegex(ValueError, "positive integers"):
             ksd.diffusion.unet(widths=(16, 0))
+
+
+class TrainableCopyTest(parameterized.TestCase):
+    def test_a_frozen_teacher_s_copy_trains(self):
+        # A clone of a frozen model stays frozen on TensorFlow even after
+        # `trainable = True`; the copy is trainable on both backends.
+        model = reference.unet(keras, ksd, seed=1)
+        ksd.teachers.FrozenModel(model)
+        self.assertFalse(model.trainable_variables)
+        copy = ksd.diffusion.trainable_copy(model)
+        self.assertLen(copy.trainable_variables, len(model.weights))
+        for a, b in zip(model.get_weights(), copy.get_weights()):
+            np.testing.assert_array_equal(a, b)
+        z = np.random.default_rng(0).normal(size=(2, 8, 8, 1))
+        logsnr = np.array([-1.0, 3.0])
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(copy([z, logsnr])),
+            keras.ops.convert_to_numpy(model([z, logsnr])),
+            atol=1e-6,
+        )
