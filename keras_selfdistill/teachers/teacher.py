@@ -389,6 +389,14 @@ def trainable_copy(model):
     generator initialised from the teacher would silently not train. This
     copy builds every layer from its config with `trainable=True` and
     copies the weights.
+
+    Example:
+
+    ```python
+    term = keras_selfdistill.terms.ConsistencyDistillation(base_model)
+    # base_model is frozen now; a student that starts from it:
+    student = keras_selfdistill.diffusion.trainable_copy(base_model)
+    ```
     """
 
     def trainable_layer(layer):
