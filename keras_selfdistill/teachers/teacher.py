@@ -406,5 +406,7 @@ def trainable_copy(model):
         return layer.__class__.from_config(config)
 
     copy = keras.models.clone_model(model, clone_function=trainable_layer)
-    copy.set_weights(model.get_weights())
+    # Variable to variable: `get_weights` converts each to NumPy, which
+    # warns under NumPy 2 on JAX.
+    copy_variables(copy.weights, model.weights)
     return copy
