@@ -12,9 +12,9 @@ from keras_selfdistill._consistency import pseudo_huber_constant
 from keras_selfdistill._consistency import velocity_inputs
 from keras_selfdistill._ddim import per_sample
 from keras_selfdistill.teachers.ema import EMA
-from keras_selfdistill.teachers.frozen_model import FrozenModel
 from keras_selfdistill.terms.denoising import check_image_range
 from keras_selfdistill.terms.denoising import check_two_inputs
+from keras_selfdistill.terms.denoising import frozen_diffusion_teacher
 from keras_selfdistill.terms.denoising import noise_and_uniform
 from keras_selfdistill.terms.denoising import unconditional_images
 from keras_selfdistill.terms.term import Term
@@ -114,15 +114,7 @@ class ConsistencyDistillation(Term):
     ):
         kwargs.pop("xi", None)
         super().__init__(weight=weight, name=name, **kwargs)
-        if isinstance(teacher, keras.Model):
-            teacher = FrozenModel(teacher, from_logits=None)
-        if not isinstance(teacher, FrozenModel):
-            raise TypeError(
-                "The ConsistencyDistillation term's teacher must be the "
-                "frozen diffusion model, a `keras.Model` called as "
-                "`model([z, logsnr])` (or a FrozenModel of one). Received: "
-                f"teacher={teacher!r}"
-            )
+        teacher = frozen_diffusion_teacher("ConsistencyDistillation", teacher)
         if not _arguments.is_integer(num_scales) or num_scales < 2:
             raise ValueError(
                 "`num_scales` must be an integer >= 2 (18 in the official "

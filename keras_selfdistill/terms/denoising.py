@@ -7,6 +7,7 @@ from keras_selfdistill._ddim import CosineSchedule
 from keras_selfdistill._ddim import alpha_sigma
 from keras_selfdistill._ddim import per_sample
 from keras_selfdistill.teachers.ddim import DDIM
+from keras_selfdistill.teachers.frozen_model import FrozenModel
 from keras_selfdistill.terms.term import Term
 from keras_selfdistill.terms.term import draw_for_global_batch
 
@@ -85,6 +86,20 @@ def check_two_inputs(name, student):
             "noisy images and their (batch,) log-SNR. Received: "
             f"{len(inputs)} inputs"
         )
+
+
+def frozen_diffusion_teacher(term, teacher):
+    """`teacher` as a `FrozenModel`, or a `TypeError` naming `term`: the
+    frozen v-prediction model a one-step term distils."""
+    if isinstance(teacher, keras.Model):
+        teacher = FrozenModel(teacher, from_logits=None)
+    if not isinstance(teacher, FrozenModel):
+        raise TypeError(
+            f"The {term} term's teacher must be the frozen diffusion model, "
+            "a `keras.Model` called as `model([z, logsnr])` (or a "
+            f"FrozenModel of one). Received: teacher={teacher!r}"
+        )
+    return teacher
 
 
 @keras.saving.register_keras_serializable(package="keras_selfdistill")

@@ -11,9 +11,9 @@ from keras_selfdistill._consistency import consistency_output
 from keras_selfdistill._consistency import karras_sigmas
 from keras_selfdistill._consistency import velocity_inputs
 from keras_selfdistill._ddim import per_sample
-from keras_selfdistill.teachers.frozen_model import FrozenModel
 from keras_selfdistill.teachers.teacher import trainable_copy
 from keras_selfdistill.terms.denoising import check_two_inputs
+from keras_selfdistill.terms.denoising import frozen_diffusion_teacher
 from keras_selfdistill.terms.term import Term
 from keras_selfdistill.terms.term import draw_for_global_batch
 
@@ -155,15 +155,7 @@ class DistributionMatching(Term):
     ):
         kwargs.pop("xi", None)
         super().__init__(weight=weight, name=name, **kwargs)
-        if isinstance(teacher, keras.Model):
-            teacher = FrozenModel(teacher, from_logits=None)
-        if not isinstance(teacher, FrozenModel):
-            raise TypeError(
-                "The DistributionMatching term's teacher must be the frozen "
-                "diffusion model, a `keras.Model` called as "
-                "`model([z, logsnr])` (or a FrozenModel of one). Received: "
-                f"teacher={teacher!r}"
-            )
+        teacher = frozen_diffusion_teacher("DistributionMatching", teacher)
         if fake_score is None:
             fake_score = trainable_copy(teacher.model)
         if not isinstance(fake_score, keras.Model):
