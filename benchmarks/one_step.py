@@ -25,12 +25,23 @@ Each sampler draws `--samples` images from the same noise per seed at 1,
 features of a CNN classifier trained on the same data, against the 10,000
 test images, and the entropy of the samples' predicted classes.
 
-    python benchmarks/one_step.py [--seeds 2] [--base-steps 3000]
-        [--round-steps 650] [--teacher base.keras]
+    python benchmarks/one_step.py [--seeds 2] [--base-steps 1500]
+        [--round-steps 150] [--teacher base.keras]
+
+One process per seed (`--seeds 1 --first-seed N`, each pinned to a core
+with `taskset`) runs the seeds at once; `--table LOG...` then prints the
+table of their logs.
+
+Where TensorFlow is not installed (an accelerator machine with JAX
+alone, `benchmarks/one_step_accelerator.sh`), run it with
+`KERAS_BACKEND=jax` and `--data-dir` (the four Fashion-MNIST IDX files):
+the pipelines are then NumPy batches (`keras.utils.PyDataset`) instead
+of `tf.data`.
 """
 
 import argparse
 import importlib.util
+import json
 import os
 import pathlib
 import platform
@@ -74,6 +85,64 @@ class _StopAfter(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
+def _tensorflow():
+    """TensorFlow, or None where it is not installed."""
+    try:
+        import tensorflow as tf
+    except ImportError:
+        return None
+    return tf
+
+
+class _Batches(keras.utils.PyDataset):
+    """Shuffled batches of NumPy arrays, a new order each pass over them:
+    the pipelines where TensorFlow is not installed."""
+
+    def __init__(self, arrays, batch_size, seed, steps=10**9):
+        super().__init__()
+        self.arrays = arrays
+        self.batch_size = batch_size
+        self.seed = seed
+        self.steps = steps
+        self.per_pass = len(arrays[0]) // batch_size
+        self.epoch = 0
+        self.order = (None, None)
+
+    def __len__(self):
+        return self.steps
+
+    def on_epoch_end(self):
+        self.epoch += 1
+
+    def __getitem__(self, index):
+        index += self.epoch * self.steps
+        step = index % self.per_pass
+        done = index // self.per_pass
+        if self.order[0] != done:
+            rng = np.random.default_rng([self.seed, done])
+            self.order = (done, rng.permutation(len(self.arrays[0])))
+        rows = self.order[1][step * self.batch_size :][: self.batch_size]
+        batch = tuple(array[rows] for array in self.arrays)
+        return batch if len(batch) > 1 else batch[0]
+
+
+class _Noise(keras.utils.PyDataset):
+    """Fresh Gaussian batches, one seed each, where TensorFlow is not
+    installed."""
+
+    def __init__(self, shape, seed):
+        super().__init__()
+        self.shape = shape
+        self.seed = seed
+
+    def __len__(self):
+        return 10**9
+
+    def __getitem__(self, index):
+        rng = np.random.default_rng([self.seed, index])
+        return rng.normal(size=self.shape).astype("float32")
+
+
 def _copy(model):
     # A teacher's model is frozen in place (`FrozenModel`): a plain clone
     # of it would not train on TensorFlow.
@@ -101,26 +170,63 @@ def _mean_se(values, digits=2):
 
 
 def main(argv=None):
-    import tensorflow as tf
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--base-steps", type=int, default=3000)
-    parser.add_argument("--round-steps", type=int, default=650)
+    parser.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="run seeds from this one (one process per seed, each pinned "
+        "to a core, runs the seeds at once)",
+    )
+    parser.add_argument("--base-steps", type=int, default=1500)
+    parser.add_argument("--round-steps", type=int, default=150)
     parser.add_argument("--cd-learning-rate", type=float, default=1e-4)
     parser.add_argument("--dmd-learning-rate", type=float, default=1e-4)
     parser.add_argument("--dmd-fake-updates", type=int, default=5)
-    parser.add_argument("--pairs", type=int, default=10000)
+    parser.add_argument("--pairs", type=int, default=2000)
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--teacher", default=None)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument(
+        "--base-ema",
+        type=float,
+        default=0.995,
+        help="the teacher's weight-average momentum (0.999, the "
+        "progressive-distillation example's, keeps 5%% of the initial "
+        "weights after 3,000 steps)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="a folder of the four Fashion-MNIST IDX files, read without "
+        "tensorflow-datasets",
+    )
+    parser.add_argument(
+        "--table",
+        nargs="+",
+        metavar="LOG",
+        help="print the table of these runs' logs (one seed each) and exit",
+    )
     args = parser.parse_args(argv)
+    if args.table:
+        print(_table(_read_logs(args.table)))
+        return
+    tf = _tensorflow()
+    batch = args.batch_size
     example = _load(
         "example", _ROOT / "examples" / "progressive_distillation.py"
     )
     started = time.perf_counter()
-    train, test, test_labels, train_labels = example.load_images(
-        "fashion_mnist"
-    )
+    if args.data_dir or tf is None:
+        (x, train_labels), (x_test, test_labels) = (
+            ksd.datasets.load_fashion_mnist(path=args.data_dir)
+        )
+        train, test = x * 2 - 1, x_test * 2 - 1
+    else:
+        train, test, test_labels, train_labels = example.load_images(
+            "fashion_mnist"
+        )
     classifier, embed = example.train_classifier(train, train_labels)
     accuracy = classifier.evaluate(test, test_labels, verbose=0)[1]
     reference, _ = embed.predict(test, batch_size=500, verbose=0)
@@ -128,27 +234,46 @@ def main(argv=None):
         teacher = keras.saving.load_model(args.teacher)
         base_seconds = float("nan")
     else:
-        base, base_seconds = example.train_base(train, args.base_steps, 0)
+        base, base_seconds = example.train_base(
+            train,
+            args.base_steps,
+            0,
+            batch_size=batch,
+            data=None if tf else _Batches((train,), batch, 0),
+            ema_momentum=args.base_ema,
+        )
         teacher = base.student
         if args.teacher:
             teacher.save(args.teacher)
     scores, budgets = {}, []
-    for seed in range(args.seeds):
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    for seed in seeds:
         noise = np.random.default_rng(1000 + seed).normal(
             size=(args.samples,) + train.shape[1:]
         )
 
         def measure(name, steps, samples):
             result = example.quality(samples, embed, reference)
+            result = {k: float(v) for k, v in result.items()}
             scores.setdefault((steps, name), []).append(result)
-            print(seed, steps, name, result, flush=True)
+            row = dict(seed=seed, steps=steps, sampler=name, **result)
+            print(json.dumps(row), flush=True)
 
         for steps in _STEPS:
             measure(
                 "teacher", steps, ksd.diffusion.sample(teacher, noise, steps)
             )
         rounds, seconds = example.distil(
-            teacher, train, 16, 1, args.round_steps, seed
+            teacher,
+            train,
+            16,
+            1,
+            args.round_steps,
+            seed,
+            batch_size=batch,
+            data=None
+            if tf
+            else _Batches((train,), batch, seed, args.round_steps),
         )
         for result in rounds:
             if result["num_steps"] in _STEPS:
@@ -159,7 +284,10 @@ def main(argv=None):
                         result["student"], noise, result["num_steps"]
                     ),
                 )
-        data = example._dataset(train, 128, seed + 100)
+        if tf:
+            data = example._dataset(train, batch, seed + 100)
+        else:
+            data = _Batches((train,), batch, seed + 100)
         keras.utils.set_random_seed(seed)
         student = _copy(teacher)
         cd = ksd.Distiller(
@@ -200,12 +328,15 @@ def main(argv=None):
             )
         )
         # Fresh noise every step, as DMD2 draws it.
-        latents = tf.data.Dataset.range(10**9).map(
-            lambda i: tf.random.stateless_normal(
-                (128,) + train.shape[1:],
-                tf.stack([seed + 200, tf.cast(i, "int32")]),
+        if tf:
+            latents = tf.data.Dataset.range(10**9).map(
+                lambda i: tf.random.stateless_normal(
+                    (batch,) + train.shape[1:],
+                    tf.stack([seed + 200, tf.cast(i, "int32")]),
+                )
             )
-        )
+        else:
+            latents = _Noise((batch,) + train.shape[1:], seed + 200)
         dmd_steps = _fit_for(dmd, latents, seconds)
         for steps in _STEPS:
             measure(
@@ -227,12 +358,16 @@ def main(argv=None):
         )
         pair_images = ksd.diffusion.sample(teacher, pair_noise, 16)
         pair_seconds = time.perf_counter() - start
-        pairs = (
-            tf.data.Dataset.from_tensor_slices((pair_noise, pair_images))
-            .shuffle(args.pairs, seed=seed)
-            .batch(min(128, args.pairs), drop_remainder=True)
-            .repeat()
-        )
+        pair_batch = min(batch, args.pairs)
+        if tf:
+            pairs = (
+                tf.data.Dataset.from_tensor_slices((pair_noise, pair_images))
+                .shuffle(args.pairs, seed=seed)
+                .batch(pair_batch, drop_remainder=True)
+                .repeat()
+            )
+        else:
+            pairs = _Batches((pair_noise, pair_images), pair_batch, seed)
         student = _copy(teacher)
         reflow = ksd.Distiller(student, [ksd.terms.Reflow()])
         reflow.compile(
@@ -277,7 +412,7 @@ def main(argv=None):
         pair_s,
         reflow_steps,
         control_steps,
-    ) in enumerate(budgets):
+    ) in zip(seeds, budgets):
         print(
             f"seed {seed}: PD 16→1 ({args.round_steps} steps a round) in "
             f"{budget:.0f} s; CD {cd_steps} steps; DMD2 {dmd_steps} steps; "
@@ -285,19 +420,41 @@ def main(argv=None):
             f"for {args.pairs} pairs, then {reflow_steps} steps; control "
             f"{control_steps} steps"
         )
-    print("\n| steps | sampler | FID | KID | class entropy |")
-    print("|---|---|---|---|---|")
+    print()
+    print(_table(scores))
+
+
+def _table(scores):
+    """The mean ± standard error table of `{(steps, sampler): [rows]}`."""
+    lines = [
+        "| steps | sampler | FID | KID | class entropy |",
+        "|---|---|---|---|---|",
+    ]
     for steps in _STEPS:
         for name in ("teacher", "control", "PD", "CD", "DMD2", "reflow"):
             runs = scores.get((steps, name))
             if not runs:
                 continue
-            print(
+            lines.append(
                 f"| {steps} | {name} | "
                 f"{_mean_se([r['fid'] for r in runs])} | "
                 f"{_mean_se([r['kid'] for r in runs], 4)} | "
                 f"{_mean_se([r['class_entropy'] for r in runs])} |"
             )
+    return "\n".join(lines)
+
+
+def _read_logs(paths):
+    """The measurements that runs printed (one JSON line each)."""
+    scores = {}
+    for path in paths:
+        with open(path) as file:
+            for line in file:
+                if line.startswith("{"):
+                    row = json.loads(line)
+                    key = (row["steps"], row["sampler"])
+                    scores.setdefault(key, []).append(row)
+    return scores
 
 
 if __name__ == "__main__":

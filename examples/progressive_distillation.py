@@ -67,11 +67,20 @@ def _dataset(images, batch_size, seed):
 
 
 def train_base(
-    images, steps, seed, batch_size=128, learning_rate=1e-3, verbose=0
+    images,
+    steps,
+    seed,
+    batch_size=128,
+    learning_rate=1e-3,
+    verbose=0,
+    data=None,
+    ema_momentum=0.999,
 ):
     """The base diffusion model, its weights the EMA's at the end.
 
-    Returns `(distiller, seconds)`; `distiller.student` is the model.
+    `data`, if given, replaces the `tf.data` pipeline of `images` (batches
+    of `batch_size` images, at least `steps` of them). Returns
+    `(distiller, seconds)`; `distiller.student` is the model.
     """
     keras.utils.set_random_seed(seed)
     distiller = ksd.Distiller(
@@ -85,13 +94,13 @@ def train_base(
             ),
             global_clipnorm=1.0,
             use_ema=True,
-            ema_momentum=0.999,
+            ema_momentum=ema_momentum,
         )
     )
     start = time.perf_counter()
-    _fit_steps(
-        distiller, _dataset(images, batch_size, seed), steps, verbose=verbose
-    )
+    if data is None:
+        data = _dataset(images, batch_size, seed)
+    _fit_steps(distiller, data, steps, verbose=verbose)
     return distiller, time.perf_counter() - start
 
 
@@ -119,21 +128,25 @@ def distil(
     learning_rate=2e-4,
     directory=None,
     verbose=0,
+    data=None,
 ):
     """Progressive rounds from `start_steps` to `end_steps`.
 
     Returns `(rounds, seconds)`; each round trains `round_steps` steps of
     Adam with the official gradient clipping, its learning rate annealed
-    linearly to 0 (the official schedule, shortened).
+    linearly to 0 (the official schedule, shortened). `data`, if given,
+    replaces the `tf.data` pipeline of `images`: `round_steps` batches a
+    round.
     """
-    import tensorflow as tf
+    if data is None:
+        import tensorflow as tf
 
-    data = (
-        tf.data.Dataset.from_tensor_slices(images)
-        .shuffle(len(images), seed=seed)
-        .batch(batch_size, drop_remainder=True)
-        .take(round_steps)
-    )
+        data = (
+            tf.data.Dataset.from_tensor_slices(images)
+            .shuffle(len(images), seed=seed)
+            .batch(batch_size, drop_remainder=True)
+            .take(round_steps)
+        )
     optimizer = keras.optimizers.Adam(
         keras.optimizers.schedules.PolynomialDecay(
             learning_rate, round_steps, end_learning_rate=0.0

@@ -19,6 +19,8 @@ within a batch) has one message, checked on NumPy arrays
 training step (`checked_ids`).
 """
 
+import sys
+
 import keras
 import numpy as np
 
@@ -30,6 +32,17 @@ INPUTS = "inputs"
 TEACHER_OUTPUTS = "teacher_outputs"
 # The keys no model reads.
 LAYOUT_KEYS = (SAMPLE_ID, FINGERPRINT, TEACHER_OUTPUTS)
+
+
+def is_dataset(value):
+    """Whether `value` is a `tf.data.Dataset`, without importing TensorFlow.
+
+    A dataset exists only where TensorFlow was imported: on JAX the
+    library imports, and trains on NumPy data, without it.
+    """
+    tf = sys.modules.get("tensorflow")
+    data = getattr(tf, "data", None)
+    return data is not None and isinstance(value, data.Dataset)
 
 
 def select_input(x, input_key, owner):

@@ -309,9 +309,7 @@ def check_logits(distiller, x):
 
 
 def _first_batch(x):
-    import tensorflow as tf
-
-    if isinstance(x, tf.data.Dataset):
+    if batch.is_dataset(x):
         element = next(iter(x.take(1)), None)
         return None if element is None else _split(element)[0]
     leaves = keras.tree.flatten(x)
@@ -357,9 +355,7 @@ def check_fit_data(x, y, distiller, num_samples, unique_ids=True):
         return _checked_batches(
             x, classes, num_samples, distiller.loss, unique_ids
         )
-    import tensorflow as tf
-
-    if isinstance(x, tf.data.Dataset):
+    if batch.is_dataset(x):
         if int(x.cardinality()) == 0:
             raise ValueError(
                 "The training dataset is empty (cardinality 0), so `fit` "
@@ -467,12 +463,10 @@ def check_process_steps(arguments):
         return
     shards = min(replicas, processes)
     reader = "process" if shards == processes else "shard"
-    import tensorflow as tf
-
     epochs = arguments.get("epochs", 1) - arguments.get("initial_epoch", 0)
     validation = arguments.get("validation_data")
     plans = [("training", arguments.get("x"), "steps_per_epoch")]
-    if isinstance(validation, tf.data.Dataset):
+    if batch.is_dataset(validation):
         plans.append(("validation", validation, "validation_steps"))
     for what, data, given in plans:
         sizes = shard_sizes(data, shards)
@@ -507,9 +501,7 @@ _BATCHING = ("_BatchDataset", "_ParallelBatchDataset", "_PaddedBatchDataset")
 def _last_batching(dataset):
     """The last `batch` of a `tf.data` pipeline, where every stage after
     it keeps one element per element and the size is known; else None."""
-    import tensorflow as tf
-
-    if not isinstance(dataset, tf.data.Dataset):
+    if not batch.is_dataset(dataset):
         return None
     batches = int(dataset.cardinality())
     node = dataset

@@ -10,9 +10,9 @@ of the pipeline's checks come back through `pipeline_error`.
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from keras_selfdistill import checks
+from keras_selfdistill.batch import is_dataset
 
 
 def fit_arguments(distiller, arguments):
@@ -95,10 +95,8 @@ def later_passes(distiller, given, arguments, joining):
     pipeline's end), and rows that the pipeline joins by epoch
     (a cache of augmented views).
     """
-    import tensorflow as tf
-
     if (
-        not isinstance(given, tf.data.Dataset)
+        not is_dataset(given)
         or arguments.get("steps_per_epoch") is not None
         or arguments.get("epochs", 1) - arguments.get("initial_epoch", 0) < 2
         or keras.distribution.distribution() is not None
@@ -147,6 +145,8 @@ def _keep_label_free_weights(arguments):
 def _label_free_batches(x, sample_weight, batch_size, shuffle):
     # tf.data, not a generator: it carries the missing label (a
     # NoneTensorSpec), which Keras's generator adapter before 3.12 cannot.
+    import tensorflow as tf
+
     batches = tf.data.Dataset.from_tensor_slices((x, sample_weight))
     if shuffle:
         batches = batches.shuffle(len(sample_weight))

@@ -262,6 +262,7 @@ NOTEBOOKS = {
     "language_model": "student_lm.keras",
     "progressive_distillation": "student_2_steps.keras",
     "cached_teacher": "student_cached.keras",
+    "one_step": "generator_dmd2.keras",
 }
 
 

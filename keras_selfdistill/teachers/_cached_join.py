@@ -9,14 +9,13 @@ does not gather itself, reads the rows. `_joined` is 123 lines: one
 
 import re
 
-import tensorflow as tf
-
 from keras_selfdistill import _cache_files as cache
 from keras_selfdistill.batch import FINGERPRINT
 from keras_selfdistill.batch import SAMPLE_ID
 from keras_selfdistill.batch import TEACHER_OUTPUTS
 from keras_selfdistill.batch import array_fingerprints
 from keras_selfdistill.batch import fingerprints_of
+from keras_selfdistill.batch import is_dataset
 from keras_selfdistill.batch import select_input
 
 
@@ -55,7 +54,7 @@ def join(teachers, x, given=None, keep_ids=True, later=None):
             f"teachers {names}, with views {[t.name for t in viewed]}"
         )
 
-    if isinstance(x, tf.data.Dataset):
+    if is_dataset(x):
         spec = x.element_spec
         x_spec = spec[0] if isinstance(spec, tuple) else spec
         if not isinstance(x_spec, dict) or SAMPLE_ID not in x_spec:
@@ -98,6 +97,7 @@ def _joined(teachers, x, checks, check):
     which teachers check at all in this `fit`. Returns `x` itself when no
     teacher has anything to do in the pipeline.
     """
+    import tensorflow as tf
 
     spec = x.element_spec
     x_spec = spec[0] if isinstance(spec, tuple) else spec
