@@ -3,7 +3,7 @@
 `Cached.join_rows` and `Cached.pipeline_error`: NumPy inputs gain the rows
 once; a `tf.data` dataset gains a last `map` that checks each batch's
 inputs against the cache on their first visit and, for caches the step
-does not gather itself, reads the rows. `_joined` is 123 lines: one
+does not gather itself, reads the rows. `_joined` is 124 lines: one
 `tf.data` map, whose stage for each teacher is a closure of the map.
 """
 
