@@ -79,7 +79,8 @@ def train_base(
     """The base diffusion model, its weights the EMA's at the end.
 
     `data`, if given, replaces the `tf.data` pipeline of `images` (batches
-    of `batch_size` images, at least `steps` of them). Returns
+    of `batch_size` images, at least `steps` of them); `ema_momentum` is
+    the weight average's (the model's weights at the end). Returns
     `(distiller, seconds)`; `distiller.student` is the model.
     """
     keras.utils.set_random_seed(seed)
