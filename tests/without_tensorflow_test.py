@@ -5,6 +5,7 @@ carry there (`benchmarks/one_step_accelerator.sh`); TensorFlow stays a
 declared dependency, and what is built on `tf.data` needs it.
 """
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -43,6 +44,9 @@ print(sorted(history.history), keras.backend.backend())
 
 
 @tiny.ONCE
+@absltest.skipUnless(
+    importlib.util.find_spec("jax"), "JAX is not installed (make test-min)"
+)
 class WithoutTensorFlowTest(absltest.TestCase):
     def test_imports_and_fits_on_jax(self):
         result = subprocess.run(
