@@ -12,6 +12,7 @@ from keras_selfdistill import generations
 from keras_selfdistill import metrics
 from keras_selfdistill import ops
 from keras_selfdistill import plots
+from keras_selfdistill import pruning
 from keras_selfdistill import recipes
 from keras_selfdistill import schedules
 from keras_selfdistill import targets
@@ -35,6 +36,7 @@ __all__ = [
     "metrics",
     "ops",
     "plots",
+    "pruning",
     "recipes",
     "schedules",
     "targets",

@@ -520,6 +520,8 @@ print(len(calls))
 """
 
 
+# The slow tier: the fast tier's CPU budget (21 s).
+@pytest.mark.slow
 @tiny.IN_JAX_PASS
 class KilledWriterTest(parameterized.TestCase):
     def test_a_killed_writer_restarted_equals_an_uninterrupted_one(self):

@@ -48,6 +48,9 @@ def _train(terms, x, y, weights, loss):
     return history, distiller.student.get_weights()
 
 
+# The slow tier (the fast tier's CPU budget): CI runs it on both backends,
+# and `make test-tf-cpu` beside tensorflow-cpu.
+@pytest.mark.slow
 class KerasHubTest(parameterized.TestCase):
     def setUp(self):
         self.teacher = _gemma(2, seed=1)
@@ -69,8 +72,6 @@ class KerasHubTest(parameterized.TestCase):
         for a, b in zip(results[0][1], results[1][1]):
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
 
-    # The slow tier: the fast tier's CPU budget.
-    @pytest.mark.slow
     def test_on_policy_continuations(self):
         # Fully on-policy: the dataset's tokens after the prompt are never
         # read, so datasets that differ there train to the same weights.
@@ -121,8 +122,6 @@ class KerasHubTest(parameterized.TestCase):
         np.testing.assert_array_equal(got[:, end:], tokens[:, end:])
         self.assertGreater(np.mean(got[:, 3:end] != tokens[:, 3:end]), 0.5)
 
-    # The slow tier: the fast tier's CPU budget.
-    @pytest.mark.slow
     def test_on_policy_and_sequence_kd_decode_with_the_cache(self):
         x, y, weights = _batch()
         original = keras_hub.models.GemmaCausalLM.call_with_cache

@@ -1,5 +1,6 @@
 import keras
 import numpy as np
+import pytest
 from absl.testing import parameterized
 from matplotlib.figure import Figure
 
@@ -147,6 +148,8 @@ class ExitAccuracyTest(parameterized.TestCase):
             ksd.plots.exit_accuracy({"block1_accuracy": 0.9})
 
 
+# The slow tier: the fast tier's CPU budget.
+@pytest.mark.slow
 class EarlyExitTradeoffTest(parameterized.TestCase):
     def test_table_and_plot_from_a_trained_student(self):
         (x, y), (x_test, y_test) = ksd.datasets.load_mnist()

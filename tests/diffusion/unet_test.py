@@ -4,6 +4,7 @@ import tempfile
 
 import keras
 import numpy as np
+import pytest
 from absl.testing import parameterized
 
 import keras_selfdistill as ksd
@@ -36,6 +37,7 @@ class UNetTest(parameterized.TestCase):
         b = keras.ops.convert_to_numpy(model([z, np.array([5.0])]))
         self.assertGreater(np.abs(a - b).max(), 1e-4)
 
+    @pytest.mark.slow  # the fast tier's CPU budget
     @tiny.ONCE
     def test_loads_without_the_library(self):
         model = ksd.diffusion.unet((8, 8, 1), widths=(4, 8))

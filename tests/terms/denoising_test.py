@@ -1,5 +1,6 @@
 import keras
 import numpy as np
+import pytest
 from absl.testing import parameterized
 
 import keras_selfdistill as ksd
@@ -33,6 +34,43 @@ def _distiller(teacher_steps=None, weighting="truncated_snr", lr=0.0):
     return distiller
 
 
+def _check_fit_loss(test, teacher_steps, weighting):
+    # A zero learning rate: the History's loss is the loss of the
+    # initial weights on the batch the term draws; the same seed drawn
+    # eagerly gives that batch, and numpy recomputes the loss from it.
+    distiller = _distiller(teacher_steps, weighting)
+    images = _images()
+    probe = _distiller(teacher_steps, weighting).terms[0]
+    probe._bind(distiller)
+    (z, lam), labels, _ = probe.rewrite_batch(images, None, None)
+    z, lam = (np.float64(keras.ops.convert_to_numpy(v)) for v in (z, lam))
+    if teacher_steps is None:
+        target = np.float64(images)
+        test.assertTrue(np.all((lam >= -20) & (lam <= 20)))
+    else:
+        # The student's step i from its time t = (i + 1) / 2, read
+        # back from λ(t).
+        times = reference.logsnr(np.arange(1, 3) / 2)
+        i = np.argmin(np.abs(lam[:, None] - times[None, :]), axis=1)
+        np.testing.assert_allclose(lam, times[i], atol=1e-4)
+        target, _ = reference.teacher_target(
+            distiller.terms[0].teacher.model, z, i, 2
+        )
+    history = distiller.fit(
+        images, batch_size=8, epochs=1, shuffle=False, verbose=0
+    )
+    v = np.float64(keras.ops.convert_to_numpy(distiller.student([z, lam])))
+    alpha, sigma = reference.alpha_sigma(lam[:, None, None, None])
+    x = alpha * z - sigma * v
+    error = np.mean((x - target) ** 2, axis=(1, 2, 3))
+    expected = np.mean(_weight(lam, weighting) * error)
+    test.assertAlmostEqual(
+        history.history["denoising_loss"][0],
+        expected,
+        delta=1e-4 * max(1.0, expected),
+    )
+
+
 class DenoisingTest(parameterized.TestCase):
     def test_config(self):
         term = ksd.terms.Denoising(
@@ -50,46 +88,10 @@ class DenoisingTest(parameterized.TestCase):
 
     @parameterized.named_parameters(
         ("truncated_snr_teacher", 4, "truncated_snr"),
-        ("truncated_snr_data", None, "truncated_snr"),
-        ("snr_plus_one_teacher", 4, "snr_plus_one"),
         ("snr_data", None, "snr"),
-        ("constant_teacher", 4, "constant"),
     )
     def test_fit_loss_matches_numpy(self, teacher_steps, weighting):
-        # A zero learning rate: the History's loss is the loss of the
-        # initial weights on the batch the term draws; the same seed drawn
-        # eagerly gives that batch, and numpy recomputes the loss from it.
-        distiller = _distiller(teacher_steps, weighting)
-        images = _images()
-        probe = _distiller(teacher_steps, weighting).terms[0]
-        probe._bind(distiller)
-        (z, lam), labels, _ = probe.rewrite_batch(images, None, None)
-        z, lam = (np.float64(keras.ops.convert_to_numpy(v)) for v in (z, lam))
-        if teacher_steps is None:
-            target = np.float64(images)
-            self.assertTrue(np.all((lam >= -20) & (lam <= 20)))
-        else:
-            # The student's step i from its time t = (i + 1) / 2, read
-            # back from λ(t).
-            times = reference.logsnr(np.arange(1, 3) / 2)
-            i = np.argmin(np.abs(lam[:, None] - times[None, :]), axis=1)
-            np.testing.assert_allclose(lam, times[i], atol=1e-4)
-            target, _ = reference.teacher_target(
-                distiller.terms[0].teacher.model, z, i, 2
-            )
-        history = distiller.fit(
-            images, batch_size=8, epochs=1, shuffle=False, verbose=0
-        )
-        v = np.float64(keras.ops.convert_to_numpy(distiller.student([z, lam])))
-        alpha, sigma = reference.alpha_sigma(lam[:, None, None, None])
-        x = alpha * z - sigma * v
-        error = np.mean((x - target) ** 2, axis=(1, 2, 3))
-        expected = np.mean(_weight(lam, weighting) * error)
-        self.assertAlmostEqual(
-            history.history["denoising_loss"][0],
-            expected,
-            delta=1e-4 * max(1.0, expected),
-        )
+        _check_fit_loss(self, teacher_steps, weighting)
 
     def test_sample_weights_weigh_the_samples(self):
         term = ksd.terms.Denoising(seed=0)
@@ -129,6 +131,7 @@ class DenoisingTest(parameterized.TestCase):
         )
         self.assertTrue(np.all(np.isfinite(target)))
 
+    @pytest.mark.slow  # the fast tier's CPU budget
     def test_teacher_stays_frozen_inside_fit(self):
         distiller = _distiller(teacher_steps=4, lr=0.05)
         teacher = distiller.terms[0].teacher.model
@@ -196,6 +199,7 @@ class DenoisingTest(parameterized.TestCase):
         # Images in [0, 1] are in range (and indistinguishable).
         _distiller().fit((_images() + 1.0) / 2.0, epochs=1, verbose=0)
 
+    @pytest.mark.slow  # the fast tier's CPU budget
     def test_seed_state_is_saved(self):
         distiller = _distiller(teacher_steps=4)
         distiller.fit(_images(), batch_size=4, epochs=1, verbose=0)
@@ -209,3 +213,15 @@ class DenoisingTest(parameterized.TestCase):
         )
         # Two draws per step (noise and times), two steps.
         self.assertEqual(int(keras.ops.convert_to_numpy(state)[1]), 4)
+
+
+# The other weightings: the slow tier (the fast tier's CPU budget).
+@pytest.mark.slow
+class DenoisingSlowTest(parameterized.TestCase):
+    @parameterized.named_parameters(
+        ("truncated_snr_data", None, "truncated_snr"),
+        ("snr_plus_one_teacher", 4, "snr_plus_one"),
+        ("constant_teacher", 4, "constant"),
+    )
+    def test_fit_loss_matches_numpy(self, teacher_steps, weighting):
+        _check_fit_loss(self, teacher_steps, weighting)

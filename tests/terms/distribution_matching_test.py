@@ -259,6 +259,13 @@ class DistributionMatchingTest(parameterized.TestCase):
                 ),
                 [ksd.terms.DistributionMatching(teacher)],
             )
+
+    # The refusals that need a fit: the slow tier (the fast tier's CPU
+    # budget).
+    @pytest.mark.slow
+    @tiny.ONCE
+    def test_refusals_in_fit(self):
+        teacher = ddim_reference.unet(keras, ksd, seed=1)
         untrained = ksd.Distiller(
             ddim_reference.unet(keras, ksd, seed=2),
             [

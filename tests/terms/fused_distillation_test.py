@@ -190,6 +190,7 @@ class FusedOptionsParityTest(parameterized.TestCase):
 
 
 class FusedParityTest(parameterized.TestCase):
+    @pytest.mark.slow  # the fast tier's CPU budget
     def test_gemma_tied_head(self):
         _compare_gemma(self, dict(loss="kl", temperature=2.0, xi=0.5))
 

@@ -1,0 +1,7 @@
+"""Structured pruning: the smaller model that distillation then recovers."""
+
+from keras_selfdistill.pruning.importance import activation
+from keras_selfdistill.pruning.importance import magnitude
+from keras_selfdistill.pruning.structured import prune
+
+__all__ = ["activation", "magnitude", "prune"]
