@@ -26,8 +26,9 @@ def prune(model, ratio=None, scores=None, keep=None):
     softmax over the channels) blocks the channels it reads, and pruning
     those is refused with its name.
 
-    The result is a fresh, uncompiled Functional (or Sequential) model of
-    Keras layers, with the original's weights where they were kept; it
+    The result is a fresh, uncompiled, trainable Functional (or
+    Sequential) model of Keras layers, with the original's weights where
+    they were kept, even where the original is frozen as a teacher; it
     saves and loads without this library. The original is untouched.
 
     Groups of channels are named after their first producing layer, as
@@ -177,6 +178,9 @@ def _checked_keep(graph, keep):
 def _rebuild(model, graph, keep):
     def clone(layer):
         config = layer.get_config()
+        # A fresh model to train: the original may be frozen as a teacher
+        # (`Distillation` freezes it in place).
+        config["trainable"] = True
         entry = graph.layers.get(layer.name)
         if entry is not None and entry[2] is not None:
             if entry[2].name in keep:

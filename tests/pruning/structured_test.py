@@ -129,8 +129,11 @@ class PruneTest(absltest.TestCase):
 
     def test_the_original_is_untouched_and_the_result_loads_without_us(self):
         model, x = residual_cnn(), images()
+        model.trainable = False
         before = model(x)
         pruned = ksd.pruning.prune(model, 0.5)
+        self.assertFalse(model.trainable)
+        self.assertLen(pruned.trainable_weights, 14)
         np.testing.assert_array_equal(model(x), before)
         self.assertNotIn("keras_selfdistill", str(pruned.get_config()))
         self.assertEqual(pruned.inputs[0].name, "image")
