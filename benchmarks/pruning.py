@@ -82,7 +82,7 @@ def _evaluate(model, x_test, y_test):
 
 def _fit(model, x, y, seed, epochs):
     data = fashion_recipe.dataset(x, y, seed)
-    model.fit(data, epochs=epochs, verbose=0)
+    model.fit(data, epochs=epochs, verbose=0, shuffle=False)
 
 
 def run_seed(args, seed, data):
@@ -137,7 +137,9 @@ def _mean_se(values):
     values = np.asarray(values, "float64")
     if len(values) < 2:
         return float(values.mean()), float("nan")
-    return float(values.mean()), float(values.std(ddof=1) / np.sqrt(len(values)))
+    return float(values.mean()), float(
+        values.std(ddof=1) / np.sqrt(len(values))
+    )
 
 
 def table(rows):
@@ -149,7 +151,9 @@ def table(rows):
     order = {m: i for i, m in enumerate(("original",) + METHODS)}
     keys.sort(key=lambda k: (k[0], order[k[1]]))
     for ratio, method in keys:
-        chosen = [r for r in rows if (r["ratio"], r["method"]) == (ratio, method)]
+        chosen = [
+            r for r in rows if (r["ratio"], r["method"]) == (ratio, method)
+        ]
         accuracy = _mean_se([100 * r["accuracy"] for r in chosen])
         ece = _mean_se([100 * r["ece"] for r in chosen])
         lines.append(
