@@ -45,7 +45,7 @@ test-deps: $(BIN)/python
 
 # The fast tier's JAX pass compiles without most XLA optimisations: its
 # tiny models spend more time compiling than running (building the tests'
-# UNet took 19.3 s, 14 of them compiling random initialisers, and 6.8 s
+# UNet takes 12.8 s, most of it compiling random initialisers, and 4.1 s
 # with the setting; benchmarks/RESULTS.md). The slow tier compiles as
 # users do.
 JAX_FAST_COMPILE := JAX_DISABLE_MOST_OPTIMIZATIONS=1
