@@ -128,6 +128,8 @@ class Graph:
             group = self._groups[root]
             if group.producers and root not in roots:
                 roots.append(root)
+        for root in roots:
+            self._groups[root].producers.sort(key=lambda p: order[p.name])
         roots.sort(key=lambda r: order[self._groups[r].producers[0].name])
         self.groups = {self._groups[r].name: self._groups[r] for r in roots}
         self.layers = {
