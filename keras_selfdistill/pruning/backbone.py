@@ -236,7 +236,8 @@ def _activations(backbone, family, blocks, x, batch_size):
                 layers[i] += _dissimilarity(states[i], states[i + 1], mask)
     finally:
         for layer, _ in hooks:
-            del layer.call
+            if "call" in vars(layer):
+                del layer.call
     scores = {"layers": layers / count}
     for key in ("units", "heads"):
         if (key, 0) in recorded:
