@@ -390,3 +390,13 @@ def trusted_deserialization():
     except ImportError:  # pragma: no cover - depends on the Keras release
         return contextlib.nullcontext()
     return SafeModeScope(False)
+
+
+def quantization_modes():
+    """The quantisation modes this Keras release has (`int4` came in 3.11,
+    GPTQ and AWQ later)."""
+    try:
+        from keras.src.dtype_policies import QUANTIZATION_MODES
+    except ImportError:  # pragma: no cover - depends on the Keras release
+        return ("int8", "float8")
+    return tuple(QUANTIZATION_MODES)

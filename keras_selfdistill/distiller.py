@@ -13,6 +13,7 @@ from keras_selfdistill._term_metrics import unscale_for_distribution
 from keras_selfdistill.batch import select_input
 from keras_selfdistill.callbacks.training_events import NO_STEP
 from keras_selfdistill.callbacks.training_events import TrainingEvents
+from keras_selfdistill.pruning import quantized
 from keras_selfdistill.terms.composition import SUPERVISED_LOSS
 from keras_selfdistill.terms.composition import compose
 
@@ -511,6 +512,7 @@ class Distiller(keras.Model):
         arguments.pop("self")
         self._refuse_silent_fit(arguments)
         arguments, callbacks = pipeline.fit_arguments(self, arguments)
+        quantized.refuse_untrainable(self.student, callbacks)
         for callback in callbacks:
             # TensorBoard's histograms: the trained weights, not the
             # frozen teachers' (an unchanged copy every epoch).

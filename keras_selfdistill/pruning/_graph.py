@@ -21,6 +21,7 @@ import keras
 import numpy as np
 
 from keras_selfdistill import _internals
+from keras_selfdistill.pruning.quantized import is_quantized
 
 L = keras.layers
 
@@ -326,9 +327,7 @@ def _check_model(model):
             f"it `keras.Input(shape)` first). Received: model={model.name!r}"
         )
     for layer in model.layers:
-        if getattr(layer, "quantization_mode", None) or getattr(
-            layer, "lora_enabled", False
-        ):
+        if is_quantized(layer):
             raise ValueError(
                 f"The layer {layer.name!r} is quantised or has LoRA "
                 "enabled; prune the float model, then quantise the pruned "

@@ -1,0 +1,134 @@
+"""Quantised students of the standard-library-text language model.
+
+The teacher of `examples/language_model.py` (a 2-layer pre-norm causal
+transformer, width 128, byte tokens, trained with cross-entropy on the
+Python standard library's sources) is quantised by
+`keras_selfdistill.pruning.quantize`, and evaluated as it is (int8, int4)
+and after training LoRA adapters on the int4 kernels (rank `--rank`, every
+other weight frozen, QLoRA-style) for `--steps` steps, either by
+distillation from the float teacher (forward KL, no cross-entropy) or by
+cross-entropy on the text. Held-out perplexity on the example's 2,000
+held-out windows, and the size of the `.keras` file (adapters merged into
+the re-quantised kernels, as Keras saves them):
+
+    python benchmarks/quantized.py --teacher-file teacher.keras
+
+Seeds (`--seeds`) vary the adapters' initialisation and the batches.
+"""
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import keras
+from cached_teacher import _example
+
+import keras_selfdistill as ksd
+
+LM = _example("language_model")
+
+
+def saved_bytes(model):
+    """The size of `model` saved as `.keras`, without an optimizer."""
+    if model.optimizer is not None:
+        trained = model
+        model = keras.models.clone_model(trained)
+        model.set_weights(trained.get_weights())
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "model.keras")
+        model.save(path)
+        return os.path.getsize(path)
+
+
+def adapted(teacher, method, mode, args, x, y, seed):
+    """`teacher` quantised, its adapters trained by `method`."""
+    keras.utils.set_random_seed(seed)
+    student = ksd.pruning.quantize(teacher, mode, lora_rank=args.rank)
+    terms, loss = [], LM._ce()
+    if method == "kd":
+        terms = [
+            ksd.terms.Distillation(
+                teacher, loss="kl", reduction="mean_with_sample_weight"
+            )
+        ]
+        loss = None
+    distiller = ksd.Distiller(student, terms)
+    distiller.compile(optimizer=keras.optimizers.Adam(args.lr), loss=loss)
+    bx, by = LM._batches(x, y, args.batch_size, args.steps, seed=seed)
+    start = time.perf_counter()
+    distiller.fit(bx, by, batch_size=args.batch_size, epochs=1, verbose=0)
+    seconds = time.perf_counter() - start
+    return student, seconds
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--teacher-file", default=None)
+    parser.add_argument("--teacher-steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    # The example's settings.
+    args.length, args.batch_size = 64, 32
+    args.vocabulary = LM.VOCABULARY
+    train, held_out = LM.corpus(args.limit, args.vocabulary)
+    x, y = LM.windows(train, args.length)
+    test_x, test_y = [a[:2000] for a in LM.windows(held_out, args.length)]
+    if args.teacher_file and os.path.exists(args.teacher_file):
+        teacher = keras.saving.load_model(args.teacher_file)
+    else:
+        teacher = LM.train_teacher(args, x, y)
+        if args.teacher_file:
+            teacher.save(args.teacher_file)
+    rows = {
+        "float32": {
+            "perplexity": LM.perplexity(teacher, test_x, test_y)[0],
+            "bytes": saved_bytes(teacher),
+        }
+    }
+    for mode in ("int8", "int4"):
+        quantised = ksd.pruning.quantize(teacher, mode)
+        rows[mode] = {
+            "perplexity": LM.perplexity(quantised, test_x, test_y)[0],
+            "bytes": saved_bytes(quantised),
+        }
+    for name, value in rows.items():
+        print(
+            f"{name}: perplexity {value['perplexity']:.4f}, "
+            f"{value['bytes']:,} bytes",
+            flush=True,
+        )
+    for mode in ("int4", "int8"):
+        for method in ("kd", "ce"):
+            if mode == "int8" and method == "ce":
+                continue
+            name = f"{mode} + LoRA {method}"
+            runs = []
+            for seed in [int(s) for s in args.seeds.split(",")]:
+                student, seconds = adapted(
+                    teacher, method, mode, args, x, y, seed
+                )
+                runs.append(
+                    {
+                        "seed": seed,
+                        "perplexity": LM.perplexity(student, test_x, test_y)[0],
+                        "bytes": saved_bytes(student),
+                        "seconds": seconds,
+                    }
+                )
+                print(f"{name} seed {seed}: {runs[-1]}", flush=True)
+            rows[name] = runs
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump(rows, file, indent=2)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
