@@ -17,24 +17,43 @@ Seeds (`--seeds`) vary the adapters' initialisation and the batches.
 """
 
 import argparse
+import importlib.util
 import json
 import os
+import sys
 import tempfile
 import time
 
 import keras
-from cached_teacher import _example
 
 import keras_selfdistill as ksd
+
+
+def _example(name):
+    """The module of `examples/<name>.py` (as `benchmarks/cached_teacher.py`
+    loads it; importing that benchmark would load its own example under
+    the same name)."""
+    path = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        "examples",
+        f"{name}.py",
+    )
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
 
 LM = _example("language_model")
 
 
 def saved_bytes(model):
     """The size of `model` saved as `.keras`, without an optimizer."""
-    if model.optimizer is not None:
+    if getattr(model, "optimizer", None) is not None:
+        # `clone_model` would compile the copy as the original.
         trained = model
-        model = keras.models.clone_model(trained)
+        model = type(trained).from_config(trained.get_config())
         model.set_weights(trained.get_weights())
     with tempfile.TemporaryDirectory() as directory:
         path = os.path.join(directory, "model.keras")

@@ -7,6 +7,7 @@ from keras_selfdistill.teachers.ema import EMA
 from keras_selfdistill.teachers.past_predictions import PastPredictions
 from keras_selfdistill.terms.consistency import Consistency
 from keras_selfdistill.terms.distillation import Distillation
+from keras_selfdistill.terms.sequence_kd import SequenceKD
 
 
 def ps_kd(num_samples, num_classes, epochs, alpha=0.8, dtype="float16"):
@@ -213,4 +214,71 @@ def mean_teacher(augment, consistency=100.0, ramp_up_epochs=5, ema_decay=0.97):
         loss="mse",
         weight=weight,
         name="mean_teacher",
+    )
+
+
+def self_data(
+    original, prompt_length, max_new_tokens=None, stop_token_ids=None
+):
+    """Self-data distillation: a pruned LM fine-tuned on the original's text.
+
+    Recovers a pruned (or otherwise compressed) language model by
+    fine-tuning it with cross-entropy on what the *original*, unpruned
+    model writes, not on the dataset's own continuations: the data stays
+    in the distribution the original learned, which Thangarasa et al.
+    found to forget less than fine-tuning on the dataset (SFT). Each
+    sequence keeps its first `prompt_length` tokens and the original
+    continues it greedily; the labels are its tokens
+    (`keras_selfdistill.terms.SequenceKD` with `fraction=1.0` and
+    `temperature=0.0`, named `"self_data"`). Compile the distiller with
+    the cross-entropy: it is the method's whole loss.
+
+    Differences from the paper, which distils instruction data: there the
+    original rewrites each response given the instruction and the
+    dataset's response, in a prompt template, and a rewritten response
+    whose final answer differs from the dataset's is replaced by the
+    dataset's. Plain text has neither a response to rewrite nor an answer
+    to check, so here the original continues the prompt itself. Greedy
+    decoding of a frozen model writes the same text every epoch, so the
+    sequences equal a dataset generated once, as in the paper; they are
+    generated at every step instead (with KerasHub's key/value cache for a
+    `CausalLM` original).
+
+    Reference:
+
+    - [Thangarasa et al., 2024](https://arxiv.org/abs/2410.09982)
+      (Self-data distillation for recovering quality in pruned LLMs)
+
+    Args:
+        original: The unpruned `keras.Model` (used frozen), from token ids
+            to next-token logits.
+        prompt_length: Number of leading tokens of each sequence kept as
+            the prompt, at least 1.
+        max_new_tokens: Most tokens the original writes per sequence, or
+            `None` for up to the end of the sequences.
+        stop_token_ids: Token ids that end a written sequence, or `None`.
+
+    Returns:
+        A `keras_selfdistill.terms.SequenceKD` term named `"self_data"`.
+
+    Example:
+
+    ```python
+    ksd = keras_selfdistill
+    # pruned_lm: original_lm with fewer layers (`ksd.pruning.prune_backbone`)
+    distiller = ksd.Distiller(
+        pruned_lm, [ksd.recipes.self_data(original_lm, prompt_length=32)])
+    distiller.compile(optimizer="adam", loss=keras.losses
+                      .SparseCategoricalCrossentropy(from_logits=True))
+    distiller.fit(windows, next_tokens, epochs=1)
+    ```
+    """
+    return SequenceKD(
+        original,
+        prompt_length,
+        fraction=1.0,
+        temperature=0.0,
+        max_new_tokens=max_new_tokens,
+        stop_token_ids=stop_token_ids,
+        name="self_data",
     )

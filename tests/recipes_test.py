@@ -3,7 +3,9 @@ import numpy as np
 from absl.testing import parameterized
 
 import keras_selfdistill as ksd
+from keras_selfdistill import _internals
 from tests import tiny
+from tests.terms.on_policy_test import _windows
 
 EPOCHS, BATCH, LEARNING_RATE, ALPHA = 4, 8, 0.5, 0.8
 
@@ -155,3 +157,34 @@ class MeanTeacherTest(parameterized.TestCase):
             ksd.recipes.mean_teacher(keras.layers.Identity(), consistency=-1)
         with self.assertRaisesRegex(ValueError, "ramp_up_epochs"):
             ksd.recipes.mean_teacher(keras.layers.Identity(), ramp_up_epochs=0)
+
+
+class SelfDataTest(parameterized.TestCase):
+    def test_trains_on_the_originals_greedy_text(self):
+        original = tiny.language_model(seed=1)
+        term = ksd.recipes.self_data(original, prompt_length=2)
+        self.assertIsInstance(term, ksd.terms.SequenceKD)
+        self.assertEqual(
+            (term.name, term.fraction, term.temperature), ("self_data", 1, 0)
+        )
+        # The dataset's continuations are never read: two datasets with the
+        # same prompts train the same student.
+        x, y = _windows()
+        other_x, other_y = x.copy(), y.copy()
+        other_x[:, 2:] = (x[:, 2:] + 5) % 11
+        other_y[:, 1:] = (y[:, 1:] + 3) % 11
+        weights = []
+        for data in ((x, y), (other_x, other_y)):
+            distiller = ksd.Distiller(
+                tiny.language_model(seed=2),
+                [ksd.recipes.self_data(original, prompt_length=2)],
+            )
+            distiller.compile(optimizer="adam", loss=tiny.sparse_ce())
+            history = distiller.fit(*data, batch_size=4, epochs=2, verbose=0)
+            losses = history.history["loss"]
+            self.assertLess(losses[-1], losses[0])
+            weights.append(
+                [_internals.to_numpy(w) for w in distiller.student.weights]
+            )
+        for a, b in zip(*weights):
+            np.testing.assert_array_equal(a, b)
