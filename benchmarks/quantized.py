@@ -8,8 +8,11 @@ and after training LoRA adapters on the int4 kernels (rank `--rank`, every
 other weight frozen, QLoRA-style) for `--steps` steps, either by
 distillation from the float teacher (forward KL, no cross-entropy) or by
 cross-entropy on the text. Held-out perplexity on the example's 2,000
-held-out windows, and the size of the `.keras` file (adapters merged into
-the re-quantised kernels, as Keras saves them):
+held-out windows, the mean KL divergence per token from the float
+teacher's predictions there, and the size of the `.keras` file (adapters
+merged into the re-quantised kernels, as Keras saves them). The control
+trains the float teacher itself (every weight, cross-entropy) for the
+same steps:
 
     python benchmarks/quantized.py --teacher-file teacher.keras
 
@@ -25,6 +28,7 @@ import tempfile
 import time
 
 import keras
+import numpy as np
 
 import keras_selfdistill as ksd
 
@@ -61,10 +65,39 @@ def saved_bytes(model):
         return os.path.getsize(path)
 
 
+def log_probs(model, x, batch_size=64):
+    """The next-token log-probabilities of `model` on `x`, in float32."""
+    parts = []
+    for start in range(0, len(x), batch_size):
+        logits = model.predict_on_batch(x[start : start + batch_size])
+        logits = np.asarray(logits, "float64")
+        top = logits.max(-1, keepdims=True)
+        total = np.log(np.exp(logits - top).sum(-1, keepdims=True))
+        parts.append((logits - top - total).astype("float32"))
+    return np.concatenate(parts)
+
+
+def measure(model, teacher_log_probs, test_x, test_y):
+    """Held-out perplexity, the mean KL(teacher ‖ model) per token (nats)
+    and the size on disk."""
+    own = log_probs(model, test_x)
+    kl = np.sum(np.exp(teacher_log_probs) * (teacher_log_probs - own), -1)
+    return {
+        "perplexity": LM.perplexity(model, test_x, test_y)[0],
+        "kl_to_float": float(np.mean(kl)),
+        "bytes": saved_bytes(model),
+    }
+
+
 def adapted(teacher, method, mode, args, x, y, seed):
-    """`teacher` quantised, its adapters trained by `method`."""
+    """`teacher` quantised, its adapters trained by `method`; with `mode`
+    `None`, the float teacher itself trained on (the control)."""
     keras.utils.set_random_seed(seed)
-    student = ksd.pruning.quantize(teacher, mode, lora_rank=args.rank)
+    if mode is None:
+        student = type(teacher).from_config(teacher.get_config())
+        student.set_weights(teacher.get_weights())
+    else:
+        student = ksd.pruning.quantize(teacher, mode, lora_rank=args.rank)
     terms, loss = [], LM._ce()
     if method == "kd":
         terms = [
@@ -105,44 +138,28 @@ def main(argv=None):
         teacher = LM.train_teacher(args, x, y)
         if args.teacher_file:
             teacher.save(args.teacher_file)
-    rows = {
-        "float32": {
-            "perplexity": LM.perplexity(teacher, test_x, test_y)[0],
-            "bytes": saved_bytes(teacher),
-        }
-    }
+    reference = log_probs(teacher, test_x)
+    rows = {"float32": measure(teacher, reference, test_x, test_y)}
     for mode in ("int8", "int4"):
         quantised = ksd.pruning.quantize(teacher, mode)
-        rows[mode] = {
-            "perplexity": LM.perplexity(quantised, test_x, test_y)[0],
-            "bytes": saved_bytes(quantised),
-        }
+        rows[mode] = measure(quantised, reference, test_x, test_y)
     for name, value in rows.items():
-        print(
-            f"{name}: perplexity {value['perplexity']:.4f}, "
-            f"{value['bytes']:,} bytes",
-            flush=True,
-        )
-    for mode in ("int4", "int8"):
-        for method in ("kd", "ce"):
-            if mode == "int8" and method == "ce":
-                continue
-            name = f"{mode} + LoRA {method}"
-            runs = []
-            for seed in [int(s) for s in args.seeds.split(",")]:
-                student, seconds = adapted(
-                    teacher, method, mode, args, x, y, seed
-                )
-                runs.append(
-                    {
-                        "seed": seed,
-                        "perplexity": LM.perplexity(student, test_x, test_y)[0],
-                        "bytes": saved_bytes(student),
-                        "seconds": seconds,
-                    }
-                )
-                print(f"{name} seed {seed}: {runs[-1]}", flush=True)
-            rows[name] = runs
+        print(f"{name}: {value}", flush=True)
+    runs_of = (
+        ("float32 + ce (all weights)", None, "ce"),
+        ("int4 + LoRA kd", "int4", "kd"),
+        ("int4 + LoRA ce", "int4", "ce"),
+        ("int8 + LoRA kd", "int8", "kd"),
+    )
+    for name, mode, method in runs_of:
+        runs = []
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            student, seconds = adapted(teacher, method, mode, args, x, y, seed)
+            run = measure(student, reference, test_x, test_y)
+            run.update(seed=seed, seconds=seconds)
+            runs.append(run)
+            print(f"{name} seed {seed}: {run}", flush=True)
+        rows[name] = runs
     if args.json:
         with open(args.json, "w") as file:
             json.dump(rows, file, indent=2)
