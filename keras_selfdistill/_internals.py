@@ -400,3 +400,17 @@ def quantization_modes():
     except ImportError:  # pragma: no cover - depends on the Keras release
         return ("int8", "float8")
     return tuple(QUANTIZATION_MODES)
+
+
+def all_layers(model):
+    """`model` and every layer in it, nested ones too (Keras's own walk)."""
+    return list(model._flatten_layers(include_self=True, recursive=True))
+
+
+def leaf_layers(model):
+    """The layers of `model` that hold no other layer, nested ones too."""
+    return [
+        layer
+        for layer in model._flatten_layers(include_self=False, recursive=True)
+        if not list(layer._flatten_layers(include_self=False))
+    ]

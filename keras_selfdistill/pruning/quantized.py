@@ -72,25 +72,28 @@ def quantize(model, mode="int8", lora_rank=None):
     _check(model, mode, lora_rank)
     copy = _copy(model)
     quantized = [
-        layer for layer in leaf_layers(copy) if _quantized(layer, mode)
+        layer
+        for layer in _internals.leaf_layers(copy)
+        if _quantized(layer, mode)
     ]
     if not quantized:
+        names = [layer.name for layer in _internals.leaf_layers(model)]
         raise ValueError(
             f"{model.name!r} has no layer that Keras quantises in {mode} "
             "(`Dense`, `EinsumDense`, `Embedding`): its quantised copy would "
-            f"equal it. Received: layers {[x.name for x in leaf_layers(model)]}"
+            f"equal it. Received: layers {names}"
         )
     # A fresh model to train, even where the original is frozen as a
     # teacher; every layer by itself (a Functional model's setter does not
     # reach every nested layer on every backend).
-    for layer in copy._flatten_layers(include_self=True, recursive=True):
+    for layer in _internals.all_layers(copy):
         layer.trainable = True
     if lora_rank is None:
         if mode in INTEGER_MODES:
             for layer in quantized:
                 layer.trainable = False
         return copy
-    for layer in leaf_layers(copy):
+    for layer in _internals.leaf_layers(copy):
         if layer not in quantized:
             layer.trainable = False
     for layer in quantized:
@@ -135,7 +138,7 @@ def _check(model, mode, lora_rank):
             f"{model.name!r} is not built: call it on data (or build it) "
             "before quantising a copy. Received: an unbuilt model"
         )
-    for layer in leaf_layers(model):
+    for layer in _internals.leaf_layers(model):
         if is_quantized(layer):
             raise ValueError(
                 f"Layer {layer.name!r} of {model.name!r} is already "
@@ -165,15 +168,6 @@ def _copy(model):
         # its buffer, which a training step donates once per variable.
         target.assign(_internals.to_numpy(source))
     return copy
-
-
-def leaf_layers(model):
-    """The layers of `model` that hold no other layer, nested ones too."""
-    return [
-        layer
-        for layer in model._flatten_layers(include_self=False, recursive=True)
-        if not list(layer._flatten_layers(include_self=False))
-    ]
 
 
 def _quantized(layer, mode):
@@ -245,7 +239,7 @@ def frozen_kernel_layers(model):
     have no LoRA adapters: training cannot change their kernels."""
     return [
         layer
-        for layer in leaf_layers(model)
+        for layer in _internals.leaf_layers(model)
         if layer.trainable
         and getattr(layer, "quantization_mode", None) in INTEGER_MODES
         and not getattr(layer, "lora_enabled", False)
@@ -256,7 +250,7 @@ def quantized_lora_layers(model):
     """The layers of `model` with LoRA adapters on integer kernels."""
     return [
         layer
-        for layer in leaf_layers(model)
+        for layer in _internals.leaf_layers(model)
         if getattr(layer, "quantization_mode", None) in INTEGER_MODES
         and getattr(layer, "lora_enabled", False)
     ]
