@@ -480,6 +480,13 @@ class FusedBadInputTest(parameterized.TestCase):
         with self.assertRaisesRegex(ValueError, "logit_soft_cap=30.0"):
             ksd.Distiller(student, [ksd.terms.FusedDistillation(_dense_lm(1))])
 
+    def test_a_quantized_head(self):
+        student = ksd.pruning.quantize(
+            self._functional(keras.layers.Dense(VOCABULARY)), "int8"
+        )
+        with self.assertRaisesRegex(ValueError, r"is quantized \(int8\)"):
+            ksd.Distiller(student, [ksd.terms.FusedDistillation(_dense_lm(1))])
+
     def test_vocabularies_that_differ(self):
         teacher = _dense_lm(1, vocabulary=VOCABULARY + 2)
         with self.assertRaisesRegex(
