@@ -3,6 +3,7 @@
 from keras_selfdistill import batch
 from keras_selfdistill import cache
 from keras_selfdistill import callbacks
+from keras_selfdistill import chains
 from keras_selfdistill import data
 from keras_selfdistill import datasets
 from keras_selfdistill import diffusion
@@ -27,6 +28,7 @@ __all__ = [
     "batch",
     "cache",
     "callbacks",
+    "chains",
     "data",
     "datasets",
     "diffusion",

@@ -1,17 +1,17 @@
 """Progressive distillation of a diffusion sampler, round after round.
 
-`progressive_distillation` is 128 lines, 66 of them its docstring.
+`progressive_distillation` is 149 lines, 73 of them its docstring; the
+rounds' saving, resuming and checks are `keras_selfdistill._rounds`'s.
 """
 
-import json
 import os
 
 import keras
 
 from keras_selfdistill import _arguments
+from keras_selfdistill import _rounds
 from keras_selfdistill._ddim import CosineSchedule
 from keras_selfdistill.distiller import Distiller
-from keras_selfdistill.files import weights_fingerprint
 from keras_selfdistill.generations import fresh_compile_kwargs
 from keras_selfdistill.teachers.ddim import DDIM
 from keras_selfdistill.teachers.teacher import trainable_copy
@@ -154,30 +154,22 @@ def progressive_distillation(
     results = []
     previous = model
     for index, steps in enumerate(rounds):
-        path = history_path = None
+        stem = f"steps-{steps}"
         round_seed = None if seed is None else seed + index
-        if directory is not None:
-            path = os.path.join(directory, f"steps-{steps}.keras")
-            history_path = os.path.join(directory, f"steps-{steps}.json")
-            _check_made_from(
-                directory,
-                steps,
-                _made_from(
-                    previous,
-                    steps,
-                    schedule,
-                    weighting,
-                    round_seed,
-                    compile_kwargs,
-                    fit_kwargs,
-                ),
-            )
-        if path is not None and os.path.exists(path):
-            student = keras.saving.load_model(path)
-            with open(history_path) as file:
-                history = json.load(file)
-        else:
-            student, history = _train_round(
+        student, history = _rounds.run(
+            directory,
+            stem,
+            f"The {steps}-step round",
+            lambda: _rounds.made_from(
+                previous,
+                compile_kwargs,
+                fit_kwargs,
+                teacher_steps=2 * steps,
+                schedule=keras.saving.serialize_keras_object(schedule),
+                weighting=weighting,
+                seed=round_seed,
+            ),
+            lambda: _train_round(
                 previous,
                 data,
                 steps,
@@ -187,9 +179,8 @@ def progressive_distillation(
                 compile_kwargs,
                 fit_kwargs,
                 directory,
-            )
-            if path is not None:
-                _save(student, path, history, history_path)
+            ),
+        )
         results.append(
             {"num_steps": steps, "student": student, "history": history}
         )
@@ -198,57 +189,6 @@ def progressive_distillation(
             progress.add(1, [("steps", steps), ("loss", loss)])
         previous = student
     return results
-
-
-def _made_from(
-    teacher, steps, schedule, weighting, seed, compile_kwargs, fit_kwargs
-):
-    """What a round is made from: its teacher's weights and the settings
-    that decide its training, as JSON values (names left out: Keras
-    numbers them per process)."""
-    optimizer = keras.saving.serialize_keras_object(
-        keras.optimizers.get(compile_kwargs["optimizer"])
-    )
-    optimizer["config"].pop("name", None)
-    record = {
-        "teacher_weights": weights_fingerprint(teacher.weights),
-        "teacher_steps": 2 * steps,
-        "schedule": keras.saving.serialize_keras_object(schedule),
-        "weighting": weighting,
-        "seed": seed,
-        "optimizer": optimizer,
-        "fit": {
-            key: fit_kwargs.get(key)
-            for key in ("epochs", "batch_size", "steps_per_epoch")
-        },
-    }
-    return json.loads(json.dumps(record, sort_keys=True, default=repr))
-
-
-def _check_made_from(directory, steps, record):
-    """Refuses a round (saved, or backed up mid-way) made from another
-    teacher or settings; records this round's before it trains."""
-    path = os.path.join(directory, f"steps-{steps}.made_from.json")
-    if not os.path.exists(path):
-        if os.path.exists(os.path.join(directory, f"steps-{steps}.keras")):
-            return  # Saved by an earlier version, which kept no record.
-        partial = path + ".partial"
-        with open(partial, "w") as file:
-            json.dump(record, file, indent=1, sort_keys=True)
-        os.replace(partial, path)
-        return
-    with open(path) as file:
-        stored = json.load(file)
-    if stored != record:
-        changed = sorted(k for k in record if stored.get(k) != record[k])
-        raise ValueError(
-            f"The {steps}-step round in '{directory}' was made from another "
-            f"teacher or other settings ({', '.join(changed)} differ), so "
-            "it would be loaded, or resumed, and distilled further as if it "
-            "were this run's. Use a new directory, or delete that round and "
-            "the rounds after it. Received: "
-            + ", ".join(f"{key}={record[key]!r}" for key in changed)
-        )
 
 
 def _train_round(
@@ -276,22 +216,6 @@ def _train_round(
     fit_kwargs = dict(fit_kwargs)
     callbacks = list(fit_kwargs.pop("callbacks", None) or [])
     if directory is not None:
-        callbacks.append(
-            keras.callbacks.BackupAndRestore(
-                os.path.join(directory, f"backup-steps-{steps}")
-            )
-        )
+        callbacks.append(_rounds.backup(directory, f"steps-{steps}"))
     history = distiller.fit(data, callbacks=callbacks, **fit_kwargs)
-    return student, {
-        key: [float(v) for v in values]
-        for key, values in history.history.items()
-    }
-
-
-def _save(student, path, history, history_path):
-    partial = path[: -len(".keras")] + ".partial.keras"
-    student.save(partial)
-    with open(history_path + ".partial", "w") as file:
-        json.dump(history, file)
-    os.replace(history_path + ".partial", history_path)
-    os.replace(partial, path)
+    return student, _rounds.plain_history(history)
