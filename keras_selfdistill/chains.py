@@ -101,8 +101,7 @@ def prune_and_distil(
     student = rounds[-1]["student"]
     ```
     """
-    ratios = list(ratios) if isinstance(ratios, (list, tuple)) else None
-    if not ratios:
+    if not isinstance(ratios, (list, tuple)) or not ratios:
         raise ValueError(
             "`ratios` lists one pruning ratio per round, at least one. "
             f"Received: ratios={ratios!r}"
@@ -132,7 +131,7 @@ def prune_and_distil(
             scores = magnitude(previous)
         else:
             scores = activation(previous, calibration)
-        student = prune(previous, ratio, scores=scores)
+        pruned = prune(previous, ratio, scores=scores)
         round_terms = terms(teacher)
         student, history = _rounds.run(
             directory,
@@ -147,7 +146,7 @@ def prune_and_distil(
                 terms=[_settings(term) for term in round_terms],
             ),
             lambda: _train(
-                student,
+                pruned,
                 round_terms,
                 x,
                 y,
