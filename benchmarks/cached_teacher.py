@@ -26,10 +26,8 @@ Three parts, each printing Markdown tables:
 """
 
 import argparse
-import importlib.util
 import os
 import statistics
-import sys
 import tempfile
 import time
 
@@ -38,6 +36,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from _examples import load as _example  # noqa: E402
 
 import keras_selfdistill as ksd  # noqa: E402
 from keras_selfdistill import demo  # noqa: E402
@@ -54,20 +53,6 @@ def _mean_error(values, digits=2):
     values = np.asarray(values, "float64")
     error = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else 0
     return f"{values.mean():.{digits}f} ± {error:.{digits}f}"
-
-
-def _example(name):
-    """The module of `examples/<name>.py`."""
-    path = os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-        "examples",
-        f"{name}.py",
-    )
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 # The example's measures of a cache's size and of an epoch.

@@ -20,34 +20,16 @@ Seeds (`--seeds`) vary the adapters' initialisation and the batches.
 """
 
 import argparse
-import importlib.util
 import json
 import os
-import sys
 import tempfile
 import time
 
 import keras
 import numpy as np
+from _examples import load as _example
 
 import keras_selfdistill as ksd
-
-
-def _example(name):
-    """The module of `examples/<name>.py` (as `benchmarks/cached_teacher.py`
-    loads it; importing that benchmark would load its own example under
-    the same name)."""
-    path = os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-        "examples",
-        f"{name}.py",
-    )
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
 
 LM = _example("language_model")
 

@@ -414,3 +414,14 @@ def leaf_layers(model):
         for layer in model._flatten_layers(include_self=False, recursive=True)
         if not list(layer._flatten_layers(include_self=False))
     ]
+
+
+def copy_variables(destinations, sources):
+    """Assigns each source variable's value to its destination.
+
+    Copies, so that no two variables share a buffer: JAX donates every
+    variable's buffer to the training step, and one buffer donated twice
+    fails the step.
+    """
+    for destination, source in zip(destinations, sources):
+        destination.assign(keras.ops.copy(source.value))

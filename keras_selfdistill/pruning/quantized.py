@@ -150,9 +150,13 @@ def _check(model, mode, lora_rank):
 
 
 def _copy(model):
-    """A copy of `model` as saving and loading would make it."""
-    # From its config alone, uncompiled: the original's optimizer is not
-    # the copy's.
+    """A copy of `model` as saving and loading would make it.
+
+    Not `teachers.trainable_copy`: its `clone_model` rebuilds a KerasHub
+    backbone as a plain Functional model, where `from_config` keeps the
+    class. From the config alone, uncompiled: the original's optimizer is
+    not the copy's.
+    """
     with _internals.trusted_deserialization():
         copy = type(model).from_config(model.get_config())
     old, new = model.weights, copy.weights
@@ -163,10 +167,7 @@ def _copy(model):
             "lazily): quantise it in place with `model.quantize` instead. "
             f"Received: {len(old)} weights, {len(new)} in the copy"
         )
-    for source, target in zip(old, new):
-        # Through the host: on JAX, assigning the array itself would share
-        # its buffer, which a training step donates once per variable.
-        target.assign(_internals.to_numpy(source))
+    _internals.copy_variables(new, old)
     return copy
 
 

@@ -9,6 +9,7 @@ from keras_selfdistill._forward import graph_input
 from keras_selfdistill._forward import graph_taps
 from keras_selfdistill._forward import is_graph
 from keras_selfdistill._forward import tap_shapes
+from keras_selfdistill._internals import copy_variables
 from keras_selfdistill.batch import select_input
 
 _PROBABILITY_ACTIVATIONS = ("softmax", "sigmoid")
@@ -340,17 +341,6 @@ class Teacher(keras.layers.Layer, metaclass=abc.ABCMeta):
         config.pop("trainable", None)
         config["input_key"] = self.input_key
         return config
-
-
-def copy_variables(destinations, sources):
-    """Assigns each source variable's value to its destination.
-
-    Copies, so that no two variables share a buffer: JAX donates every
-    variable's buffer to the training step, and one buffer donated twice
-    fails the step.
-    """
-    for destination, source in zip(destinations, sources):
-        destination.assign(ops.copy(source.value))
 
 
 def clone_student(student, owner, copy_weights=True):
