@@ -133,7 +133,22 @@ def run_seed(args, seed, data):
     return rows
 
 
-def _mean_se(values):
+def read_logs(paths):
+    """The rows of these JSON-lines logs."""
+    rows = []
+    for path in paths:
+        with open(path) as file:
+            rows += [json.loads(line) for line in file if line.strip()]
+    return rows
+
+
+def append_log(path, rows):
+    with open(path, "a") as file:
+        for row in rows:
+            file.write(json.dumps(row) + "\n")
+
+
+def mean_se(values):
     values = np.asarray(values, "float64")
     if len(values) < 2:
         return float(values.mean()), float("nan")
@@ -154,8 +169,8 @@ def table(rows):
         chosen = [
             r for r in rows if (r["ratio"], r["method"]) == (ratio, method)
         ]
-        accuracy = _mean_se([100 * r["accuracy"] for r in chosen])
-        ece = _mean_se([100 * r["ece"] for r in chosen])
+        accuracy = mean_se([100 * r["accuracy"] for r in chosen])
+        ece = mean_se([100 * r["ece"] for r in chosen])
         lines.append(
             f"| {ratio:g} | {method} | {accuracy[0]:.2f} ± {accuracy[1]:.2f} "
             f"| {ece[0]:.2f} ± {ece[1]:.2f} | {chosen[0]['params']:,} "
@@ -174,7 +189,7 @@ def table(rows):
                 }
                 if "kd" in by and baseline in by:
                     diffs.append(100 * (by["kd"] - by[baseline]))
-            mean, se = _mean_se(diffs)
+            mean, se = mean_se(diffs)
             lines.append(
                 f"- ratio {ratio:g}: kd − {baseline} = {mean:+.2f} ± {se:.2f}"
                 f" ({len(diffs)} seeds)"
@@ -204,11 +219,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.table:
-        rows = []
-        for path in args.table:
-            with open(path) as file:
-                rows += [json.loads(line) for line in file if line.strip()]
-        print(table(rows))
+        print(table(read_logs(args.table)))
         return
     (x, y), test = ksd.datasets.load_fashion_mnist()
     data = (x[: args.train_size], y[: args.train_size]), test
@@ -217,9 +228,7 @@ def main(argv=None):
         seed_rows = run_seed(args, seed, data)
         rows += seed_rows
         if args.log:
-            with open(args.log, "a") as file:
-                for row in seed_rows:
-                    file.write(json.dumps(row) + "\n")
+            append_log(args.log, seed_rows)
     print(table(rows))
 
 

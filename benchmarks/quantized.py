@@ -35,8 +35,11 @@ LM = _example("language_model")
 
 
 def saved_bytes(model):
-    """The size of `model` saved as `.keras`, without an optimizer."""
-    if getattr(model, "optimizer", None) is not None:
+    """The size of `model` saved as `.keras`, without an optimizer's
+    state (an unbuilt optimizer, as KerasHub tasks compile by default, has
+    none)."""
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None and optimizer.built:
         # `clone_model` would compile the copy as the original.
         trained = model
         model = type(trained).from_config(trained.get_config())
@@ -47,11 +50,15 @@ def saved_bytes(model):
         return os.path.getsize(path)
 
 
-def log_probs(model, x, batch_size=64):
-    """The next-token log-probabilities of `model` on `x`, in float32."""
+def log_probs(model, x, batch_size=64, as_inputs=None):
+    """The next-token log-probabilities of `model` on `x`, in float32;
+    `as_inputs` makes the model's inputs of a batch of `x`."""
     parts = []
     for start in range(0, len(x), batch_size):
-        logits = model.predict_on_batch(x[start : start + batch_size])
+        batch = x[start : start + batch_size]
+        logits = model.predict_on_batch(
+            as_inputs(batch) if as_inputs else batch
+        )
         logits = np.asarray(logits, "float64")
         top = logits.max(-1, keepdims=True)
         total = np.log(np.exp(logits - top).sum(-1, keepdims=True))

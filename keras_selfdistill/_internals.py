@@ -425,3 +425,19 @@ def copy_variables(destinations, sources):
     """
     for destination, source in zip(destinations, sources):
         destination.assign(keras.ops.copy(source.value))
+
+
+def clone_uncompiled(model, **kwargs):
+    """`keras.models.clone_model(model, **kwargs)`, never compiled.
+
+    Keras compiles a clone of a compiled model with the original's compile
+    config: the copy would carry an optimizer the caller did not choose,
+    and saving it would write that optimizer's state, tripling an Adam
+    student's file.
+    """
+    compiled = getattr(model, "compiled", False)
+    model.compiled = False
+    try:
+        return keras.models.clone_model(model, **kwargs)
+    finally:
+        model.compiled = compiled

@@ -263,6 +263,7 @@ NOTEBOOKS = {
     "progressive_distillation": "student_2_steps.keras",
     "cached_teacher": "student_cached.keras",
     "one_step": "generator_dmd2.keras",
+    "compression": "student_int8.keras",
 }
 
 

@@ -292,7 +292,8 @@ def prune_backbone(
     `from_config`, saving and the task classes (`GemmaCausalLM(backbone=
     ...)`) work as for any backbone; the embeddings and final
     normalisation are copied unchanged, the hidden size is kept. The
-    original is untouched.
+    result is trainable even where the original is frozen (as a teacher
+    is), and the original is untouched.
 
     Supported: GPT-2 (`TransformerDecoder` blocks; depth and MLP width:
     its config derives the head size from `hidden_dim // num_heads`, so
@@ -355,6 +356,8 @@ def prune_backbone(
             _grouped_top(_score(scores, "heads", i, heads), num_heads, kv_heads)
             for i in range(len(blocks))
         ]
+    # A fresh model to train: the original may be frozen as a teacher.
+    config["trainable"] = True
     pruned = type(backbone).from_config(config)
     block_names = {block.name for block in blocks}
     for layer in backbone.layers:

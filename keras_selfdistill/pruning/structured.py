@@ -201,7 +201,7 @@ def _rebuild(model, graph, keep):
             model.input,
         )
     with _internals.trusted_deserialization():
-        pruned = keras.models.clone_model(
+        pruned = _internals.clone_uncompiled(
             model, input_tensors=inputs, clone_function=clone
         )
     for layer in model.layers:

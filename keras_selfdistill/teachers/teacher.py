@@ -354,7 +354,7 @@ def clone_student(student, owner, copy_weights=True):
             "`student(x[:1])`. Received: a student with no variables"
         )
     try:
-        clone = keras.models.clone_model(student)
+        clone = _internals.clone_uncompiled(student)
     except Exception as error:
         raise ValueError(
             f"{owner} copies the student's architecture with "
@@ -378,7 +378,8 @@ def trainable_copy(model):
     True` (its weights were created non-trainable): a student or a
     generator initialised from the teacher would silently not train. This
     copy builds every layer from its config with `trainable=True` and
-    copies the weights.
+    copies the weights. It is uncompiled, as a fresh model is, even where
+    the original is compiled.
 
     Example:
 
@@ -395,7 +396,7 @@ def trainable_copy(model):
             config["trainable"] = True
         return layer.__class__.from_config(config)
 
-    copy = keras.models.clone_model(model, clone_function=trainable_layer)
+    copy = _internals.clone_uncompiled(model, clone_function=trainable_layer)
     # Variable to variable: `get_weights` converts each to NumPy, which
     # warns under NumPy 2 on JAX.
     copy_variables(copy.weights, model.weights)

@@ -121,6 +121,15 @@ class PruneBackboneTest(absltest.TestCase):
         )
         self.assertEqual(restored.count_params(), pruned.count_params())
 
+    def test_a_frozen_teacher_prunes_into_a_trainable_backbone(self):
+        backbone = gpt2()
+        backbone.trainable = False
+        pruned = ksd.pruning.prune_backbone(
+            backbone, num_layers=2, scores={"layers": [2.0, 0.0, 1.0]}
+        )
+        self.assertEqual(len(pruned.trainable_weights), len(pruned.weights))
+        self.assertFalse(backbone.trainable_weights)
+
     def test_scores_read_where_the_activations_are(self):
         # A unit whose gate is zero and a key/value group whose values are
         # zero carry nothing: their scores are zero, the others' are not.

@@ -142,6 +142,19 @@ class PruneTest(absltest.TestCase):
         loaded = keras.saving.load_model(path)
         np.testing.assert_allclose(loaded(x), pruned(x), rtol=1e-6)
 
+    def test_a_compiled_original_gives_an_uncompiled_model(self):
+        # Keras's `clone_model` compiles a compiled model's clone with its
+        # optimizer, whose state saving then writes beside the weights.
+        model = residual_cnn()
+        model.compile(optimizer="adam", loss="mse")
+        pruned = ksd.pruning.prune(model, 0.5)
+        self.assertFalse(pruned.compiled)
+        self.assertIsNone(getattr(pruned, "optimizer", None))
+        self.assertTrue(model.compiled)
+
+        copy = ksd.diffusion.trainable_copy(model)
+        self.assertFalse(copy.compiled)
+
 
 class PruneBadInputTest(absltest.TestCase):
     def test_ratio_that_removes_every_channel(self):
