@@ -13,7 +13,7 @@ MODES = ("int8", "int4", "float8")
 INTEGER_MODES = ("int8", "int4", "gptq", "awq")
 
 
-def quantize(model, mode="int8", lora_rank=None):
+def quantize(model, mode="int8", lora_rank=None, exclude=None):
     """A quantised copy of a model, optionally with LoRA adapters to train.
 
     Two uses. After a distillation, `quantize(student)` is the student as
@@ -35,6 +35,14 @@ def quantize(model, mode="int8", lora_rank=None):
     kernel is integers cannot train it, and `Distiller.fit` refuses a
     student with such a layer left trainable without adapters.
 
+    An int8 KerasHub `ReversibleEmbedding` (a tied LM head, as GPT-2's
+    and Gemma's) passes no gradient to its inputs when called in reverse:
+    KerasHub (0.32, the newest release tested) quantises the inputs of the
+    head's matmul with no straight-through gradient, so every weight below
+    the head would train on a wrong gradient (measured: the loss rises).
+    `Distiller.fit` refuses such a student; keep the embedding float
+    (`exclude=["token_embedding"]`) or use int4, which is weight-only.
+
     Saving a LoRA layer stores its adapters merged into a re-quantised
     kernel (Keras's `save_own_variables`), and loading it sets both
     adapters to zero, where they receive no gradient: the saved student is
@@ -55,6 +63,8 @@ def quantize(model, mode="int8", lora_rank=None):
             configs for them.
         lora_rank: The adapters' rank (a positive integer) for an integer
             `mode`, or `None` for no adapters.
+        exclude: Names of layers to keep float (frozen with `lora_rank`,
+            trainable without), or `None`. Defaults to `None`.
 
     Returns:
         The quantised copy, uncompiled.
@@ -70,11 +80,12 @@ def quantize(model, mode="int8", lora_rank=None):
     ```
     """
     _check(model, mode, lora_rank)
+    exclude = _excluded(model, exclude)
     copy = _copy(model)
     quantized = [
         layer
         for layer in _internals.leaf_layers(copy)
-        if _quantized(layer, mode)
+        if layer.name not in exclude and _quantized(layer, mode)
     ]
     if not quantized:
         names = [layer.name for layer in _internals.leaf_layers(model)]
@@ -149,6 +160,27 @@ def _check(model, mode, lora_rank):
             )
 
 
+def _excluded(model, exclude):
+    if exclude is None:
+        return set()
+    if isinstance(exclude, str) or not all(
+        isinstance(name, str) for name in exclude
+    ):
+        raise TypeError(
+            "`exclude` lists layer names, e.g. `['token_embedding']`. "
+            f"Received: exclude={exclude!r}"
+        )
+    names = {layer.name for layer in _internals.leaf_layers(model)}
+    unknown = sorted(set(exclude) - names)
+    if unknown:
+        raise ValueError(
+            f"{model.name!r} has no layers {unknown} to keep float: "
+            f"`exclude` names its layers ({sorted(names)}). Received: "
+            f"exclude={list(exclude)!r}"
+        )
+    return set(exclude)
+
+
 def _copy(model):
     """A copy of `model` as saving and loading would make it.
 
@@ -211,6 +243,19 @@ def refuse_untrainable(student, callbacks):
             "float model and quantise after. Received: trainable integer "
             "kernels without LoRA"
         )
+    heads = int8_reversible_embeddings(student)
+    if heads and student.trainable_weights:
+        raise ValueError(
+            f"Layer {heads[0].name!r} of the student is an int8 KerasHub "
+            "`ReversibleEmbedding`. Called in reverse (a language model's "
+            "head), it quantises its inputs with no gradient through them, "
+            "so every weight below it would train on a wrong gradient (the "
+            "loss rises). Keep it float (`keras_selfdistill.pruning."
+            "quantize(model, 'int8', lora_rank=..., "
+            f"exclude=[{heads[0].name!r}])`) "
+            "or use `mode='int4'` (weight-only). Received: a trainable "
+            "student with an int8 `ReversibleEmbedding`"
+        )
     adapted = quantized_lora_layers(student)
     backups = [
         c for c in callbacks if isinstance(c, keras.callbacks.BackupAndRestore)
@@ -254,4 +299,17 @@ def quantized_lora_layers(model):
         for layer in _internals.leaf_layers(model)
         if getattr(layer, "quantization_mode", None) in INTEGER_MODES
         and getattr(layer, "lora_enabled", False)
+    ]
+
+
+def int8_reversible_embeddings(model):
+    """The int8 KerasHub `ReversibleEmbedding` layers of `model` (by class
+    name: KerasHub is optional)."""
+    return [
+        layer
+        for layer in _internals.leaf_layers(model)
+        if getattr(layer, "quantization_mode", None) == "int8"
+        and any(
+            c.__name__ == "ReversibleEmbedding" for c in type(layer).__mro__
+        )
     ]

@@ -147,6 +147,21 @@ class QuantizeTest(absltest.TestCase):
         with self.assertRaisesRegex(ValueError, "already quantised"):
             ksd.pruning.quantize(quantised, "int8")
 
+    def test_excluded_layers_stay_float(self):
+        teacher, x, y = trained_teacher()
+        adapted = ksd.pruning.quantize(
+            teacher, "int8", lora_rank=2, exclude=["logits"]
+        )
+        self.assertIsNone(adapted.get_layer("logits").quantization_mode)
+        self.assertFalse(adapted.get_layer("logits").trainable_weights)
+        self.assertEqual(adapted.get_layer("hidden").quantization_mode, "int8")
+        plain = ksd.pruning.quantize(teacher, "int8", exclude=["logits"])
+        self.assertLen(plain.get_layer("logits").trainable_weights, 2)
+        with self.assertRaisesRegex(ValueError, r"no layers \['head'\]"):
+            ksd.pruning.quantize(teacher, "int8", exclude=["head"])
+        with self.assertRaisesRegex(TypeError, "lists layer names"):
+            ksd.pruning.quantize(teacher, "int8", exclude="logits")
+
     def test_fit_refuses_integer_kernels_asked_to_train(self):
         teacher, x, y = trained_teacher()
         student = ksd.pruning.quantize(teacher, "int8")
@@ -199,6 +214,54 @@ class QuantizeBackboneTest(absltest.TestCase):
         np.testing.assert_allclose(
             numpy(copy(x)), numpy(backbone(x)), rtol=0.1, atol=0.1
         )
+
+    def test_an_int8_lm_head_is_refused_and_kept_float_trains(self):
+        # KerasHub's int8 `ReversibleEmbedding` called in reverse passes
+        # no gradient through its quantised inputs: training below it
+        # raises the loss. Refused; with the embedding float, distilling
+        # into the adapters lowers the KL to the teacher.
+        keras_hub = pytest.importorskip("keras_hub")
+
+        def causal_lm(seed, num_layers):
+            keras.utils.set_random_seed(seed)
+            backbone = keras_hub.models.GPT2Backbone(
+                vocabulary_size=20,
+                num_layers=num_layers,
+                num_heads=2,
+                hidden_dim=8,
+                intermediate_dim=16,
+                max_sequence_length=8,
+                dropout=0.0,
+            )
+            return keras_hub.models.GPT2CausalLM(
+                backbone=backbone, preprocessor=None
+            )
+
+        ids = np.random.default_rng(0).integers(0, 20, (64, 8))
+        ids = ids.astype("int32")
+        x = {"token_ids": ids, "padding_mask": np.ones_like(ids, bool)}
+        teacher, student = causal_lm(0, 2), causal_lm(1, 1)
+
+        def kl():
+            t = numpy(keras.ops.log_softmax(teacher(x)))
+            s = numpy(keras.ops.log_softmax(adapted(x)))
+            return float(np.mean(np.sum(np.exp(t) * (t - s), axis=-1)))
+
+        for exclude in (None, ["token_embedding"]):
+            adapted = ksd.pruning.quantize(
+                student, "int8", lora_rank=2, exclude=exclude
+            )
+            distiller = ksd.Distiller(
+                adapted, [ksd.terms.Distillation(teacher, loss="kl")]
+            )
+            distiller.compile(optimizer=keras.optimizers.Adam(1e-2))
+            if exclude is None:
+                with self.assertRaisesRegex(ValueError, "no gradient"):
+                    distiller.fit(x, epochs=1, verbose=0)
+                continue
+            before = kl()
+            distiller.fit(x, epochs=4, batch_size=16, verbose=0)
+            self.assertLess(kl(), 0.9 * before)
 
 
 if __name__ == "__main__":
