@@ -227,9 +227,11 @@ def _quantized(layer, mode):
 
 def refuse_untrainable(student, callbacks):
     """Refuses, before training, a student whose integer kernels were left
-    trainable without adapters (nothing would change them), and a run
-    resumable by `BackupAndRestore` whose student has LoRA adapters on
-    integer kernels (loading merges and zeroes them)."""
+    trainable without adapters (nothing would change them), a trainable
+    student with an int8 KerasHub `ReversibleEmbedding` (its reverse call
+    passes no gradient to its inputs), and a run resumable by
+    `BackupAndRestore` whose student has LoRA adapters on integer kernels
+    (loading merges and zeroes them)."""
     frozen = frozen_kernel_layers(student)
     if frozen:
         names = [layer.name for layer in frozen]
